@@ -1,0 +1,149 @@
+"""The one typed settings object. Defaults work on loopback; override by env var or CLI flag.
+
+Every field `section.name` is read from env `CLASSMOOD_SECTION_NAME` and from the CLI flag
+`--section-name` (flags win over env, env wins over defaults). Example: `server.port` is
+`CLASSMOOD_SERVER_PORT=8080` or `--server-port 8080`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Base URL put in printed/shared links; empty = http://host:port
+    public_url: str = ""
+    # JSON list of RTCIceServer dicts for browsers and the bot; empty on loopback (ICE stalls otherwise).
+    ice_servers: str = "[]"
+    max_message_bytes: int = 16_384        # one signaling WebSocket message (an SDP offer is ~3-6 KB)
+    max_rooms: int = 1000
+    max_participants_per_room: int = 200
+    # Shared secret that bot workers present to receive room assignments.
+    worker_key: str = "dev-worker-key-change-me"
+    # Capture constraints the server asks student browsers for: what analysis needs, no more.
+    video_width: int = 320
+    video_height: int = 240
+    video_fps: int = 5
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    sample_hz: float = 2.0                 # analysed frames per student per second
+    queue_frames: int = 1                  # per-student pending frames; older ones are dropped
+    stall_seconds: float = 10.0            # no frame for this long -> track considered stalled
+    inference_threads: int = 1             # TFLite interpreter threads
+    max_batch: int = 64                    # frames per detector/classifier batch
+    min_face_score: float = 0.5
+    state_push_hz: float = 1.0             # live-state pushes to the teacher per second
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model: str = "ferplus"                 # ferplus | fer2013 | path to a .tflite file
+    detector: str = "short"                # short (webcam, faces >= ~15% of frame) | full (small, far faces)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    url: str = "sqlite:///classmood.sqlite"
+    flush_seconds: float = 0.5             # batched writes: at most this much delay before a commit
+    max_pending_rows: int = 100_000        # rows kept in memory while the database is unavailable
+
+
+@dataclass(frozen=True)
+class SignalSettings:
+    window_seconds: float = 30.0           # sliding window for per-student confusion/boredom
+    confusion_threshold: float = 0.5
+    boredom_threshold: float = 0.5
+    hysteresis: float = 0.1                # a raised condition clears only below threshold - hysteresis
+    student_min_seconds: float = 20.0      # a student's condition must hold this long before an alert
+    class_share_threshold: float = 0.4     # share of analysed students above threshold for a class alert
+    class_min_seconds: float = 10.0
+    cooldown_seconds: float = 120.0        # no repeat of the same alert within this time
+    min_students_for_class_alert: int = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    bot: BotSettings = field(default_factory=BotSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    signals: SignalSettings = field(default_factory=SignalSettings)
+
+    def base_url(self) -> str:
+        return self.server.public_url.rstrip("/") or f"http://{self.server.host}:{self.server.port}"
+
+    def ice_servers(self) -> list[dict[str, Any]]:
+        value = json.loads(self.server.ice_servers or "[]")
+        if not isinstance(value, list) or not all(isinstance(v, dict) and "urls" in v for v in value):
+            raise ValueError("server.ice_servers must be a JSON list of {\"urls\": ...} objects")
+        return value
+
+    def replace(self, **sections: Any) -> "Settings":
+        """Settings.replace(bot={"sample_hz": 4}) -> a copy with those fields changed."""
+        changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
+        return dataclasses.replace(self, **changed)
+
+
+def _sections() -> list[tuple[str, type]]:
+    hints = typing.get_type_hints(Settings)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(Settings)]
+
+
+def _convert(kind: type, raw: str) -> Any:
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return kind(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --section-field flag per setting (default None = not given)."""
+    group = parser.add_argument_group("settings (also env CLASSMOOD_SECTION_FIELD)")
+    for section, cls in _sections():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            group.add_argument(f"--{section}-{f.name}".replace("_", "-"), dest=f"cm__{section}__{f.name}",
+                               default=None, metavar=hints[f.name].__name__.upper(),
+                               help=f"default: {f.default!r}")
+
+
+def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from defaults, then environment, then parsed CLI flags. Bad values raise ValueError."""
+    env = os.environ if env is None else env
+    sections: dict[str, Any] = {}
+    for section, cls in _sections():
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"CLASSMOOD_{section}_{f.name}".upper())
+            if args is not None and getattr(args, f"cm__{section}__{f.name}", None) is not None:
+                raw = getattr(args, f"cm__{section}__{f.name}")
+            if raw is not None:
+                try:
+                    values[f.name] = _convert(hints[f.name], str(raw))
+                except ValueError as exc:
+                    raise ValueError(f"setting {section}.{f.name}: {exc}") from None
+        sections[section] = cls(**values)
+    settings = Settings(**sections)
+    settings.ice_servers()  # validate early
+    return settings
+
+
+def parse(argv: Sequence[str] | None = None, description: str = "") -> tuple[argparse.Namespace, Settings]:
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    return ns, load(ns)
