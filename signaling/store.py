@@ -1,0 +1,32 @@
+"""What the signaling server needs from a database, as a Protocol (storage.Repository implements it).
+
+signaling/ never imports storage/: `bot` (the wiring) passes a Repository to `create_app(store=...)`.
+All methods are synchronous and quick; the server calls them via `asyncio.to_thread`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+
+class Store(Protocol):
+    def create_room(self, room_id: str, title: str, join_key: str, teacher_token_hash: str) -> None:
+        """Persist a new room. Tokens are stored only as hashes (sha256 hex)."""
+
+    def get_room(self, room_id: str) -> dict[str, Any] | None:
+        """{"room_id", "title", "join_key", "teacher_token_hash", "created_at"} or None."""
+
+    def list_sessions(self, room_id: str) -> list[dict[str, Any]]:
+        """Sessions of a room, newest first: {"session_id", "room_id", "started_at", "ended_at",
+        "participants", "samples", "alerts"}."""
+
+    def session_room(self, session_id: str) -> str | None:
+        """The room a session belongs to (for authorising review requests), or None."""
+
+    def session_review(self, session_id: str, bucket_seconds: float = 10.0) -> dict[str, Any] | None:
+        """Everything the review page draws, see storage.review for the exact shape."""
+
+    def iter_samples_csv(self, session_id: str) -> Iterator[str]:
+        """CSV text lines (header first) of the session's samples."""
+
+    def iter_alerts_csv(self, session_id: str) -> Iterator[str]:
+        """CSV text lines (header first) of the session's alerts."""
