@@ -1,0 +1,111 @@
+"""Export a training run's best weights to the TFLite file the bot loads (int8 when it keeps accuracy).
+
+    python -m models.export --run runs/ferplus --name ferplus --labels ferplus
+
+Writes models/weights/<name>.tflite and <name>.json (the numbers the model card quotes). Int8
+post-training quantisation (float input/output, calibrated on training faces) is kept only if its
+PublicTest accuracy is within --max-drop of the float model; otherwise the float32 file is shipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parent.parent
+WEIGHTS_DIR = PROJECT / "models" / "weights"
+
+
+def tflite_predict(content: bytes, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    import tensorflow as tf
+    interpreter = tf.lite.Interpreter(model_content=content, num_threads=2)
+    index = interpreter.get_input_details()[0]["index"]
+    out_index = interpreter.get_output_details()[0]["index"]
+    outputs = []
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        interpreter.resize_tensor_input(index, chunk.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(index, chunk)
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(out_index).copy())
+    return np.concatenate(outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="training run folder holding best.weights.h5")
+    p.add_argument("--name", required=True, help="ferplus | fer2013 | a path ending in .tflite")
+    p.add_argument("--width", default=None, help="net width (default: the run's state.json)")
+    p.add_argument("--data", default=str(PROJECT.parent / "shared" / "datasets" / "fer2013"))
+    p.add_argument("--labels", choices=("ferplus", "fer2013"), default=None)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--max-drop", type=float, default=0.005, help="largest PublicTest accuracy loss allowed for int8")
+    args = p.parse_args(argv)
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, str(PROJECT))
+    run = Path(args.run)
+    state = json.loads((run / "state.json").read_text()) if (run / "state.json").exists() else {"args": {}}
+    width = args.width or state["args"].get("width", "small")
+    labels = args.labels or state["args"].get("labels", "ferplus")
+    if not (run / "best.weights.h5").exists():
+        print(f"error: {run / 'best.weights.h5'} not found (train first)", file=sys.stderr)
+        return 2
+
+    import tensorflow as tf
+    from models.data import DatasetError
+    from models.net import build_model
+    from models.train import load_cached
+    try:
+        data = load_cached(args.data, run.parent / "cache" if not args.limit else run / "cache")
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = build_model(width)
+    model.load_weights(run / "best.weights.h5")
+    val = data.split("PublicTest")
+    hard, _ = val.targets(labels)
+    keep = hard >= 0
+    x_val = (val.images[keep].astype(np.float32) / 255.0)[..., None]
+    y_val = hard[keep]
+    if args.limit:
+        x_val, y_val = x_val[:args.limit], y_val[:args.limit]
+    train_images = data.split("Training").images
+    calib = (train_images[np.random.default_rng(0).permutation(len(train_images))[:400]].astype(np.float32) / 255.0)[..., None]
+
+    keras_acc = float((model.predict(x_val, batch_size=256, verbose=0).argmax(1) == y_val).mean())
+    float_bytes = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
+    int8_bytes = converter.convert()
+    float_acc = float((tflite_predict(float_bytes, x_val).argmax(1) == y_val).mean())
+    int8_acc = float((tflite_predict(int8_bytes, x_val).argmax(1) == y_val).mean())
+    use_int8 = float_acc - int8_acc <= args.max_drop
+    content = int8_bytes if use_int8 else float_bytes
+
+    target = Path(args.name) if args.name.endswith(".tflite") else WEIGHTS_DIR / f"{args.name}.tflite"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(content)
+    card = {
+        "name": target.stem, "labels": labels, "width": width, "parameters": int(model.count_params()),
+        "quantisation": "int8 weights+activations, float32 input/output" if use_int8 else "float32",
+        "publictest_accuracy": {"keras": keras_acc, "tflite_float32": float_acc, "tflite_int8": int8_acc},
+        "publictest_n": int(len(y_val)), "best_epoch": state.get("best_epoch"), "epochs": state.get("epoch"),
+        "training_minutes": round(state.get("elapsed_s", 0.0) / 60, 1), "train_args": state.get("args"),
+        "file_bytes": len(content), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    target.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {target} ({len(content) // 1024} KB, {card['quantisation']}); PublicTest accuracy "
+          f"keras {keras_acc:.4f}, tflite float {float_acc:.4f}, int8 {int8_acc:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

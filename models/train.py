@@ -1,0 +1,236 @@
+"""Train the expression CNN on FER2013 (its own labels) or on the FER+ annotator votes (soft labels).
+
+    python -m models.train --labels ferplus --data ../shared/datasets/fer2013 --out runs/ferplus --export ferplus
+
+Keras 3 model (models.net), trained under the tensorflow backend with XLA by default (`--backend torch`
+and `--precision bf16` exist; on this 2-core CPU they measured no faster for this net), then
+`models.export` converts the best weights to an int8 TFLite file under the tensorflow backend. Selection uses PublicTest only; PrivateTest is never looked at here.
+Checkpoints (last.keras every epoch, best.weights.h5 on PublicTest accuracy) and metrics.csv live in
+--out; `--resume` continues from last.keras.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(PROJECT.parent / "shared" / "datasets" / "fer2013"),
+                   help="fer2013.csv(.gz), a folder holding it (+ fer2013new.csv for FER+), an image-folder tree or archive.zip")
+    p.add_argument("--labels", choices=("ferplus", "fer2013"), default="ferplus")
+    p.add_argument("--width", choices=("tiny", "small", "base"), default="small")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.02, help="peak SGD learning rate (cosine decay after warm-up)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt",
+                   help="re-weight rare classes (disgust is 1.5%% of FER2013): inverse frequency, or its square root")
+    p.add_argument("--backend", choices=("tensorflow", "torch"), default="tensorflow")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = Keras mixed_bfloat16 (AMX); measured no faster than fp32+XLA for the small net here")
+    p.add_argument("--no-jit", dest="jit", action="store_false", help="disable XLA / torch.compile")
+    p.add_argument("--out", default=None, help="run folder (default runs/<labels>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.keras")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training rows (smoke tests)")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (smoke tests)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for training (0 = all)")
+    p.add_argument("--export", metavar="NAME", default=None,
+                   help="after training, export best weights to models/weights/NAME.tflite (or a path ending .tflite)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.out = Path(args.out or PROJECT / "runs" / args.labels)
+    return args
+
+
+class Augmenter:
+    """Random affine (rotation, scale, shift, mirror), brightness/contrast and erasing on uint8 48x48."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import cv2
+        rng, out = self.rng, np.empty(images.shape, np.float32)
+        for i, img in enumerate(images):
+            angle = rng.uniform(-15, 15)
+            scale = rng.uniform(0.85, 1.15)
+            m = cv2.getRotationMatrix2D((23.5, 23.5), angle, scale)
+            m[:, 2] += rng.uniform(-4.8, 4.8, size=2)
+            warped = cv2.warpAffine(img, m, (48, 48), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+            if rng.random() < 0.5:
+                warped = warped[:, ::-1]
+            x = warped.astype(np.float32) / 255.0
+            x = (x - x.mean()) * rng.uniform(0.7, 1.3) + x.mean() + rng.uniform(-0.12, 0.12)
+            if rng.random() < 0.5:  # random erasing: robustness to hands, glasses, occluders
+                h, w = rng.integers(8, 24, size=2)
+                y0, x0 = rng.integers(0, 48 - h), rng.integers(0, 48 - w)
+                x[y0:y0 + h, x0:x0 + w] = rng.random()
+            out[i] = np.clip(x, 0.0, 1.0)
+        return out[..., None]
+
+
+def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
+    counts = soft.sum(0) if soft is not None else np.bincount(hard, minlength=7)
+    freq = counts / counts.sum()
+    if mode == "none":
+        return np.ones(7, np.float32)
+    weight = (1.0 / np.maximum(freq, 1e-3)) ** (0.5 if mode == "sqrt" else 1.0)
+    return (weight / (weight * freq).sum()).astype(np.float32)
+
+
+def load_cached(data_path: str, cache_dir: Path):
+    """Parsing 36k CSV rows takes ~15 s: keep an npz cache in the run folder's parent."""
+    from models.data import FerData, load_dataset
+    source = Path(data_path).resolve()
+    stamp = f"{source}|{source.stat().st_mtime if source.exists() else 0}"
+    cache = cache_dir / "dataset-cache.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if str(z["stamp"]) == stamp:
+            votes = z["votes"] if z["votes"].size else None
+            return FerData(z["images"], z["labels"], z["splits"], votes)
+    data = load_dataset(source)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"dataset-cache.{os.getpid()}.tmp.npz")
+    np.savez(tmp, images=data.images, labels=data.labels, splits=data.splits.astype(str),
+             votes=data.votes if data.votes is not None else np.zeros(0), stamp=np.array(stamp))
+    tmp.replace(cache)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    sys.path.insert(0, str(PROJECT))
+    from models.data import DatasetError
+
+    try:
+        data = load_cached(args.data, args.out.parent / "cache" if args.limit == 0 else args.out / "cache")
+        train, val = data.split("Training"), data.split("PublicTest")
+        train_hard, train_soft = train.targets(args.labels)
+        val_hard, _ = val.targets(args.labels)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    keep = train_hard >= 0 if args.labels == "ferplus" else np.ones(len(train), bool)
+    x_train, y_train, h_train = train.images[keep], train_soft[keep], train_hard[keep]
+    if args.limit:
+        x_train, y_train, h_train = x_train[:args.limit], y_train[:args.limit], h_train[:args.limit]
+    vkeep = val_hard >= 0
+    x_val = (val.images[vkeep].astype(np.float32) / 255.0)[..., None]
+    y_val = np.eye(7, dtype=np.float32)[val_hard[vkeep]]
+    if args.limit:
+        x_val, y_val = x_val[:args.limit], y_val[:args.limit]
+    if len(x_train) == 0 or len(x_val) == 0:
+        print("error: no Training or PublicTest rows in the dataset", file=sys.stderr)
+        return 2
+
+    import keras
+    if args.backend == "torch" and args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.backend == "tensorflow" and args.threads:
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    keras.utils.set_random_seed(args.seed)
+    if args.precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    from models.net import build_model
+
+    weights = class_weights(h_train, y_train, args.class_weight)
+    rng = np.random.default_rng(args.seed)
+    augment = Augmenter(rng)
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()
+            self.order = rng.permutation(len(x_train))
+
+        def __len__(self) -> int:
+            n = int(np.ceil(len(x_train) / args.batch))
+            return min(n, args.steps_per_epoch) if args.steps_per_epoch else n
+
+        def __getitem__(self, i: int):
+            idx = self.order[i * args.batch:(i + 1) * args.batch]
+            y = y_train[idx]
+            # Class weights on soft targets: weight each row by its target's expected class weight.
+            return augment(x_train[idx]), y, (y * weights).sum(1)
+
+        def on_epoch_end(self) -> None:
+            self.order = rng.permutation(len(x_train))
+
+    batches = Batches()
+    steps = len(batches) * args.epochs
+    warmup = min(len(batches) * 2, steps // 5)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=args.lr / 10, decay_steps=max(1, steps - warmup), alpha=0.0,
+        warmup_target=args.lr, warmup_steps=warmup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    last, best = args.out / "last.keras", args.out / "best.weights.h5"
+    state_file = args.out / "state.json"
+    initial_epoch = 0
+    state = {"best_val_accuracy": 0.0, "best_epoch": None, "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.resume and last.exists():
+        model = keras.saving.load_model(last)
+        state = json.loads(state_file.read_text())
+        initial_epoch = int(state["epoch"])
+        print(f"resuming {last} at epoch {initial_epoch}", flush=True)
+    else:
+        model = build_model(args.width)
+        model.compile(
+            optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=args.weight_decay),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=args.jit)
+    print(f"{model.name}: {model.count_params():,} parameters; {len(x_train)} training faces "
+          f"({args.labels} labels), {len(x_val)} PublicTest faces for selection; class weights "
+          f"{np.round(weights, 2).tolist()}", flush=True)
+
+    class Checkpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            val_acc = float(logs.get("val_accuracy", 0.0))
+            if val_acc > state["best_val_accuracy"]:
+                state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1)
+                self.model.save_weights(best)
+            self.model.save(last.with_suffix(".tmp.keras"))
+            last.with_suffix(".tmp.keras").replace(last)  # atomic: a crash never leaves a torn checkpoint
+            state.update(epoch=epoch + 1, elapsed_s=state.get("elapsed_s", 0.0) + time.time() - self.t0)
+            state_file.write_text(json.dumps(state, indent=2))
+            print(f"epoch {epoch + 1}: val_accuracy {val_acc:.4f} (best {state['best_val_accuracy']:.4f} "
+                  f"at {state['best_epoch']})", flush=True)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.time()
+
+    model.fit(batches, validation_data=(x_val, y_val), epochs=args.epochs, initial_epoch=initial_epoch,
+              verbose=2 if args.quiet else 1,
+              callbacks=[Checkpoint(), keras.callbacks.CSVLogger(str(args.out / "metrics.csv"), append=True)])
+    print(f"done: best PublicTest accuracy {state['best_val_accuracy']:.4f} at epoch {state['best_epoch']}; "
+          f"{state.get('elapsed_s', 0) / 60:.1f} min of training", flush=True)
+    if args.export:
+        cmd = [sys.executable, "-m", "models.export", "--run", str(args.out), "--name", args.export,
+               "--width", args.width, "--data", args.data, "--labels", args.labels]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        return subprocess.call(cmd, cwd=PROJECT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
