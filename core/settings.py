@@ -69,6 +69,30 @@ class SignalSettings:
     class_min_seconds: float = 10.0
     cooldown_seconds: float = 120.0        # no repeat of the same alert within this time
     min_students_for_class_alert: int = 3
+    # --- bot.signals: formulas and their weights (see docs/signals.md) ---
+    min_samples: int = 6                   # window samples (with a face, for confusion) before a score is given
+    confusion_w_angry: float = 1.0         # per-sample confusion: AU4 brow lowerer + AU7 lid tightener
+    confusion_w_fear: float = 0.8          # AU4 + AU7 with raised upper lids
+    confusion_w_sad: float = 0.7           # AU4 with inner-brow raise (AU1)
+    confusion_w_disgust: float = 0.6       # nose wrinkle, often with lowered brows
+    confusion_w_surprise: float = 0.3      # the smaller surprise/confusion co-occurrence component
+    confusion_w_happy: float = 1.0         # subtracted: a smile (AU12) counts against confusion
+    low_arousal_w_neutral: float = 1.0     # per-sample low arousal = w_neutral * neutral + w_sad * sad
+    low_arousal_w_sad: float = 0.5
+    stillness_full_scale: float = 0.25     # mean distance from the window's mean expression at which stillness = 0
+    boredom_w_low_arousal: float = 0.2     # boredom = weighted sum of these four window terms (sum 1)
+    boredom_w_stillness: float = 0.1
+    boredom_w_away: float = 0.35           # share of window samples with the face turned away
+    boredom_w_absent: float = 0.35         # share of window samples with no face found
+    yaw_nose_weight: float = 0.6           # yaw = w_nose * nose offset term + w_ear * ear asymmetry term
+    yaw_ear_weight: float = 0.4
+    yaw_nose_full_scale: float = 0.5       # nose offset (in inter-ocular distances) that counts as a full turn
+    yaw_attentive: float = 0.25            # |yaw| up to this counts as facing the screen
+    yaw_away: float = 0.5                  # |yaw| from this counts as looking away (linear in between)
+    state_max_age_seconds: float = 10.0    # class signals ignore a student state older than this
+    history_step_seconds: float = 1.0      # one class history point per this many seconds
+    history_seconds: float = 600.0         # class history kept for the teacher's sparkline
+    history_max_points: int = 60           # points sent per live state (downsampled; keeps messages small)
 
 
 @dataclass(frozen=True)

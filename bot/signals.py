@@ -1,0 +1,381 @@
+"""Per-student and class signals: confusion, boredom and attention proxies from expression probabilities.
+
+Pure Python + numpy, imports only `core`. Every update is O(window) in plain arithmetic and never blocks.
+The formulas and their default weights are in `core.settings.SignalSettings` and explained, with their
+limits, in docs/signals.md. In short, over a sliding window of `window_seconds`:
+
+    confusion = clip(mean over face samples of
+                     (w_angry*angry + w_fear*fear + w_sad*sad + w_disgust*disgust + w_surprise*surprise
+                      - w_happy*happy), 0, 1)
+    boredom   = clip(w_low_arousal * mean(w_neutral*neutral + w_sad*sad)      # face samples
+                     + w_stillness * (1 - clip(expressiveness / stillness_full_scale, 0, 1))
+                     + w_away * away_share + w_absent * absent_share, 0, 1)
+    attention = 1 - away_share - absent_share
+
+These are proxies computed from facial behaviour; FER-7 has no "confused" or "bored" class.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from core.emotions import EMOTION_INDEX, EMOTIONS, NUM_EMOTIONS
+from core.settings import SignalSettings
+
+_ANGRY, _DISGUST, _FEAR, _HAPPY, _SAD, _SURPRISE, _NEUTRAL = (
+    EMOTION_INDEX[n] for n in ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"))
+_EPS = 1e-9
+
+
+# ---- attention cues from the detector --------------------------------------------------------------
+def yaw_components(keypoints: Any) -> tuple[float, float] | None:
+    """(nose_offset, ear_asymmetry) from BlazeFace's six keypoints, or None for a degenerate face.
+
+    Both are measured along the eye axis u (right eye -> left eye, so in-plane roll does not matter):
+    nose_offset   = ((nose - eye_midpoint) . u) / inter_ocular_distance            (0 for a frontal face)
+    ear_asymmetry = (d_right - d_left) / (d_right + d_left), with d_right = (right_eye - right_ear) . u and
+                    d_left = (left_ear - left_eye) . u, the ear-to-eye spans (the far ear's span shrinks
+                    as it turns out of view). Both are positive when the nose moves towards the left eye.
+    """
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.shape != (6, 2) or not np.all(np.isfinite(kp)):
+        return None
+    right_eye, left_eye, nose, _mouth, right_ear, left_ear = kp
+    axis = left_eye - right_eye
+    iod = float(np.hypot(axis[0], axis[1]))
+    if iod < 1e-6:
+        return None
+    u = axis / iod
+    nose_offset = float(np.dot(nose - (right_eye + left_eye) / 2.0, u)) / iod
+    d_right = float(np.dot(right_eye - right_ear, u))
+    d_left = float(np.dot(left_ear - left_eye, u))
+    span = max(d_right, 0.0) + max(d_left, 0.0)
+    ear_asymmetry = (max(d_right, 0.0) - max(d_left, 0.0)) / span if span > _EPS else 0.0
+    return nose_offset, ear_asymmetry
+
+
+def attention_cues(box: Any, keypoints: Any, frame_shape: Sequence[int] | None = None,
+                   settings: SignalSettings | None = None) -> dict[str, float | None]:
+    """Observation keyword arguments from one detection: {"yaw": [-1, 1] or None, "face_box_frac": float or None}.
+
+    yaw = clip(w_nose * clip(nose_offset / nose_full_scale, -1, 1) + w_ear * ear_asymmetry, -1, 1);
+    0 = facing the camera, |yaw| -> 1 = head turned fully to one side. Positive = nose towards the eye the
+    detector labels "left_eye" (the image's right); the sign flips with a mirrored image, and only |yaw| is used. face_box_frac = box area / frame area, when
+    frame_shape (height, width, ...) is given. Eyes closed cannot be read from these keypoints (BlazeFace
+    gives one point per eye, no lids), so no eye-closure cue exists here.
+    """
+    s = settings or SignalSettings()
+    yaw: float | None = None
+    parts = yaw_components(keypoints)
+    if parts is not None:
+        nose_offset, ear_asymmetry = parts
+        nose_term = _clip(nose_offset / max(s.yaw_nose_full_scale, _EPS), -1.0, 1.0)
+        yaw = _clip(s.yaw_nose_weight * nose_term + s.yaw_ear_weight * ear_asymmetry, -1.0, 1.0)
+    frac: float | None = None
+    if frame_shape is not None and box is not None:
+        b = np.asarray(box, dtype=np.float64).reshape(-1)
+        h, w = float(frame_shape[0]), float(frame_shape[1])
+        if b.shape == (4,) and np.all(np.isfinite(b)) and h > 0 and w > 0:
+            frac = _clip(max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0) / (h * w), 0.0, 1.0)
+    return {"yaw": yaw, "face_box_frac": frac}
+
+
+# ---- one sample ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Observation:
+    """One analysed frame of one student.
+
+    t: seconds (any clock, the same for all of a student's observations); face_found: a face was detected;
+    probs: 7 floats in EMOTIONS order (ignored when face_found is False); yaw: head-turn proxy in [-1, 1]
+    from `attention_cues` (None = unknown, counted as facing); face_box_frac: face box area / frame area
+    (recorded, not used in any score).
+    """
+
+    t: float
+    face_found: bool
+    probs: Sequence[float] | None = None
+    yaw: float | None = None
+    face_box_frac: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.probs is not None:
+            p = tuple(float(x) for x in self.probs)
+            if len(p) != NUM_EMOTIONS:
+                raise ValueError(f"probs must have {NUM_EMOTIONS} values in EMOTIONS order, got {len(p)}")
+            object.__setattr__(self, "probs", p)
+
+
+def confusion_instant(probs: Sequence[float] | np.ndarray, s: SignalSettings) -> np.ndarray | float:
+    """Per-sample confusion evidence (before the window mean), clipped to [0, 1]. probs: (7,) or (N, 7)."""
+    p = np.asarray(probs, dtype=np.float64)
+    raw = (s.confusion_w_angry * p[..., _ANGRY] + s.confusion_w_fear * p[..., _FEAR]
+           + s.confusion_w_sad * p[..., _SAD] + s.confusion_w_disgust * p[..., _DISGUST]
+           + s.confusion_w_surprise * p[..., _SURPRISE] - s.confusion_w_happy * p[..., _HAPPY])
+    out = np.clip(raw, 0.0, 1.0)
+    return float(out) if out.ndim == 0 else out
+
+
+def low_arousal_instant(probs: Sequence[float] | np.ndarray, s: SignalSettings) -> np.ndarray | float:
+    """Per-sample low-arousal evidence: w_neutral * neutral + w_sad * sad, clipped to [0, 1]."""
+    p = np.asarray(probs, dtype=np.float64)
+    out = np.clip(s.low_arousal_w_neutral * p[..., _NEUTRAL] + s.low_arousal_w_sad * p[..., _SAD], 0.0, 1.0)
+    return float(out) if out.ndim == 0 else out
+
+
+def facing(yaw: float | None, s: SignalSettings) -> float:
+    """1 when |yaw| <= yaw_attentive, 0 when |yaw| >= yaw_away, linear in between; unknown yaw counts as 1."""
+    if yaw is None or not math.isfinite(yaw):
+        return 1.0
+    span = max(s.yaw_away - s.yaw_attentive, _EPS)
+    return 1.0 - _clip((abs(yaw) - s.yaw_attentive) / span, 0.0, 1.0)
+
+
+# ---- one student -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudentState:
+    """A student's signals over the window ending at t.
+
+    n: samples in the window; n_face: those with a face; face_share = n_face / n.
+    confusion: [0, 1], None until n_face >= min_samples.  boredom: [0, 1], None until n >= min_samples.
+    attention: [0, 1], share of window samples with a face turned towards the screen (soft edge on yaw).
+    top_label: argmax of mean_probs (window mean of the face samples' probabilities), or None without faces.
+    components: the window terms the scores are made of (low_arousal, stillness, expressiveness,
+    away_share, absent_share; None where there were too few face samples).
+    """
+
+    t: float
+    n: int
+    n_face: int
+    face_share: float
+    confusion: float | None
+    boredom: float | None
+    attention: float | None
+    top_label: str | None
+    mean_probs: tuple[float, ...] | None
+    components: Mapping[str, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"t": self.t, "n": self.n, "n_face": self.n_face, "face_share": _r(self.face_share),
+                "confusion": _r(self.confusion), "boredom": _r(self.boredom), "attention": _r(self.attention),
+                "top_label": self.top_label,
+                "mean_probs": None if self.mean_probs is None else [_r(p) for p in self.mean_probs],
+                "components": {k: _r(v) for k, v in self.components.items()}}
+
+
+@dataclass(frozen=True)
+class _Sample:
+    t: float
+    face: bool
+    probs: np.ndarray | None
+    facing: float          # facing() of this sample; 0 without a face
+
+
+class StudentSignals:
+    """Sliding-window signals for one student. `update(obs)` adds a sample and returns the new StudentState."""
+
+    def __init__(self, settings: SignalSettings | None = None) -> None:
+        self.settings = settings or SignalSettings()
+        self._window: deque[_Sample] = deque()
+        self._last_t: float | None = None
+        self.state: StudentState | None = None
+
+    def reset(self) -> None:
+        """Forget every sample (e.g. when the student opts out)."""
+        self._window.clear()
+        self._last_t = None
+        self.state = None
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def update(self, obs: Observation) -> StudentState:
+        s = self.settings
+        t = float(obs.t)
+        if self._last_t is not None and t < self._last_t:
+            t = self._last_t          # out-of-order sample: keep the window's time monotone
+        self._last_t = t
+        probs = None
+        if obs.face_found and obs.probs is not None:
+            arr = np.asarray(obs.probs, dtype=np.float64)
+            if np.all(np.isfinite(arr)):
+                probs = arr
+        face = probs is not None
+        self._window.append(_Sample(t, face, probs, facing(obs.yaw, s) if face else 0.0))
+        horizon = t - s.window_seconds
+        while self._window and self._window[0].t <= horizon:
+            self._window.popleft()
+        self.state = self._compute(t)
+        return self.state
+
+    def _compute(self, t: float) -> StudentState:
+        s = self.settings
+        window = self._window
+        n = len(window)
+        face_probs = [w.probs for w in window if w.face]
+        n_face = len(face_probs)
+        face_share = n_face / n if n else 0.0
+        absent_share = 1.0 - face_share
+        attention = sum(w.facing for w in window) / n if n else None
+        away_share = max(face_share - (attention or 0.0), 0.0)
+
+        mean_probs: np.ndarray | None = None
+        confusion = low_arousal = stillness = expressiveness = None
+        if n_face:
+            P = np.stack(face_probs)
+            mean_probs = P.mean(axis=0)
+            if n_face >= s.min_samples:
+                confusion = float(np.mean(confusion_instant(P, s)))
+                low_arousal = float(np.mean(low_arousal_instant(P, s)))
+                # expressiveness: mean total-variation distance of each sample from the window's mean expression
+                expressiveness = float(np.mean(0.5 * np.abs(P - mean_probs).sum(axis=1)))
+                stillness = 1.0 - _clip(expressiveness / max(s.stillness_full_scale, _EPS), 0.0, 1.0)
+        boredom = None
+        if n >= s.min_samples:
+            boredom = _clip(s.boredom_w_low_arousal * (low_arousal or 0.0) + s.boredom_w_stillness * (stillness or 0.0)
+                            + s.boredom_w_away * away_share + s.boredom_w_absent * absent_share, 0.0, 1.0)
+        top_label = EMOTIONS[int(np.argmax(mean_probs))] if mean_probs is not None else None
+        return StudentState(
+            t=t, n=n, n_face=n_face, face_share=face_share,
+            confusion=None if confusion is None else _clip(confusion, 0.0, 1.0), boredom=boredom,
+            attention=None if attention is None else _clip(attention, 0.0, 1.0), top_label=top_label,
+            mean_probs=None if mean_probs is None else tuple(float(x) for x in mean_probs),
+            components={"low_arousal": low_arousal, "stillness": stillness, "expressiveness": expressiveness,
+                        "away_share": away_share, "absent_share": absent_share})
+
+
+# ---- the class -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HistoryPoint:
+    t: float
+    confusion_share: float
+    boredom_share: float
+    mean_confusion: float | None
+    mean_boredom: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"t": round(self.t, 1), "confusion_share": _r(self.confusion_share),
+                "boredom_share": _r(self.boredom_share), "mean_confusion": _r(self.mean_confusion),
+                "mean_boredom": _r(self.mean_boredom)}
+
+
+@dataclass(frozen=True)
+class ClassState:
+    """The class picture at t over the analysed students whose state is fresh (<= state_max_age_seconds).
+
+    analysed: students counted; n_confusion / n_boredom: those with a confusion / boredom score.
+    confusion_share / boredom_share: share of the scored students at or above the threshold (0 when none).
+    mean_confusion / mean_boredom / mean_probs: means over the scored students (None when none).
+    confusion_scores / boredom_scores: the per-student scores behind the shares, so the alert engine can
+    recompute the shares with the thresholds in force. thresholds: those used for the shares here.
+    history: one point per history_step_seconds, oldest first, at most history_seconds long.
+    """
+
+    t: float
+    analysed: int
+    n_confusion: int
+    n_boredom: int
+    confusion_share: float
+    boredom_share: float
+    mean_confusion: float | None
+    mean_boredom: float | None
+    mean_attention: float | None
+    mean_probs: tuple[float, ...] | None
+    confusion_scores: tuple[float, ...]
+    boredom_scores: tuple[float, ...]
+    thresholds: Mapping[str, float]
+    history: tuple[HistoryPoint, ...] = ()
+    history_max_points: int = 60
+
+    def to_json(self) -> dict[str, Any]:
+        """The `class` object of the live state message (docs/architecture.md), history downsampled."""
+        return {"analysed": self.analysed, "confusion_share": _r(self.confusion_share),
+                "boredom_share": _r(self.boredom_share), "mean_confusion": _r(self.mean_confusion),
+                "mean_boredom": _r(self.mean_boredom),
+                "mean_probs": None if self.mean_probs is None else [_r(p) for p in self.mean_probs],
+                "history": [h.to_json() for h in downsample(self.history, self.history_max_points)]}
+
+
+def downsample(points: Sequence[HistoryPoint], max_points: int) -> list[HistoryPoint]:
+    """At most max_points, evenly strided and always ending with the latest point."""
+    n = len(points)
+    if max_points <= 0 or n <= max_points:
+        return list(points)
+    stride = math.ceil(n / max_points)
+    return [points[i] for i in range(n - 1, -1, -stride)][::-1]
+
+
+class ClassSignals:
+    """Aggregates the current StudentStates of the analysed students (present, not opted out; muted students
+    are included: muting only silences that student's own alerts).
+
+    thresholds: optional callable returning {"confusion": x, "boredom": x} in force (e.g.
+    `AlertEngine.thresholds`), so the shares shown follow a threshold the teacher changed during class.
+    """
+
+    def __init__(self, settings: SignalSettings | None = None,
+                 thresholds: Callable[[], Mapping[str, float]] | None = None) -> None:
+        self.settings = settings or SignalSettings()
+        self._thresholds = thresholds
+        maxlen = max(1, int(math.ceil(self.settings.history_seconds / max(self.settings.history_step_seconds, _EPS))))
+        self._history: deque[HistoryPoint] = deque(maxlen=maxlen)
+        self.state: ClassState | None = None
+
+    def thresholds(self) -> dict[str, float]:
+        base = {"confusion": self.settings.confusion_threshold, "boredom": self.settings.boredom_threshold}
+        if self._thresholds is not None:
+            given = self._thresholds()
+            base.update({k: float(given[k]) for k in ("confusion", "boredom") if k in given})
+        return base
+
+    def update(self, states: Mapping[str, StudentState | None] | Iterable[StudentState | None],
+               t: float) -> ClassState:
+        s = self.settings
+        values = states.values() if isinstance(states, Mapping) else states
+        fresh = [st for st in values if st is not None and st.t >= t - s.state_max_age_seconds]
+        th = self.thresholds()
+        conf = tuple(float(st.confusion) for st in fresh if st.confusion is not None)
+        bore = tuple(float(st.boredom) for st in fresh if st.boredom is not None)
+        att = [float(st.attention) for st in fresh if st.attention is not None]
+        probs = [st.mean_probs for st in fresh if st.mean_probs is not None]
+        state = ClassState(
+            t=float(t), analysed=len(fresh), n_confusion=len(conf), n_boredom=len(bore),
+            confusion_share=share_at_or_above(conf, th["confusion"]),
+            boredom_share=share_at_or_above(bore, th["boredom"]),
+            mean_confusion=sum(conf) / len(conf) if conf else None,
+            mean_boredom=sum(bore) / len(bore) if bore else None,
+            mean_attention=sum(att) / len(att) if att else None,
+            mean_probs=tuple(float(x) for x in np.mean(np.asarray(probs, dtype=np.float64), axis=0)) if probs else None,
+            confusion_scores=conf, boredom_scores=bore, thresholds=th,
+            history_max_points=s.history_max_points)
+        last = self._history[-1].t if self._history else None
+        if last is None or t - last >= 0.9 * s.history_step_seconds or t < last:
+            if last is not None and t < last:
+                self._history.clear()     # the clock went backwards: start a new history
+            self._history.append(HistoryPoint(float(t), state.confusion_share, state.boredom_share,
+                                              state.mean_confusion, state.mean_boredom))
+        self.state = _with_history(state, tuple(self._history))
+        return self.state
+
+    @property
+    def history(self) -> tuple[HistoryPoint, ...]:
+        return tuple(self._history)
+
+
+def share_at_or_above(scores: Sequence[float], threshold: float) -> float:
+    return sum(1 for v in scores if v >= threshold) / len(scores) if scores else 0.0
+
+
+def _with_history(state: ClassState, history: tuple[HistoryPoint, ...]) -> ClassState:
+    return replace(state, history=history)
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    return lo if x < lo else hi if x > hi else float(x)
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(float(x), nd)
