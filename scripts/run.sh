@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: signaling server + a bot worker on loopback. Prints the teacher and student links.
+# Extra flags go to `python -m bot run` (see --help), e.g. scripts/run.sh --server-port 9000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python -m bot run "$@"
