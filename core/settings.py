@@ -24,6 +24,7 @@ class ServerSettings:
     # JSON list of RTCIceServer dicts for browsers and the bot; empty on loopback (ICE stalls otherwise).
     ice_servers: str = "[]"
     max_message_bytes: int = 16_384        # one signaling WebSocket message (an SDP offer is ~3-6 KB)
+    max_bot_message_bytes: int = 262_144   # the bot's live state for a 50-student class is ~20-40 KB
     max_rooms: int = 1000
     max_participants_per_room: int = 200
     # Shared secret that bot workers present to receive room assignments.

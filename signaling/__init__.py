@@ -1,0 +1,1 @@
+"""The aiohttp signaling server: rooms, tokens, WebSocket relay, pages, review API."""
