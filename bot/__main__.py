@@ -1,0 +1,176 @@
+"""python -m bot run | worker | join — the main job, a bot worker, or one bot in one room.
+
+    python -m bot run                  # signaling server + a bot worker on loopback; prints the links
+    python -m bot serve                # the server with the database only (deployments)
+    python -m bot worker --server URL  # a bot worker that joins rooms when teachers invite it
+    python -m bot join --room R --server URL --token TEACHER_TOKEN
+All settings: `--help` (flags) or CLASSMOOD_* environment variables.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from core import settings as settings_mod
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="classmood bot")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="server + bot worker on loopback (the main job)")
+    run.add_argument("--no-room", action="store_true", help="do not create a first room on start")
+    run.add_argument("--ready-file", default=None, help="write the links as JSON here once serving (for scripts)")
+    run.add_argument("--stats-file", default=None, help="write storage and inference counters as JSON here on exit")
+    serve = sub.add_parser("serve", help="the signaling server with the database, no bot (for deployments)")
+    worker = sub.add_parser("worker", help="a bot worker: joins rooms when invited")
+    worker.add_argument("--server", default=None, help="server base URL (default: from server settings)")
+    join = sub.add_parser("join", help="join one room now")
+    join.add_argument("--room", required=True)
+    join.add_argument("--server", default=None)
+    join.add_argument("--token", default=os.environ.get("CLASSMOOD_ROOM_TOKEN"),
+                      help="the room's teacher token or bot token (env CLASSMOOD_ROOM_TOKEN)")
+    for p in (run, serve, worker, join):
+        p.add_argument("--log-level", default=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO"))
+        settings_mod.add_arguments(p)
+    return parser
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:  # pragma: no cover - non-POSIX
+            pass
+    await stop.wait()
+
+
+async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
+    from aiohttp import web
+
+    from bot.service import BotService
+    from storage import Repository
+
+    repository = Repository.from_settings(settings.storage)
+    if args.command == "serve":
+        return await serve_only(settings, repository)
+    try:
+        service = BotService(settings, repository)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        repository.close()
+        return 2
+    await service.start()
+    runner = None
+    try:
+        if args.command == "run":
+            from signaling.server import create_app
+            app = create_app(settings, store=repository)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, settings.server.host, settings.server.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                print(f"error: cannot listen on {settings.server.host}:{settings.server.port} ({exc.strerror}); "
+                      f"choose another with --server-port", file=sys.stderr)
+                return 2
+            base = settings.base_url()
+            local = f"http://{settings.server.host}:{settings.server.port}"
+            ready = asyncio.Event()
+            worker = asyncio.ensure_future(service.serve_worker(local, settings.server.worker_key, ready))
+            await asyncio.wait_for(ready.wait(), 30)
+            links = {"home": base + "/"}
+            if not args.no_room:
+                links.update(await _create_room(local, base))
+            print(f"classmood is running at {base}/  (Ctrl+C to stop)", flush=True)
+            if "teacher_url" in links:
+                print(f"  teacher page (keep it secret): {links['teacher_url']}", flush=True)
+                print(f"  student link (share it):       {links['student_url']}", flush=True)
+            if args.ready_file:
+                with open(args.ready_file, "w") as f:
+                    json.dump(links, f)
+            await _until_signalled()
+            worker.cancel()
+        elif args.command == "worker":
+            server = args.server or f"http://{settings.server.host}:{settings.server.port}"
+            worker = asyncio.ensure_future(service.serve_worker(server, settings.server.worker_key))
+            await _until_signalled()
+            worker.cancel()
+        else:
+            if not args.token:
+                print("error: --token (the room's teacher token) is required", file=sys.stderr)
+                return 2
+            server = args.server or f"http://{settings.server.host}:{settings.server.port}"
+            peer = service.join(server, args.room, args.token)
+            done = asyncio.ensure_future(_until_signalled())
+            await asyncio.wait([done, service.tasks[args.room]], return_when=asyncio.FIRST_COMPLETED)
+            await peer.stop()
+    finally:
+        await service.stop()
+        if runner is not None:
+            await runner.cleanup()
+        await asyncio.to_thread(repository.close)
+        stats = repository.stats()
+        logging.getLogger("classmood.bot").info("stopped; storage %s; bot %s", stats, service.stats())
+        if getattr(args, "stats_file", None):
+            with open(args.stats_file, "w") as f:
+                json.dump({**service.stats(), "storage": stats, "samples_accepted": stats.get("accepted_samples"),
+                           "sample_hz": settings.bot.sample_hz}, f)
+    return 0
+
+
+async def serve_only(settings: settings_mod.Settings, repository) -> int:
+    """The signaling server with the real database; bot workers connect from elsewhere."""
+    from aiohttp import web
+
+    from signaling.server import create_app
+    runner = web.AppRunner(create_app(settings, store=repository), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.server.host, settings.server.port).start()
+        print(f"classmood server listening on http://{settings.server.host}:{settings.server.port}/ "
+              f"(public URL {settings.base_url()}/)", flush=True)
+        await _until_signalled()
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.server.host}:{settings.server.port} ({exc.strerror})", file=sys.stderr)
+        return 2
+    finally:
+        await runner.cleanup()
+        await asyncio.to_thread(repository.close)
+    return 0
+
+
+async def _create_room(local: str, base: str) -> dict[str, str]:
+    import aiohttp
+    async with aiohttp.ClientSession() as http:
+        async with http.post(local + "/api/rooms", json={"title": "My class"}) as response:
+            response.raise_for_status()
+            return await response.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("aioice", "aiortc", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = settings_mod.load(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(main_async(args, settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

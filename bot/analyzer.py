@@ -1,0 +1,135 @@
+"""The inference worker thread: takes every student's pending frame, runs ONE batched
+detect -> classify over all of them, and hands per-student results back to the event loop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+import cv2
+import numpy as np
+
+from bot.mailbox import FrameMailbox
+from core.faces import Faces
+
+log = logging.getLogger("classmood.bot.analyzer")
+
+MAX_SIDE = 1920          # larger frames are downscaled before detection (a 4K webcam adds nothing)
+
+
+@dataclass
+class PendingFrame:
+    frame: Any               # av.VideoFrame (converted in this thread) or a BGR ndarray
+    received_at: float       # wall clock, when the bot's track handed it over
+    received_mono: float     # monotonic twin of received_at, for latency
+
+
+@dataclass
+class FrameResult:
+    key: Hashable            # (room_id, participant_id)
+    received_at: float
+    received_mono: float
+    face_found: bool
+    probs: np.ndarray | None = None      # (7,)
+    box: np.ndarray | None = None        # (4,)
+    keypoints: np.ndarray | None = None  # (6, 2)
+    score: float | None = None
+    frame_shape: tuple[int, int] | None = None
+    error: str | None = None             # why this frame could not be analysed
+
+
+def to_bgr(frame: Any) -> np.ndarray:
+    """av.VideoFrame or ndarray -> a sane BGR uint8 image; ValueError for zero-size or odd frames."""
+    image = frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="bgr24")
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 8 or image.shape[1] < 8:
+        raise ValueError(f"unusable frame shape {image.shape}")
+    if image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.dtype != np.uint8:
+        raise ValueError(f"unusable frame dtype {image.dtype}")
+    if max(image.shape[:2]) > MAX_SIDE:
+        scale = MAX_SIDE / max(image.shape[:2])
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return image
+
+
+class Analyzer:
+    """One thread, one batched inference per round; `analyse(frames) -> Faces` (one face per frame at
+    most, with probs) is injected so tests and the scripted model can stand in for the real one."""
+
+    def __init__(self, analyse: Callable[[list[np.ndarray]], Faces], mailbox: FrameMailbox[PendingFrame],
+                 on_results: Callable[[list[FrameResult]], None], max_batch: int = 64) -> None:
+        self.analyse = analyse
+        self.mailbox = mailbox
+        self.on_results = on_results
+        self.max_batch = max_batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.rounds = 0
+        self.frames = 0
+        self.errors = 0
+        self.busy_seconds = 0.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="classmood-inference", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.mailbox.wake()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self.mailbox.take_all(self.max_batch, timeout=0.2)
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                results = self.process(batch)
+            except Exception:  # never let one bad round kill analysis for the whole class
+                log.exception("inference round failed; %d frames skipped", len(batch))
+                self.errors += len(batch)
+                results = [FrameResult(key, item.received_at, item.received_mono, False, error="inference failed")
+                           for key, item in batch]
+            self.busy_seconds += time.perf_counter() - started
+            self.rounds += 1
+            self.frames += len(batch)
+            try:
+                self.on_results(results)
+            except Exception:
+                log.exception("delivering inference results failed")
+
+    def process(self, batch: list[tuple[Hashable, PendingFrame]]) -> list[FrameResult]:
+        images: list[np.ndarray] = []
+        owners: list[int] = []
+        results: list[FrameResult] = []
+        for i, (key, item) in enumerate(batch):
+            result = FrameResult(key, item.received_at, item.received_mono, False)
+            results.append(result)
+            try:
+                image = to_bgr(item.frame)
+            except Exception as exc:  # corrupt / zero-size frame: this student's sample only
+                result.error = f"bad frame: {exc}"
+                self.errors += 1
+                log.warning("dropping a bad frame from %s: %s", key, exc)
+                continue
+            result.frame_shape = image.shape[:2]
+            images.append(image)
+            owners.append(i)
+        if images:
+            faces = self.analyse(images)
+            for j in range(len(faces)):
+                result = results[owners[int(faces.frame_ids[j])]]
+                result.face_found = True
+                result.box = faces.boxes[j]
+                result.keypoints = faces.keypoints[j]
+                result.score = float(faces.scores[j])
+                result.probs = None if faces.probs is None else faces.probs[j]
+        return results

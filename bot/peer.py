@@ -1,0 +1,293 @@
+"""The bot as a room participant: signaling client + one aiortc peer connection per student.
+
+It joins exactly like a browser does (hello on /ws), answers each student's offer, samples the
+incoming video at `bot.sample_hz` into the shared FrameMailbox, and relays live state and alerts
+from its ClassRoom to the teacher through the server. A dropped socket is re-joined with backoff and
+the same session continues.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import aiohttp
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from bot.analyzer import PendingFrame
+from bot.mailbox import FrameMailbox
+from bot.room import ClassRoom
+from core.settings import Settings
+
+log = logging.getLogger("classmood.bot.peer")
+
+
+def ws_url(server: str) -> str:
+    server = server.rstrip("/")
+    if server.startswith("https://"):
+        return "wss://" + server[len("https://"):] + "/ws"
+    if server.startswith("http://"):
+        return "ws://" + server[len("http://"):] + "/ws"
+    return server + "/ws"
+
+
+def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
+    servers = [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+               for s in ice_servers]
+    return RTCConfiguration(iceServers=servers)
+
+
+class BotPeer:
+    """One bot in one room. `run()` returns when stopped or when the room refuses the bot."""
+
+    def __init__(self, settings: Settings, server: str, room_id: str, token: str, repository: Any,
+                 mailbox: FrameMailbox[PendingFrame], register: Callable[[str, ClassRoom | None], None]) -> None:
+        self.settings = settings
+        self.server = server
+        self.room_id = room_id
+        self.token = token
+        self.repository = repository
+        self.mailbox = mailbox
+        self.register = register          # tells the process which ClassRoom owns results of this room
+        self.peer_id: str | None = None
+        self.room: ClassRoom | None = None
+        self.pcs: dict[str, RTCPeerConnection] = {}
+        self.consumers: dict[str, asyncio.Task] = {}
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self.ice_servers: list[dict[str, Any]] = []
+        self.joined = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        backoff = 0.5
+        async with aiohttp.ClientSession() as http:
+            while not self._stopping.is_set():
+                try:
+                    fatal = await self._session(http)
+                    if fatal:
+                        return
+                    backoff = 0.5
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    log.warning("room %s: signaling connection failed (%s); retrying in %.1f s",
+                                self.room_id, exc, backoff)
+                finally:
+                    await self._close_peers()
+                if self._stopping.is_set():
+                    break
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                except asyncio.TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 10.0)
+        await self._finish()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.close()
+
+    async def _finish(self) -> None:
+        if self.room is not None:
+            self.room.close()
+            self.register(self.room_id, None)
+            await asyncio.to_thread(self.repository.end_session, self.room.session_id)
+            self.room = None
+
+    async def _session(self, http: aiohttp.ClientSession) -> bool:
+        """One signaling connection; returns True when the server refused us for good."""
+        async with http.ws_connect(ws_url(self.server), heartbeat=20, max_msg_size=1 << 20) as ws:
+            self._ws = ws
+            await ws.send_json({"v": 1, "type": "hello", "role": "bot", "room": self.room_id, "token": self.token})
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                try:
+                    data = json.loads(msg.data)
+                except ValueError:
+                    log.warning("room %s: non-JSON message from server ignored", self.room_id)
+                    continue
+                if not isinstance(data, dict):
+                    continue
+                kind = data.get("type")
+                if kind == "error":
+                    log.error("room %s: server error %s: %s", self.room_id, data.get("code"), data.get("message"))
+                    if data.get("code") in ("unauthorized", "unknown_room", "forbidden", "auth"):
+                        return True
+                    continue
+                await self._handle(kind, data)
+            self._ws = None
+        if ws.close_code and 4400 <= ws.close_code < 4500:
+            log.error("room %s: server closed the bot's socket (%s)", self.room_id, ws.close_code)
+            return True
+        return False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        ws = self._ws
+        if ws is None or ws.closed:
+            return
+        try:
+            await ws.send_json({"v": 1, **message})
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+            log.debug("send failed: %s", exc)
+
+    def send_soon(self, message: dict[str, Any]) -> None:
+        self._spawn(self.send(message))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- messages --------------------------------------------------------------------------------
+    async def _handle(self, kind: str | None, data: dict[str, Any]) -> None:
+        if kind == "welcome":
+            await self._welcome(data)
+        elif kind == "participant" and self.room is not None:
+            peer, event = str(data.get("peer_id")), data.get("event")
+            if event == "joined":
+                await asyncio.to_thread(self.room.add_student, peer, str(data.get("name") or "?"),
+                                        bool(data.get("analysis", True)))
+            elif event == "left":
+                await self._drop_peer(peer)
+                self.room.remove_student(peer)
+            elif event == "consent":
+                analysis = bool(data.get("analysis"))
+                if not analysis:
+                    await self._drop_peer(peer)
+                self.room.set_consent(peer, analysis)
+        elif kind == "signal":
+            payload = data.get("data") or {}
+            if isinstance(payload, dict) and payload.get("type") == "offer" and isinstance(payload.get("sdp"), str):
+                self._spawn(self._answer(str(data.get("from")), payload["sdp"]))
+        elif kind == "control" and self.room is not None:
+            self.room.control(data)
+
+    async def _welcome(self, data: dict[str, Any]) -> None:
+        self.peer_id = data.get("peer_id")
+        self.ice_servers = list(data.get("ice_servers") or [])
+        if self.room is None:
+            session_id = await asyncio.to_thread(self.repository.resume_or_start_session, self.room_id,
+                                                 data.get("session_id"))
+            self.room = ClassRoom(self.settings, self.room_id, session_id, self.repository, self.send_soon)
+            self.register(self.room_id, self.room)
+            self._spawn(self._tick_loop(self.room))
+        await self.send({"type": "session", "session_id": self.room.session_id})
+        for p in data.get("participants") or []:
+            if isinstance(p, dict) and p.get("peer_id"):
+                await asyncio.to_thread(self.room.add_student, str(p["peer_id"]), str(p.get("name") or "?"),
+                                        bool(p.get("analysis", True)))
+        self.joined.set()
+        log.info("room %s: bot joined as %s, session %s", self.room_id, self.peer_id, self.room.session_id)
+
+    async def _tick_loop(self, room: ClassRoom) -> None:
+        period = 1.0 / max(0.2, self.settings.bot.state_push_hz)
+        while self.room is room:
+            await asyncio.sleep(period)
+            try:
+                room.tick()
+            except Exception:
+                log.exception("room %s: state update failed", self.room_id)
+
+    # ---- media -----------------------------------------------------------------------------------
+    async def _answer(self, peer: str, sdp: str) -> None:
+        room = self.room
+        if room is None or not room.wants_video(peer):
+            log.info("room %s: offer from %s ignored (unknown or opted out)", self.room_id, peer)
+            return
+        await self._drop_peer(peer)
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        self.pcs[peer] = pc
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "video":
+                old = self.consumers.pop(peer, None)
+                if old:
+                    old.cancel()
+                self.consumers[peer] = self._spawn(self._consume(peer, track))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and self.pcs.get(peer) is pc:
+                log.info("room %s: connection to %s %s", self.room_id, peer, pc.connectionState)
+                await self._drop_peer(peer)
+
+        try:
+            await asyncio.wait_for(self._negotiate(pc, peer, sdp), timeout=15)
+        except Exception as exc:  # bad SDP, ICE trouble, peer vanished mid-handshake
+            log.warning("room %s: negotiation with %s failed: %s", self.room_id, peer, exc or type(exc).__name__)
+            if self.pcs.get(peer) is pc:
+                await self._drop_peer(peer)
+            else:
+                await pc.close()
+
+    async def _negotiate(self, pc: RTCPeerConnection, peer: str, sdp: str) -> None:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "video":
+                transceiver.direction = "recvonly"
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)   # aiortc gathers all candidates here: vanilla ICE
+        await self.send({"type": "signal", "to": peer, "data": {"type": "answer", "sdp": pc.localDescription.sdp}})
+
+    async def _consume(self, peer: str, track) -> None:
+        """Pull decoded frames; hand one to the mailbox every 1/sample_hz s. Every frame must be
+        received (the decoder needs them) but only sampled ones are converted, in the worker thread."""
+        room = self.room
+        period = 1.0 / self.settings.bot.sample_hz
+        stall = self.settings.bot.stall_seconds
+        next_due = 0.0
+        key = (self.room_id, peer)
+        if room:
+            room.mark_connected(peer, True)
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(track.recv(), timeout=stall)
+                except asyncio.TimeoutError:
+                    log.warning("room %s: video from %s stalled for %.0f s; dropping the track",
+                                self.room_id, peer, stall)
+                    break
+                except MediaStreamError:
+                    log.info("room %s: video from %s ended", self.room_id, peer)
+                    break
+                now = time.monotonic()
+                if now < next_due or room is None or not room.wants_video(peer):
+                    continue
+                next_due = now + period if now - next_due > period else next_due + period
+                self.mailbox.put(key, PendingFrame(frame, time.time(), now))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("room %s: video from %s failed", self.room_id, peer)
+        finally:
+            self.mailbox.discard(key)
+            if room:
+                room.mark_connected(peer, False)
+            if self.consumers.get(peer) is asyncio.current_task():
+                self.consumers.pop(peer, None)
+                pc = self.pcs.pop(peer, None)
+                if pc is not None:
+                    self._spawn(pc.close())
+
+    async def _drop_peer(self, peer: str) -> None:
+        consumer = self.consumers.pop(peer, None)
+        if consumer is not None:
+            consumer.cancel()
+        self.mailbox.discard((self.room_id, peer))
+        pc = self.pcs.pop(peer, None)
+        if pc is not None:
+            try:
+                await pc.close()
+            except Exception as exc:
+                log.debug("closing pc of %s: %s", peer, exc)
+
+    async def _close_peers(self) -> None:
+        for peer in list(self.pcs):
+            await self._drop_peer(peer)

@@ -1,0 +1,166 @@
+"""One bot process: the shared inference thread, the repository, and the rooms it is in.
+
+Frames of every room go into one FrameMailbox so the worker thread batches across the whole
+process; results come back to the event loop and are routed to each room's ClassRoom.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Callable
+
+import aiohttp
+import numpy as np
+
+from bot.analyzer import Analyzer, FrameResult, PendingFrame
+from bot.mailbox import FrameMailbox
+from bot.peer import BotPeer
+from bot.room import ClassRoom
+from core.emotions import EMOTION_INDEX, NUM_EMOTIONS
+from core.faces import Faces
+from core.settings import Settings
+
+log = logging.getLogger("classmood.bot")
+
+# Expression patterns for `--model-model scripted:<name>`: the real detector runs, and every face
+# found gets these probabilities. For demos and tests that must produce a known classroom mood.
+SCRIPTED_PATTERNS: dict[str, dict[str, float]] = {
+    "confused": {"sad": 0.35, "angry": 0.25, "fear": 0.2, "surprise": 0.1, "neutral": 0.1},
+    "bored": {"neutral": 0.85, "sad": 0.15},
+    "happy": {"happy": 0.9, "neutral": 0.1},
+    "neutral": {"neutral": 1.0},
+}
+
+
+def scripted_probs(name: str) -> np.ndarray:
+    if name not in SCRIPTED_PATTERNS:
+        raise ValueError(f"unknown scripted pattern {name!r}; choose from {', '.join(SCRIPTED_PATTERNS)}")
+    probs = np.zeros(NUM_EMOTIONS, np.float32)
+    for label, p in SCRIPTED_PATTERNS[name].items():
+        probs[EMOTION_INDEX[label]] = p
+    return probs / probs.sum()
+
+
+def build_analyse(settings: Settings) -> Callable[[list[np.ndarray]], Faces]:
+    """detect all frames -> keep each frame's largest face (a webcam shows its student) -> classify
+    only those faces in one batch."""
+    from models.classifier import ExpressionClassifier
+    from models.detector import FaceDetector
+
+    threads = settings.bot.inference_threads
+    detector = FaceDetector(kind=settings.model.detector, threads=threads, min_score=settings.bot.min_face_score)
+    model = settings.model.model
+    if model.startswith("scripted:"):
+        fixed = scripted_probs(model.split(":", 1)[1])
+
+        def analyse_scripted(frames: list[np.ndarray]) -> Faces:
+            faces = detector.detect(frames).largest_per_frame()
+            return faces.with_probs(np.repeat(fixed[None], len(faces), axis=0))
+        return analyse_scripted
+
+    classifier = ExpressionClassifier(model, threads=threads)
+
+    def analyse(frames: list[np.ndarray]) -> Faces:
+        faces = detector.detect(frames).largest_per_frame()
+        return classifier.classify(frames, faces)
+    return analyse
+
+
+class BotService:
+    def __init__(self, settings: Settings, repository: Any,
+                 analyse: Callable[[list[np.ndarray]], Faces] | None = None) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.mailbox: FrameMailbox[PendingFrame] = FrameMailbox(settings.bot.queue_frames)
+        self.analyzer = Analyzer(analyse or build_analyse(settings), self.mailbox, self._from_worker,
+                                 max_batch=settings.bot.max_batch)
+        self.rooms: dict[str, ClassRoom] = {}
+        self.peers: dict[str, BotPeer] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.analyzer.start()
+
+    async def stop(self) -> None:
+        for peer in list(self.peers.values()):
+            await peer.stop()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=10)
+        self.analyzer.stop()
+
+    def _from_worker(self, results: list[FrameResult]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver, results)
+
+    def _deliver(self, results: list[FrameResult]) -> None:
+        for result in results:
+            room_id, _ = result.key  # type: ignore[misc]
+            room = self.rooms.get(room_id)
+            if room is not None:
+                try:
+                    room.on_result(result)
+                except Exception:
+                    log.exception("room %s: handling a result failed", room_id)
+
+    def _register(self, room_id: str, room: ClassRoom | None) -> None:
+        if room is None:
+            self.rooms.pop(room_id, None)
+        else:
+            self.rooms[room_id] = room
+
+    def join(self, server: str, room_id: str, token: str) -> BotPeer:
+        """Join (or re-join) a room; an existing bot for the room is replaced."""
+        old = self.peers.get(room_id)
+        if old is not None and not self.tasks[room_id].done():
+            return old
+        peer = BotPeer(self.settings, server, room_id, token, self.repository, self.mailbox, self._register)
+        self.peers[room_id] = peer
+        task = asyncio.ensure_future(peer.run())
+        self.tasks[room_id] = task
+        task.add_done_callback(lambda _t, r=room_id: self._joined_done(r, _t))
+        return peer
+
+    def _joined_done(self, room_id: str, task: asyncio.Task) -> None:
+        if self.tasks.get(room_id) is task:
+            self.tasks.pop(room_id, None)
+            self.peers.pop(room_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("room %s: bot stopped with an error", room_id, exc_info=task.exception())
+
+    async def serve_worker(self, server: str, key: str, ready: asyncio.Event | None = None) -> None:
+        """Stay connected to the server's /ws/worker and join rooms when a teacher invites the bot."""
+        url = server.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws/worker"
+        backoff = 0.5
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.ws_connect(url, heartbeat=20) as ws:
+                        await ws.send_json({"v": 1, "type": "hello", "role": "worker", "key": key})
+                        async for msg in ws:
+                            if msg.type != aiohttp.WSMsgType.TEXT:
+                                break
+                            data = json.loads(msg.data)
+                            if data.get("type") == "welcome":
+                                backoff = 0.5
+                                log.info("bot worker connected to %s", server)
+                                if ready is not None:
+                                    ready.set()
+                            elif data.get("type") == "invite" and data.get("room") and data.get("token"):
+                                log.info("invited to room %s", data["room"])
+                                self.join(server, str(data["room"]), str(data["token"]))
+                            elif data.get("type") == "error":
+                                log.error("worker refused by server: %s", data.get("message"))
+                except (aiohttp.ClientError, OSError, ValueError) as exc:
+                    log.warning("bot worker: connection to %s failed (%s); retrying", server, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def stats(self) -> dict[str, Any]:
+        return {"rooms": len(self.rooms), "frames_analysed": self.analyzer.frames,
+                "inference_rounds": self.analyzer.rounds, "inference_busy_s": round(self.analyzer.busy_seconds, 3),
+                "frames_dropped": self.mailbox.dropped, "frames_accepted": self.mailbox.accepted,
+                "frame_errors": self.analyzer.errors}

@@ -1,0 +1,180 @@
+"""Simulated students: real aiortc peers that join through signaling and stream a real video file.
+
+Used by `python -m bot.simulate` and by the tests. A student behaves like the browser page does:
+hello -> (bot present and analysis on) -> vanilla-ICE offer to the bot -> answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import cv2
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+
+from bot.peer import rtc_configuration, ws_url
+
+log = logging.getLogger("classmood.students")
+
+
+def load_video_frames(path: str | Path, width: int = 320, height: int = 240, fps: float = 5.0,
+                      max_seconds: float = 30.0) -> list[np.ndarray]:
+    """Decode a video once into BGR frames at the size and rate a browser would be asked for."""
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise FileNotFoundError(f"cannot open video {path}")
+    source_fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    step = max(1.0, source_fps / fps)
+    frames: list[np.ndarray] = []
+    index, next_keep = 0, 0.0
+    while len(frames) < max_seconds * fps:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        if index >= next_keep:
+            frames.append(cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA))
+            next_keep += step
+        index += 1
+    capture.release()
+    if not frames:
+        raise ValueError(f"no frames decoded from {path}")
+    return frames
+
+
+def no_face_frames(width: int = 320, height: int = 240, count: int = 10) -> list[np.ndarray]:
+    """A synthetic track with no face: moving gradients and noise (exercises the 'no face' path)."""
+    rng = np.random.default_rng(7)
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    frames = []
+    for i in range(count):
+        base = np.broadcast_to((x + i * 20) % 255, (height, width, 3))
+        frames.append(np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8))
+    return frames
+
+
+class LoopingVideoTrack(VideoStreamTrack):
+    """Plays preloaded frames in a loop at a fixed rate (shared frame list: cheap for 50 students)."""
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 5.0, offset: int = 0) -> None:
+        super().__init__()
+        self.frames = frames
+        self.fps = fps
+        self.offset = offset
+        self.count = 0
+        self.start: float | None = None
+
+    async def recv(self) -> av.VideoFrame:
+        if self.start is None:
+            self.start = time.monotonic()
+        self.count += 1
+        delay = self.start + self.count / self.fps - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        frame = av.VideoFrame.from_ndarray(self.frames[(self.offset + self.count) % len(self.frames)], format="bgr24")
+        frame.pts = int(self.count * 90000 / self.fps)
+        frame.time_base = fractions.Fraction(1, 90000)
+        return frame
+
+
+class SimulatedStudent:
+    def __init__(self, server: str, room: str, key: str, name: str, frames: list[np.ndarray],
+                 fps: float = 5.0, analysis: bool = True, offset: int = 0) -> None:
+        self.server, self.room, self.key, self.name = server, room, key, name
+        self.frames, self.fps, self.analysis, self.offset = frames, fps, analysis, offset
+        self.peer_id: str | None = None
+        self.bot_id: str | None = None
+        self.ice_servers: list[dict[str, Any]] = []
+        self.pc: RTCPeerConnection | None = None
+        self.received: list[dict[str, Any]] = []     # every message the server sent this student
+        self.connected = asyncio.Event()             # media connection to the bot established
+        self.welcomed = asyncio.Event()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def join(self) -> None:
+        self._http = aiohttp.ClientSession()
+        self._ws = await self._http.ws_connect(ws_url(self.server), heartbeat=20)
+        await self._ws.send_json({"v": 1, "type": "hello", "role": "student", "room": self.room, "key": self.key,
+                                  "name": self.name, "analysis": self.analysis})
+        self._reader = asyncio.ensure_future(self._read())
+        await asyncio.wait_for(self.welcomed.wait(), 10)
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                data = json.loads(msg.data)
+                self.received.append(data)
+                kind = data.get("type")
+                if kind == "welcome":
+                    self.peer_id = data.get("peer_id")
+                    self.ice_servers = data.get("ice_servers") or []
+                    self.bot_id = data.get("bot")
+                    self.welcomed.set()
+                    await self._connect_to_bot()
+                elif kind == "bot":
+                    self.bot_id = data.get("peer_id")
+                    await self._connect_to_bot()
+                elif kind == "signal" and (data.get("data") or {}).get("type") == "answer" and self.pc:
+                    await self.pc.setRemoteDescription(RTCSessionDescription(sdp=data["data"]["sdp"], type="answer"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("student %s: %s", self.name, exc)
+
+    async def _connect_to_bot(self) -> None:
+        await self._close_pc()
+        if not self.bot_id or not self.analysis:
+            return
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        self.pc = pc
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "connected":
+                self.connected.set()
+
+        pc.addTransceiver(LoopingVideoTrack(self.frames, self.fps, self.offset), direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        await self.send({"type": "signal", "to": self.bot_id, "data": {"type": "offer", "sdp": pc.localDescription.sdp}})
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.send_json({"v": 1, **message})
+
+    async def set_analysis(self, analysis: bool) -> None:
+        """The opt-out switch: off closes the media connection to the bot at once."""
+        self.analysis = analysis
+        await self.send({"type": "consent", "analysis": analysis})
+        if analysis:
+            await self._connect_to_bot()
+        else:
+            await self._close_pc()
+
+    async def _close_pc(self) -> None:
+        pc, self.pc = self.pc, None
+        self.connected.clear()
+        if pc is not None:
+            await pc.close()
+
+    async def leave(self) -> None:
+        await self._close_pc()
+        if self._reader:
+            self._reader.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+
+    def message_types(self) -> set[str]:
+        return {str(m.get("type")) for m in self.received}

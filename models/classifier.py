@@ -1,0 +1,70 @@
+"""The expression classifier: a TFLite model (N,48,48,1) [0,1] -> (N,7) softmax in EMOTIONS order."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from core.emotions import NUM_EMOTIONS
+from core.faces import Faces
+from models.detector import load_interpreter
+from models.preprocess import align_faces
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MODEL_NAMES = ("ferplus", "fer2013")
+
+
+def resolve_model(model: str) -> Path:
+    """'ferplus' | 'fer2013' | a path to a .tflite file -> an existing file, or FileNotFoundError."""
+    path = WEIGHTS_DIR / f"{model}.tflite" if model in MODEL_NAMES else Path(model)
+    if not path.is_file():
+        hint = " (train and export it: see models/MODEL_CARD.md)" if model in MODEL_NAMES else ""
+        raise FileNotFoundError(f"expression model {model!r} not found at {path}{hint}")
+    return path
+
+
+class ExpressionClassifier:
+    """Thread-safe batched inference; the interpreter is resized only when the batch size changes."""
+
+    def __init__(self, model: str = "ferplus", threads: int = 1, max_batch: int = 64) -> None:
+        self.path = resolve_model(model)
+        self.name = self.path.stem
+        try:
+            self.interpreter = load_interpreter(self.path, threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"{self.path} is not a usable TFLite model ({exc})") from None
+        inp = self.interpreter.get_input_details()[0]
+        out = self.interpreter.get_output_details()[0]
+        if tuple(inp["shape"][1:]) != (48, 48, 1) or int(out["shape"][-1]) != NUM_EMOTIONS:
+            raise ValueError(f"{self.path}: expected input (N,48,48,1) and output (N,{NUM_EMOTIONS}), "
+                             f"found {tuple(inp['shape'])} -> {tuple(out['shape'])}")
+        self.input_index, self.output_index = inp["index"], out["index"]
+        self.max_batch = max_batch
+        self._batch = int(inp["shape"][0])
+        self._lock = threading.Lock()
+
+    def predict(self, faces48: np.ndarray) -> np.ndarray:
+        faces48 = np.ascontiguousarray(faces48, np.float32)
+        if faces48.ndim != 4 or faces48.shape[1:] != (48, 48, 1):
+            raise ValueError(f"expected (N, 48, 48, 1) faces, got {faces48.shape}")
+        if len(faces48) == 0:
+            return np.zeros((0, NUM_EMOTIONS), np.float32)
+        outputs = []
+        with self._lock:
+            for start in range(0, len(faces48), self.max_batch):
+                chunk = faces48[start:start + self.max_batch]
+                if len(chunk) != self._batch:
+                    self.interpreter.resize_tensor_input(self.input_index, chunk.shape)
+                    self.interpreter.allocate_tensors()
+                    self._batch = len(chunk)
+                self.interpreter.set_tensor(self.input_index, chunk)
+                self.interpreter.invoke()
+                outputs.append(self.interpreter.get_tensor(self.output_index).copy())
+        return np.concatenate(outputs)
+
+    def classify(self, frames: list[np.ndarray], faces: Faces) -> Faces:
+        if len(faces) == 0:
+            return faces.with_probs(np.zeros((0, NUM_EMOTIONS), np.float32))
+        return faces.with_probs(self.predict(align_faces(frames, faces)))
