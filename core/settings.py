@@ -37,7 +37,7 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class BotSettings:
-    sample_hz: float = 2.0                 # analysed frames per student per second
+    sample_hz: float = 2.0                 # analysed frames per student per second (at least; see bot/peer.py)
     queue_frames: int = 1                  # per-student pending frames; older ones are dropped
     stall_seconds: float = 10.0            # no frame for this long -> track considered stalled
     inference_threads: int = 1             # TFLite interpreter threads

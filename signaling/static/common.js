@@ -1,0 +1,35 @@
+// Shared helpers for classmood pages. Text from the network is always inserted with textContent.
+"use strict";
+const CM = {
+  EMOTIONS: ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"],
+  COLORS: ["#dc2626", "#65a30d", "#7c3aed", "#f59e0b", "#2563eb", "#db2777", "#94a3b8"],
+  wsUrl() { return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws"; },
+  roomFromPath(prefix) { return decodeURIComponent(location.pathname.slice(prefix.length).split("/")[0]); },
+  tokenFromHash() { const m = location.hash.match(/[#&]t=([A-Za-z0-9_-]+)/); return m ? m[1] : ""; },
+  async api(method, path, token, body) {
+    const headers = {};
+    if (token) headers.Authorization = "Bearer " + token;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    let data = null;
+    try { data = await res.json(); } catch (e) { data = null; }
+    return { ok: res.ok, status: res.status, data };
+  },
+  el(tag, attrs, text) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") node.className = v; else if (k === "testid") node.dataset.testid = v; else node.setAttribute(k, v);
+    }
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  },
+  bar(kind, value) {
+    const bar = CM.el("div", { class: "bar " + kind, title: value == null ? "not enough data yet" : value.toFixed(2) });
+    const fill = CM.el("span");
+    fill.style.width = value == null ? "0%" : Math.round(Math.max(0, Math.min(1, value)) * 100) + "%";
+    bar.appendChild(fill);
+    return bar;
+  },
+  clock(t) { return t ? new Date(t * 1000).toLocaleTimeString() : "—"; },
+  pct(v) { return v == null ? "—" : Math.round(v * 100) + " %"; },
+};

@@ -1,0 +1,134 @@
+// Review page. testids: session-select, session-info, timeline, signals, review-students, review-alerts,
+// download-samples, download-alerts
+"use strict";
+const room = CM.roomFromPath("/review/");
+const token = CM.tokenFromHash();
+const $ = (id) => document.getElementById(id);
+let current = null;
+
+for (let i = 0; i < CM.EMOTIONS.length; i++) {
+  const span = CM.el("span"); const dot = CM.el("i"); dot.style.background = CM.COLORS[i];
+  span.appendChild(dot); span.appendChild(document.createTextNode(CM.EMOTIONS[i])); $("legend").appendChild(span);
+}
+
+async function loadSessions() {
+  const res = await CM.api("GET", "/api/rooms/" + encodeURIComponent(room) + "/sessions", token);
+  if (!res.ok) { $("review-error").textContent = "Cannot load sessions (is this the teacher link?)"; return; }
+  const select = $("session-select"); select.replaceChildren();
+  for (const s of res.data.sessions) {
+    select.appendChild(CM.el("option", { value: s.session_id },
+      new Date(s.started_at * 1000).toLocaleString() + ` — ${s.participants} students, ${s.samples} samples, ${s.alerts} alerts`));
+  }
+  if (!res.data.sessions.length) { $("review-error").textContent = "No stored sessions yet."; return; }
+  await loadReview(res.data.sessions[0].session_id);
+}
+
+async function loadReview(sid) {
+  const res = await CM.api("GET", "/api/sessions/" + encodeURIComponent(sid) + "/review", token);
+  if (!res.ok) { $("review-error").textContent = "Cannot load the session: " + res.status; return; }
+  current = res.data; $("review-error").textContent = "";
+  const s = current.session;
+  $("session-info").textContent = (s.title ? s.title + " · " : "") + CM.clock(s.started_at) + " – " + (s.ended_at ? CM.clock(s.ended_at) : "ongoing");
+  drawTimeline(); drawSignals(); renderStudents(); renderAlerts();
+}
+
+function axes(ctx, canvas, t0, t1) {
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.fillStyle = "#5b6678"; ctx.font = "12px system-ui"; ctx.strokeStyle = "#e3e6ee";
+  const ticks = 6;
+  for (let i = 0; i <= ticks; i++) {
+    const x = 40 + (i / ticks) * (canvas.width - 50);
+    ctx.beginPath(); ctx.moveTo(x, 10); ctx.lineTo(x, canvas.height - 20); ctx.stroke();
+    ctx.fillText(new Date((t0 + (i / ticks) * (t1 - t0)) * 1000).toLocaleTimeString(), x - 28, canvas.height - 5);
+  }
+  ctx.fillText("1", 25, 16); ctx.fillText("0", 25, canvas.height - 22);
+}
+const X = (canvas, t, t0, t1) => 40 + ((t - t0) / Math.max(1, t1 - t0)) * (canvas.width - 50);
+const Y = (canvas, v) => canvas.height - 20 - v * (canvas.height - 30);
+
+function span() {
+  const tl = current.timeline;
+  if (!tl.length) return [current.session.started_at, (current.session.ended_at || current.session.started_at + 60)];
+  return [tl[0].t, tl[tl.length - 1].t + (current.bucket_seconds || 10)];
+}
+
+function drawTimeline() {
+  const canvas = $("timeline"); const ctx = canvas.getContext("2d"); const [t0, t1] = span();
+  axes(ctx, canvas, t0, t1);
+  const tl = current.timeline.filter((b) => b.n > 0 && b.probs[0] !== null);
+  if (!tl.length) { ctx.fillText("No faces were analysed in this session.", 60, 60); return; }
+  // Stacked areas of the seven mean probabilities.
+  let lower = tl.map(() => 0);
+  for (let k = 0; k < CM.EMOTIONS.length; k++) {
+    const upper = tl.map((b, i) => lower[i] + (b.probs[k] || 0));
+    ctx.fillStyle = CM.COLORS[k]; ctx.globalAlpha = 0.85; ctx.beginPath();
+    tl.forEach((b, i) => { const x = X(canvas, b.t, t0, t1); if (i === 0) ctx.moveTo(x, Y(canvas, upper[i])); else ctx.lineTo(x, Y(canvas, upper[i])); });
+    for (let i = tl.length - 1; i >= 0; i--) ctx.lineTo(X(canvas, tl[i].t, t0, t1), Y(canvas, lower[i]));
+    ctx.closePath(); ctx.fill(); lower = upper;
+  }
+  ctx.globalAlpha = 1;
+}
+
+function drawSignals() {
+  const canvas = $("signals"); const ctx = canvas.getContext("2d"); const [t0, t1] = span();
+  axes(ctx, canvas, t0, t1);
+  for (const [field, color] of [["confusion", "#d97706"], ["boredom", "#7c3aed"]]) {
+    ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.beginPath(); let started = false;
+    for (const b of current.timeline) {
+      if (b[field] === null || b[field] === undefined) continue;
+      const x = X(canvas, b.t, t0, t1), y = Y(canvas, b[field]);
+      if (!started) { ctx.moveTo(x, y); started = true; } else ctx.lineTo(x, y);
+    }
+    ctx.stroke();
+  }
+  ctx.strokeStyle = "#b91c1c"; ctx.lineWidth = 1;
+  for (const a of current.alerts) {
+    const x = X(canvas, a.t, t0, t1); ctx.beginPath(); ctx.moveTo(x, 10); ctx.lineTo(x, canvas.height - 20); ctx.stroke();
+  }
+  canvas.title = current.alerts.map((a) => CM.clock(a.t) + " " + a.message).join("\n");
+}
+
+function renderStudents() {
+  const body = $("students"); body.replaceChildren();
+  for (const s of current.students) {
+    const tr = CM.el("tr");
+    tr.appendChild(CM.el("td", {}, s.name + (s.opted_out ? " (opted out)" : "")));
+    tr.appendChild(CM.el("td", {}, Math.round(s.seconds_analysed) + " s"));
+    tr.appendChild(CM.el("td", {}, CM.pct(s.face_share)));
+    const shares = CM.el("td"); const strip = CM.el("div", { class: "bar" }); strip.style.width = "220px"; strip.style.display = "flex";
+    CM.EMOTIONS.forEach((label, i) => {
+      const part = CM.el("span", { title: label + " " + CM.pct(s.share[label]) });
+      part.style.width = ((s.share[label] || 0) * 100) + "%"; part.style.background = CM.COLORS[i]; strip.appendChild(part);
+    });
+    shares.appendChild(strip); tr.appendChild(shares);
+    tr.appendChild(CM.el("td")).appendChild(CM.bar("confusion", s.mean_confusion));
+    tr.appendChild(CM.el("td")).appendChild(CM.bar("boredom", s.mean_boredom));
+    tr.appendChild(CM.el("td", {}, s.alerts));
+    body.appendChild(tr);
+  }
+}
+
+function renderAlerts() {
+  const list = $("alerts"); list.replaceChildren();
+  for (const a of current.alerts) {
+    const li = CM.el("li", { class: (a.level === "class" ? "class" : "") + (a.acknowledged ? " acknowledged" : "") });
+    li.appendChild(CM.el("strong", {}, a.message)); li.appendChild(CM.el("div", { class: "muted" }, CM.clock(a.t) + " · " + a.level));
+    list.appendChild(li);
+  }
+  if (!current.alerts.length) list.appendChild(CM.el("li", { class: "acknowledged" }, "No alerts in this session."));
+}
+
+async function download(kind) {
+  if (!current) return;
+  const sid = current.session.session_id;
+  const res = await fetch("/api/sessions/" + encodeURIComponent(sid) + "/" + kind + ".csv", { headers: { Authorization: "Bearer " + token } });
+  if (!res.ok) { $("review-error").textContent = "Download failed: " + res.status; return; }
+  const url = URL.createObjectURL(await res.blob());
+  const a = CM.el("a", { href: url, download: `classmood-${sid}-${kind}.csv` }); document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 5000);
+}
+
+$("session-select").addEventListener("change", (e) => loadReview(e.target.value));
+$("download-samples").addEventListener("click", () => download("samples"));
+$("download-alerts").addEventListener("click", () => download("alerts"));
+if (!token) $("review-error").textContent = "This review link has no key (#t=…)."; else loadSessions();
