@@ -125,6 +125,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     teacher_alerts: list[dict[str, Any]] = []
     teacher_states = 0
     errors: list[str] = []
+    leaked_sets: list[set[str]] = []
     try:
         deadline = time.monotonic() + 120
         while not ready_file.exists():
@@ -179,6 +180,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 churn_task.cancel()
             student_saw = set().union(*(s.message_types() for s in students)) if students else set()
             leaked = student_saw & {"state", "alert", "participant", "control"}
+            leaked_sets.append(leaked)
             if leaked:
                 errors.append(f"students received teacher-only messages: {sorted(leaked)}")
             for s in students:
@@ -202,8 +204,14 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     error_lines = [line for line in bot_log.splitlines() if " ERROR " in line or "Traceback" in line]
     bot_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     summary = summarise(db, room_id, started, ended, args, bot_stats)
+    leaked = set().union(*leaked_sets) if leaked_sets else set()
+    delivery = sorted(a["received_at"] - float(a.get("t") or 0) for a in teacher_alerts)
     summary.update({
         "alerts_received_by_teacher": len(teacher_alerts), "teacher_state_messages": teacher_states,
+        # From the frame at which an alert's condition first held (the alert's t) to the teacher's socket.
+        "alert_latency_s": round(delivery[-1], 3) if delivery else None,
+        "teacher_alerts": [{k: a.get(k) for k in ("level", "kind", "name", "message")} for a in teacher_alerts][:50],
+        "students_received_teacher_data": sorted(leaked),
         "bot_cpu_percent": round(monitor.cpu_percent(), 1), "bot_peak_rss_mb": round(monitor.peak_rss / 2**20, 1),
         "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),
         "error_messages": (errors + error_lines)[:20], "db": str(db), "bot_log": str(log_path),
