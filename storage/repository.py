@@ -117,13 +117,18 @@ class Repository:
             conn.execute(schema.sessions.insert().values(session_id=session_id, room_id=room_id, started_at=time.time()))
         return session_id
 
-    def resume_or_start_session(self, room_id: str, session_id: str | None) -> str:
-        """A restarted bot continues the room's open session; otherwise a new one starts."""
+    def resume_or_start_session(self, room_id: str, session_id: str | None, grace_seconds: float = 600.0) -> str:
+        """A restarted bot continues the room's session (also one its predecessor ended less than
+        `grace_seconds` ago on shutdown); otherwise a new session starts."""
         if session_id:
-            with self.engine.connect() as conn:
+            self.flush()  # a queued end_session of the previous bot must land before we look
+            with self.engine.begin() as conn:
                 row = conn.execute(select(schema.sessions).where(schema.sessions.c.session_id == session_id)).mappings().first()
-            if row and row["room_id"] == room_id and row["ended_at"] is None:
-                return session_id
+                if row and row["room_id"] == room_id and (row["ended_at"] is None or time.time() - row["ended_at"] < grace_seconds):
+                    if row["ended_at"] is not None:
+                        conn.execute(update(schema.sessions).where(schema.sessions.c.session_id == session_id)
+                                     .values(ended_at=None))
+                    return session_id
         return self.start_session(room_id)
 
     def end_session(self, session_id: str) -> None:

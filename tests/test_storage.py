@@ -145,8 +145,11 @@ def test_a_restarted_bot_continues_the_open_session(db):
     assert repo.resume_or_start_session("room1", sid) == sid
     assert repo.resume_or_start_session("room1", "unknown") != sid
     repo.end_session(sid)
+    assert repo.resume_or_start_session("room1", sid) == sid      # a bot restart right after shutdown
+    repo.end_session(sid)
     repo.flush()
-    assert repo.resume_or_start_session("room1", sid) != sid      # an ended session is not reopened
+    assert repo.resume_or_start_session("room1", sid, grace_seconds=0) != sid   # a long-ended class is not reopened
+    assert repo.resume_or_start_session("other", sid) != sid      # never another room's session
     repo.close()
 
 

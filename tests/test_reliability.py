@@ -1,0 +1,163 @@
+"""Bad input and failures never stop the class: corrupt and zero-size frames, a failing inference
+round, a stalled track, a bot restart mid-class (same session continues)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bot.analyzer import Analyzer, PendingFrame, to_bgr
+from bot.mailbox import FrameMailbox
+from bot.service import BotService
+from core.faces import Faces
+from tests.spine import VIDEOS, start_class, stop_class
+
+
+def one_face_per_frame(frames: list[np.ndarray]) -> Faces:
+    n = len(frames)
+    boxes = np.tile(np.array([[10, 10, 40, 40]], np.float32), (n, 1))
+    kps = np.tile(np.array([[[18, 20], [32, 20], [25, 27], [25, 34], [12, 22], [38, 22]]], np.float32), (n, 1, 1))
+    return Faces(boxes, np.full(n, 0.9, np.float32), kps, np.arange(n, dtype=np.int32),
+                 np.tile(np.eye(7, dtype=np.float32)[3], (n, 1)))
+
+
+class BrokenFrame:
+    def to_ndarray(self, format: str) -> np.ndarray:
+        raise ValueError("corrupt frame data")
+
+
+def test_mailbox_keeps_only_the_latest_frame_per_student_and_counts_drops():
+    box: FrameMailbox[int] = FrameMailbox(per_key=1)
+    for i in range(5):
+        box.put("asha", i)
+    box.put("ben", 10)
+    taken = dict(box.take_all(64, timeout=0.1))
+    assert taken == {"asha": 4, "ben": 10} and box.dropped == 4
+    box.put("asha", 5)
+    box.discard("asha")
+    assert box.take_all(64, timeout=0.05) == []
+
+
+@pytest.mark.parametrize("frame", [np.zeros((0, 0, 3), np.uint8), np.zeros((4, 4, 3), np.uint8),
+                                   np.zeros((10, 10, 3), np.float64), BrokenFrame()])
+def test_unusable_frames_are_rejected_with_a_reason(frame):
+    with pytest.raises(ValueError):
+        to_bgr(frame)
+
+
+def test_huge_frames_are_downscaled_not_refused():
+    assert max(to_bgr(np.zeros((4000, 7000, 3), np.uint8)).shape[:2]) == 1920
+
+
+def test_bad_frames_cost_only_their_own_sample():
+    results = []
+    done = threading.Event()
+    box: FrameMailbox[PendingFrame] = FrameMailbox()
+
+    def deliver(batch):
+        results.extend(batch)
+        done.set()
+    analyzer = Analyzer(one_face_per_frame, box, deliver)
+    now, mono = time.time(), time.monotonic()
+    box.put(("r", "good"), PendingFrame(np.full((240, 320, 3), 128, np.uint8), now, mono))
+    box.put(("r", "corrupt"), PendingFrame(BrokenFrame(), now, mono))
+    box.put(("r", "empty"), PendingFrame(np.zeros((0, 0, 3), np.uint8), now, mono))
+    analyzer.start()
+    assert done.wait(5)
+    analyzer.stop()
+    by_key = {r.key[1]: r for r in results}
+    assert by_key["good"].face_found and by_key["good"].probs.argmax() == 3
+    assert by_key["corrupt"].error and not by_key["corrupt"].face_found
+    assert by_key["empty"].error
+    assert analyzer.errors == 2
+
+
+def test_a_crashing_inference_round_is_survived():
+    calls = {"n": 0}
+    results = []
+
+    def flaky(frames):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("interpreter exploded")
+        return one_face_per_frame(frames)
+    box: FrameMailbox[PendingFrame] = FrameMailbox()
+    analyzer = Analyzer(flaky, box, results.extend)
+    analyzer.start()
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    box.put(("r", "a"), PendingFrame(frame, time.time(), time.monotonic()))
+    deadline = time.time() + 5
+    while not results and time.time() < deadline:
+        time.sleep(0.05)
+    box.put(("r", "a"), PendingFrame(frame, time.time(), time.monotonic()))
+    while len(results) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    analyzer.stop()
+    assert results[0].error == "inference failed" and results[1].face_found
+
+
+@pytest.mark.skipif(not VIDEOS.exists(), reason=f"{VIDEOS} not found: the shared media folder is absent")
+async def test_a_restarted_bot_rejoins_and_continues_the_same_session(tmp_path):
+    live = await start_class(tmp_path)
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        student = await live.add_student("Asha", VIDEOS / "woman2.mp4")
+        await asyncio.wait_for(student.connected.wait(), 30)
+        await asyncio.sleep(2.5)
+        first = live.rows("SELECT session_id FROM sessions")
+        assert len(first) == 1
+        before = len(live.samples_of(student))
+
+        # The bot process dies: its peer and inference stop without ending the session.
+        room_id = live.room["room"]
+        old_peer = live.service.peers[room_id]
+        await live.service.stop()
+        live.worker.cancel()
+        assert old_peer.room is None or old_peer.room.session_id == first[0][0]
+
+        # A new bot process (new service) is invited again and continues.
+        live.service = BotService(live.settings, live.repository)
+        await live.service.start()
+        ready = asyncio.Event()
+        live.worker = asyncio.ensure_future(live.service.serve_worker(live.server, live.settings.server.worker_key, ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        await live.invite_bot()
+        await asyncio.wait_for(student.connected.wait(), 30)
+        await asyncio.sleep(3)
+        sessions = live.rows("SELECT session_id FROM sessions")
+        assert [s[0] for s in sessions] == [first[0][0]], "the restarted bot must continue the same session"
+        assert len(live.samples_of(student)) >= before + 4
+    finally:
+        await stop_class(live)
+
+
+@pytest.mark.skipif(not VIDEOS.exists(), reason=f"{VIDEOS} not found: the shared media folder is absent")
+async def test_a_stalled_track_is_dropped_and_others_carry_on(tmp_path):
+    live = await start_class(tmp_path, bot={"stall_seconds": 1.5})
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        steady = await live.add_student("Steady", VIDEOS / "woman2.mp4")
+        frozen = await live.add_student("Frozen", VIDEOS / "emotions.mp4")
+        await asyncio.wait_for(asyncio.gather(steady.connected.wait(), frozen.connected.wait()), 30)
+        await asyncio.sleep(1.5)
+        # Freeze the student's camera: the track stays open but sends nothing.
+        track = frozen.pc.getSenders()[0].track
+        original = track.recv
+
+        async def never():
+            await asyncio.sleep(3600)
+        track.recv = never
+        await asyncio.sleep(4)
+        peer = live.service.peers[live.room["room"]]
+        assert frozen.peer_id not in peer.consumers, "a stalled track must be dropped"
+        t_check = time.time()
+        await asyncio.sleep(2)
+        assert [r for r in live.samples_of(steady) if r[0] > t_check]
+        track.recv = original
+    finally:
+        await stop_class(live)
