@@ -46,10 +46,10 @@ def build_analyse(settings: Settings) -> Callable[[list[np.ndarray]], Faces]:
     """detect all frames -> keep each frame's largest face (a webcam shows its student) -> classify
     only those faces in one batch."""
     from models.classifier import ExpressionClassifier
-    from models.detector import FaceDetector
+    from models.detector import make_detector
 
     threads = settings.bot.inference_threads
-    detector = FaceDetector(kind=settings.model.detector, threads=threads, min_score=settings.bot.min_face_score)
+    detector = make_detector(settings.model.detector, threads=threads, min_score=settings.bot.min_face_score)
     model = settings.model.model
     if model.startswith("scripted:"):
         fixed = scripted_probs(model.split(":", 1)[1])

@@ -49,7 +49,7 @@ class BotSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     model: str = "ferplus"                 # ferplus | fer2013 | path to a .tflite file
-    detector: str = "short"                # short (webcam, faces >= ~15% of frame) | full (small, far faces)
+    detector: str = "auto"                 # auto (short range, full range where it found nobody) | short | full
 
 
 @dataclass(frozen=True)

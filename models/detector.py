@@ -92,7 +92,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[list[int]]:
 class FaceDetector:
     """detect(frames) -> Faces for a list of BGR frames (frame_ids index into the list)."""
 
-    def __init__(self, kind: str = "short", threads: int = 1, min_score: float = 0.5, iou: float = 0.3) -> None:
+    def __init__(self, kind: str = "short", threads: int = 1, min_score: float = 0.5, iou: float = 0.3,
+                 tile: int = 0) -> None:
+        """tile > 0: frames larger than 2*tile px are also scanned in overlapping tile x tile windows,
+        so that small faces (a gallery of webcam tiles, a crowd) are found; costs one pass per window."""
         self.kind = kind
         self.size, strides, per_location = ANCHOR_SPECS[kind]
         self.anchors = ssd_anchors(self.size, strides, per_location)
@@ -103,6 +106,7 @@ class FaceDetector:
         self.box_index, self.score_index = outputs[0]["index"], outputs[1]["index"]
         self.min_score = min_score
         self.iou = iou
+        self.tile = tile
         self._lock = threading.Lock()
 
     def _letterbox(self, frame: np.ndarray) -> tuple[np.ndarray, float, float, float]:
@@ -142,9 +146,28 @@ class FaceDetector:
                 image = cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
                 faces = self._detect_one(image, frame_id)
                 parts.append(Faces(faces.boxes / s, faces.scores, faces.keypoints / s, faces.frame_ids))
+            elif self.tile and max(image.shape[:2]) > 2 * self.tile:
+                parts.append(self._detect_tiled(image, frame_id))
             else:
                 parts.append(self._detect_one(image, frame_id))
         return Faces.concat(parts)
+
+    def _detect_tiled(self, image: np.ndarray, frame_id: int) -> Faces:
+        h, w = image.shape[:2]
+        step = int(self.tile * 0.75)
+        found = [self._detect_one(image, frame_id)]
+        for y in range(0, max(1, h - self.tile + step), step):
+            for x in range(0, max(1, w - self.tile + step), step):
+                y0, x0 = min(y, max(0, h - self.tile)), min(x, max(0, w - self.tile))
+                part = self._detect_one(image[y0:y0 + self.tile, x0:x0 + self.tile], frame_id)
+                if len(part):
+                    offset = np.array([x0, y0], np.float32)
+                    found.append(Faces(part.boxes + np.tile(offset, 2), part.scores, part.keypoints + offset, part.frame_ids))
+        faces = Faces.concat(found)
+        if len(faces) < 2:
+            return faces
+        keep = [cluster[0] for cluster in nms(faces.boxes, faces.scores, self.iou)]
+        return faces[np.array(sorted(keep))]
 
     def _detect_one(self, image: np.ndarray, frame_id: int) -> Faces:
         tensor, scale, px, py = self._letterbox(image)
@@ -181,3 +204,31 @@ class FaceDetector:
         valid = (b[:, 2] - b[:, 0] > 2) & (b[:, 3] - b[:, 1] > 2)
         n = int(valid.sum())
         return Faces(b[valid], np.array(out_scores, np.float32)[valid], k[valid], np.full(n, frame_id, np.int32))
+
+
+class AutoDetector:
+    """Short range first (fast, webcam distance); frames where it finds nobody get the full-range model
+    (small or far faces), with tiles for big frames. One `detect(frames) -> Faces` like FaceDetector."""
+
+    def __init__(self, threads: int = 1, min_score: float = 0.5, tile: int = 320) -> None:
+        self.kind = "auto"
+        self.short = FaceDetector("short", threads, min_score)
+        self.full = FaceDetector("full", threads, min_score, tile=tile)
+
+    def detect(self, frames: list[np.ndarray]) -> Faces:
+        first = self.short.detect(frames)
+        missing = sorted(set(range(len(frames))) - set(first.frame_ids.tolist()))
+        if not missing:
+            return first
+        second = self.full.detect([frames[i] for i in missing])
+        if len(second):
+            second = Faces(second.boxes, second.scores, second.keypoints,
+                           np.asarray(missing, np.int32)[second.frame_ids], second.probs)
+        return Faces.concat([first, second])
+
+
+def make_detector(kind: str = "auto", threads: int = 1, min_score: float = 0.5):
+    """'auto' (short, then full range where nothing was found), 'short' or 'full'."""
+    if kind == "auto":
+        return AutoDetector(threads, min_score)
+    return FaceDetector(kind, threads, min_score, tile=320 if kind == "full" else 0)

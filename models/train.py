@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-jit", dest="jit", action="store_false", help="disable XLA / torch.compile")
     p.add_argument("--out", default=None, help="run folder (default runs/<labels>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.keras")
+    p.add_argument("--init-weights", default=None,
+                   help="start from these weights (e.g. runs/ferplus/best.weights.h5): a warm restart with a new LR cycle")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training rows (smoke tests)")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (smoke tests)")
     p.add_argument("--seed", type=int, default=1)
@@ -193,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming {last} at epoch {initial_epoch}", flush=True)
     else:
         model = build_model(args.width)
+        if args.init_weights:
+            model.load_weights(args.init_weights)
+            print(f"starting from {args.init_weights}", flush=True)
         model.compile(
             optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=args.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),

@@ -1,0 +1,186 @@
+"""Accuracy of an expression model, with the mini-Xception baseline measured in the same run.
+
+    python -m models.evaluate --model fer2013 --data ../shared/datasets/fer2013 --split PrivateTest --labels fer2013 --json
+    python -m models.evaluate --model ferplus --data ../shared/datasets/fer2013 --split PrivateTest --labels ferplus
+    python -m models.evaluate --folder DIR [--detect] --json     # DIR/<class>/*.jpg, any common class spelling
+
+Prints a table; with --json the last stdout line is one JSON object
+{"accuracy", "n", "per_class": {label: {"accuracy", "precision", "n"}}, "baseline_accuracy", ...}.
+Bad input gets a one-line error on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from core.emotions import EMOTIONS, NUM_EMOTIONS  # noqa: E402
+from models.data import IMAGE_SUFFIXES, DatasetError, iter_class_folders, load_dataset, read_image, to_face48  # noqa: E402
+
+
+class UsageError(Exception):
+    pass
+
+
+def per_class(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, float | int | None]]:
+    out = {}
+    for i, label in enumerate(EMOTIONS):
+        n = int((truth == i).sum())
+        predicted = int((pred == i).sum())
+        hits = int(((pred == i) & (truth == i)).sum())
+        out[label] = {"accuracy": round(hits / n, 4) if n else None,
+                      "precision": round(hits / predicted, 4) if predicted else None, "n": n}
+    return out
+
+
+def confusion(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    matrix = np.zeros((NUM_EMOTIONS, NUM_EMOTIONS), np.int64)
+    for t, p in zip(truth, pred):
+        if p >= 0:
+            matrix[t, p] += 1
+    return matrix
+
+
+def draw_confusion(matrix: np.ndarray, path: str, title: str) -> None:
+    """Row-normalised confusion matrix as a PNG (OpenCV drawing: no plotting library needed)."""
+    import cv2
+    cell, left, top = 70, 110, 60
+    size = (top + cell * NUM_EMOTIONS + 40, left + cell * NUM_EMOTIONS + 20)
+    img = np.full((*size, 3), 255, np.uint8)
+    rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    cv2.putText(img, title[:70], (10, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    for i in range(NUM_EMOTIONS):
+        cv2.putText(img, EMOTIONS[i], (8, top + i * cell + cell // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, EMOTIONS[i][:7], (left + i * cell + 6, top - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        for j in range(NUM_EMOTIONS):
+            v = rows[i, j]
+            colour = (int(255 - 200 * v), int(255 - 120 * v), 255) if i != j else (int(255 - 200 * v), 255, int(255 - 200 * v))
+            x, y = left + j * cell, top + i * cell
+            cv2.rectangle(img, (x, y), (x + cell - 2, y + cell - 2), colour, -1)
+            cv2.putText(img, f"{v:.2f}", (x + 14, y + 32), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(img, str(int(matrix[i, j])), (x + 18, y + 52), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.putText(img, "rows: true label, columns: predicted", (left, size[0] - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    if not cv2.imwrite(path, img):
+        raise UsageError(f"cannot write {path}")
+
+
+def dataset_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
+    data = load_dataset(args.data)
+    part = data.split(args.split)
+    if len(part) == 0:
+        raise UsageError(f"{args.data}: no rows in split {args.split}")
+    hard, _ = part.targets(args.labels)
+    keep = hard >= 0
+    faces = (part.images[keep].astype(np.float32) / 255.0)[..., None]
+    return faces, hard[keep], {"split": args.split, "labels": args.labels, "excluded": int((~keep).sum())}
+
+
+def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
+    root = Path(args.folder)
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a folder")
+    faces, truth, skipped, unreadable, no_face = [], [], 0, 0, 0
+    if args.detect:
+        from models.detector import make_detector
+        detector = make_detector("auto", threads=args.threads)
+    classes = list(iter_class_folders(root))
+    for name, label, folder in classes:
+        files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        if label is None:
+            skipped += len(files)
+            continue
+        for file in files:
+            try:
+                image = read_image(file)
+            except DatasetError as exc:
+                unreadable += 1
+                print(f"warning: {exc}", file=sys.stderr)
+                continue
+            if args.detect:
+                from models.preprocess import align_faces
+                found = detector.detect([image]).largest_per_frame()
+                if not len(found):
+                    no_face += 1
+                    faces.append(None)
+                else:
+                    faces.append(align_faces([image], found)[0])
+            else:
+                faces.append((to_face48(image).astype(np.float32) / 255.0)[..., None])
+            truth.append(EMOTIONS.index(label))
+    if not truth:
+        raise UsageError(f"{root}: no readable images in class folders (expected {root}/<class>/*.jpg)")
+    return faces, np.array(truth), {"folder": str(root), "skipped": skipped, "unreadable": unreadable,
+                                    "no_face": no_face, "detect": bool(args.detect)}  # type: ignore[return-value]
+
+
+def predict_with_gaps(predict, faces) -> np.ndarray:
+    """Predict where a face exists; -1 (always wrong) where the detector found none."""
+    present = [i for i, f in enumerate(faces) if f is not None]
+    pred = np.full(len(faces), -1, np.int64)
+    if present:
+        pred[present] = predict(np.stack([faces[i] for i in present])).argmax(1)
+    return pred
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ferplus", help="ferplus | fer2013 | path to a .tflite file")
+    p.add_argument("--data", help="fer2013.csv(.gz), its folder, an image-folder tree or archive.zip")
+    p.add_argument("--split", default="PrivateTest", choices=("PrivateTest", "PublicTest", "Training"))
+    p.add_argument("--labels", default="fer2013", choices=("fer2013", "ferplus"))
+    p.add_argument("--folder", help="folder with one sub-folder per class")
+    p.add_argument("--detect", action="store_true", help="with --folder: detect and align the largest face first")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--confusion", metavar="OUT.png", help="write the confusion matrix as an image")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = p.parse_args(argv)
+    if bool(args.data) == bool(args.folder):
+        print("error: give exactly one of --data or --folder", file=sys.stderr)
+        return 2
+    try:
+        from models.classifier import ExpressionClassifier
+        classifier = ExpressionClassifier(args.model, threads=args.threads)
+        faces, truth, info = dataset_faces(args) if args.data else folder_faces(args)
+        pred = predict_with_gaps(classifier.predict, list(faces))
+        from models.baseline import BaselineClassifier
+        baseline = None if args.no_baseline else BaselineClassifier.load(threads=args.threads)
+        base_pred = predict_with_gaps(baseline.predict, list(faces)) if baseline else None
+        result = {"model": classifier.name, "accuracy": round(float((pred == truth).mean()), 4), "n": int(len(truth)),
+                  "per_class": per_class(pred, truth),
+                  "baseline_accuracy": round(float((base_pred == truth).mean()), 4) if base_pred is not None else None,
+                  "baseline": baseline.name if baseline else None,
+                  "baseline_per_class": per_class(base_pred, truth) if base_pred is not None else None, **info}
+        if args.confusion:
+            draw_confusion(confusion(pred, truth), args.confusion,
+                           f"{classifier.name} on {info.get('split', info.get('folder'))} ({info.get('labels', 'folder')} labels)")
+    except (DatasetError, UsageError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'class':<10} {'n':>6} {'recall':>8} {'precision':>10} {'baseline recall':>16}")
+    for label in EMOTIONS:
+        ours = result["per_class"][label]
+        base = result["baseline_per_class"][label] if result["baseline_per_class"] else None
+        fmt = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        print(f"{label:<10} {ours['n']:>6} {fmt(ours['accuracy']):>8} {fmt(ours['precision']):>10} "
+              f"{fmt(base['accuracy']) if base else '—':>16}")
+    base_acc = result["baseline_accuracy"]
+    print(f"{'overall':<10} {result['n']:>6} {100 * result['accuracy']:>7.2f}% {'':>10} "
+          f"{(f'{100 * base_acc:.2f}%' if base_acc is not None else 'n/a'):>16}")
+    for key in ("skipped", "unreadable", "no_face", "excluded"):
+        if result.get(key):
+            print(f"{key}: {result[key]}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
