@@ -21,7 +21,7 @@ def _conv_bn_relu(x, filters: int, name: str):
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_model(width: str = "small", dropout: float = 0.4, dense: int = 256) -> keras.Model:
+def build_model(width: str = "small", dropout: float = 0.4, dense: int = 256, spatial_dropout: float = 0.1) -> keras.Model:
     """VGG-style: 4 stages of 3x3 conv+BN+ReLU with max-pooling 48->24->12->6->3, then a dense head."""
     widths = WIDTHS[width]
     inputs = keras.Input((48, 48, 1), name="face")
@@ -32,7 +32,7 @@ def build_model(width: str = "small", dropout: float = 0.4, dense: int = 256) ->
             x = _conv_bn_relu(x, filters, f"s{stage}c{i + 1}")
         x = layers.MaxPooling2D(2, name=f"s{stage}_pool")(x)
         if stage >= 2:
-            x = layers.SpatialDropout2D(0.1 * (stage - 1), name=f"s{stage}_drop")(x)
+            x = layers.SpatialDropout2D(spatial_dropout * (stage - 1), name=f"s{stage}_drop")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(dropout, name="head_drop1")(x)
     x = layers.Dense(dense, use_bias=False, name="head_dense")(x)

@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.02, help="peak SGD learning rate (cosine decay after warm-up)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.4, help="dropout of the dense head")
+    p.add_argument("--spatial-dropout", type=float, default=0.1, help="channel dropout after stage k is this x (k-1)")
+    p.add_argument("--aug", choices=("strong", "light"), default="strong",
+                   help="strong: +-15 deg, +-10 %% shift, erasing half the time; light: +-10 deg, +-6 %% shift, erasing 1 in 5")
     p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt",
                    help="re-weight rare classes (disgust is 1.5%% of FER2013): inverse frequency, or its square root")
     p.add_argument("--backend", choices=("tensorflow", "torch"), default="tensorflow")
@@ -59,23 +63,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Augmenter:
     """Random affine (rotation, scale, shift, mirror), brightness/contrast and erasing on uint8 48x48."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, strength: str = "strong") -> None:
         self.rng = rng
+        strong = strength == "strong"
+        self.angle, self.shift = (15.0, 4.8) if strong else (10.0, 3.0)
+        self.scale = (0.85, 1.15) if strong else (0.9, 1.1)
+        self.contrast, self.brightness = (0.3, 0.12) if strong else (0.2, 0.08)
+        self.erase = 0.5 if strong else 0.2
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import cv2
         rng, out = self.rng, np.empty(images.shape, np.float32)
         for i, img in enumerate(images):
-            angle = rng.uniform(-15, 15)
-            scale = rng.uniform(0.85, 1.15)
+            angle = rng.uniform(-self.angle, self.angle)
+            scale = rng.uniform(*self.scale)
             m = cv2.getRotationMatrix2D((23.5, 23.5), angle, scale)
-            m[:, 2] += rng.uniform(-4.8, 4.8, size=2)
+            m[:, 2] += rng.uniform(-self.shift, self.shift, size=2)
             warped = cv2.warpAffine(img, m, (48, 48), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
             if rng.random() < 0.5:
                 warped = warped[:, ::-1]
             x = warped.astype(np.float32) / 255.0
-            x = (x - x.mean()) * rng.uniform(0.7, 1.3) + x.mean() + rng.uniform(-0.12, 0.12)
-            if rng.random() < 0.5:  # random erasing: robustness to hands, glasses, occluders
+            x = (x - x.mean()) * rng.uniform(1 - self.contrast, 1 + self.contrast) + x.mean() \
+                + rng.uniform(-self.brightness, self.brightness)
+            if rng.random() < self.erase:  # random erasing: robustness to hands, glasses, occluders
                 h, w = rng.integers(8, 24, size=2)
                 y0, x0 = rng.integers(0, 48 - h), rng.integers(0, 48 - w)
                 x[y0:y0 + h, x0:x0 + w] = rng.random()
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = class_weights(h_train, y_train, args.class_weight)
     rng = np.random.default_rng(args.seed)
-    augment = Augmenter(rng)
+    augment = Augmenter(rng, args.aug)
 
     class Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
@@ -194,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         initial_epoch = int(state["epoch"])
         print(f"resuming {last} at epoch {initial_epoch}", flush=True)
     else:
-        model = build_model(args.width)
+        model = build_model(args.width, dropout=args.dropout, spatial_dropout=args.spatial_dropout)
         if args.init_weights:
             model.load_weights(args.init_weights)
             print(f"starting from {args.init_weights}", flush=True)
