@@ -22,8 +22,8 @@ WEIGHTS_DIR = PROJECT / "models" / "weights"
 
 
 def tflite_predict(content: bytes, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    import tensorflow as tf
-    interpreter = tf.lite.Interpreter(model_content=content, num_threads=2)
+    from models.detector import load_interpreter
+    interpreter = load_interpreter(content, threads=2)
     index = interpreter.get_input_details()[0]["index"]
     out_index = interpreter.get_output_details()[0]["index"]
     outputs = []

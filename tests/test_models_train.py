@@ -117,8 +117,8 @@ def test_train_resume_and_export_make_a_working_tflite_model(tmp_path):
     card = json.loads(target.with_suffix(".json").read_text())
     assert card["labels"] == "ferplus" and card["epochs"] == 4
 
-    import tensorflow as tf
-    interpreter = tf.lite.Interpreter(model_path=str(target))
+    from models.detector import load_interpreter
+    interpreter = load_interpreter(target, threads=1)
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, (5, 48, 48, 1))
     interpreter.allocate_tensors()
