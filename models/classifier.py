@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +26,52 @@ def resolve_model(model: str) -> Path:
 
 
 class ExpressionClassifier:
-    """Thread-safe batched inference; the interpreter is resized only when the batch size changes."""
+    """Thread-safe batched inference. Batches larger than max_batch are chunked; a few interpreters
+    are kept, one per recent batch size, because resizing one costs ~1 ms (about two faces' worth) and
+    the bot's batch size wobbles by a face or two from round to round."""
+
+    CACHED_SIZES = 3
 
     def __init__(self, model: str = "ferplus", threads: int = 1, max_batch: int = 64) -> None:
         self.path = resolve_model(model)
         self.name = self.path.stem
-        try:
-            self.interpreter = load_interpreter(self.path, threads)
-            self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"{self.path} is not a usable TFLite model ({exc})") from None
-        inp = self.interpreter.get_input_details()[0]
-        out = self.interpreter.get_output_details()[0]
+        self.threads = threads
+        self.max_batch = max(1, int(max_batch))
+        self._content = self.path.read_bytes()
+        interpreter = self._new_interpreter()
+        inp = interpreter.get_input_details()[0]
+        out = interpreter.get_output_details()[0]
         if tuple(inp["shape"][1:]) != (48, 48, 1) or int(out["shape"][-1]) != NUM_EMOTIONS:
             raise ValueError(f"{self.path}: expected input (N,48,48,1) and output (N,{NUM_EMOTIONS}), "
                              f"found {tuple(inp['shape'])} -> {tuple(out['shape'])}")
         self.input_index, self.output_index = inp["index"], out["index"]
-        self.max_batch = max_batch
-        self._batch = int(inp["shape"][0])
+        self._interpreters: OrderedDict[int, object] = OrderedDict({int(inp["shape"][0]): interpreter})
         self._lock = threading.Lock()
 
+    def _new_interpreter(self):
+        try:
+            interpreter = load_interpreter(self._content, self.threads)
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"{self.path} is not a usable TFLite model ({exc})") from None
+        return interpreter
+
+    def _interpreter_for(self, n: int):
+        """An interpreter whose input is (n,48,48,1): a cached one, or the least recently used resized."""
+        if n in self._interpreters:
+            self._interpreters.move_to_end(n)
+            return self._interpreters[n]
+        if len(self._interpreters) >= self.CACHED_SIZES:
+            _, interpreter = self._interpreters.popitem(last=False)
+        else:
+            interpreter = self._new_interpreter()
+        interpreter.resize_tensor_input(self.input_index, (n, 48, 48, 1))
+        interpreter.allocate_tensors()
+        self._interpreters[n] = interpreter
+        return interpreter
+
     def predict(self, faces48: np.ndarray) -> np.ndarray:
+        """(N,48,48,1) float32 gray in [0,1] -> (N,7) probabilities in EMOTIONS order."""
         faces48 = np.ascontiguousarray(faces48, np.float32)
         if faces48.ndim != 4 or faces48.shape[1:] != (48, 48, 1):
             raise ValueError(f"expected (N, 48, 48, 1) faces, got {faces48.shape}")
@@ -55,16 +81,14 @@ class ExpressionClassifier:
         with self._lock:
             for start in range(0, len(faces48), self.max_batch):
                 chunk = faces48[start:start + self.max_batch]
-                if len(chunk) != self._batch:
-                    self.interpreter.resize_tensor_input(self.input_index, chunk.shape)
-                    self.interpreter.allocate_tensors()
-                    self._batch = len(chunk)
-                self.interpreter.set_tensor(self.input_index, chunk)
-                self.interpreter.invoke()
-                outputs.append(self.interpreter.get_tensor(self.output_index).copy())
+                interpreter = self._interpreter_for(len(chunk))
+                interpreter.set_tensor(self.input_index, chunk)
+                interpreter.invoke()
+                outputs.append(interpreter.get_tensor(self.output_index).copy())
         return np.concatenate(outputs)
 
     def classify(self, frames: list[np.ndarray], faces: Faces) -> Faces:
+        """Align every face (from the frames its frame_ids point at) and classify them in one batch."""
         if len(faces) == 0:
             return faces.with_probs(np.zeros((0, NUM_EMOTIONS), np.float32))
         return faces.with_probs(self.predict(align_faces(frames, faces)))

@@ -1,6 +1,7 @@
 """Detect faces in an image and classify their expressions.
 
-    python -m models.detect photo.jpg [--json] [--annotate out.png] [--detector short|full] [--model ferplus]
+    python -m models.detect photo.jpg [--json] [--annotate out.png] [--detector auto|short|full] [--tiles auto|off|N]
+                                      [--model ferplus|fer2013|PATH]
 
 With --json the last stdout line is {"image", "faces": [{"box", "score", "keypoints", "probs", "label"}]}.
 """
@@ -30,16 +31,31 @@ def annotate(image: np.ndarray, faces, path: str) -> None:
             cv2.circle(out, (int(x), int(y)), 2, (0, 140, 255), -1)
         label = f"{faces.labels[i]} {faces.probs[i].max():.2f}"
         cv2.putText(out, label, (x1, max(12, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (40, 200, 40), 1, cv2.LINE_AA)
-    if not cv2.imwrite(path, out):
-        raise ValueError(f"cannot write {path}")
+    try:
+        written = cv2.imwrite(path, out)
+    except cv2.error:
+        written = False
+    if not written:
+        raise ValueError(f"cannot write {path} (use a .png or .jpg path in an existing folder)")
+
+
+def tiles_arg(value: str) -> str | int | None:
+    if value in ("auto", "off"):
+        return None if value == "off" else value
+    if value.isdigit() and int(value) >= 32:
+        return int(value)
+    raise argparse.ArgumentTypeError("use auto, off or a window side of at least 32 px")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.detect", description=__doc__.split("\n\n")[0])
     p.add_argument("image")
     p.add_argument("--model", default="ferplus", help="ferplus | fer2013 | path to a .tflite file")
-    p.add_argument("--detector", default="auto", choices=("auto", "short", "full"),
-                   help="auto: short range (webcam), then full range (small faces) if none found")
+    p.add_argument("--detector", default="full", choices=("full", "short", "auto"),
+                   help="full range, tiled (photos, groups; default) | short range (one near face, webcam) | "
+                   "auto (short range, then full range where it found nobody: what the bot runs)")
+    p.add_argument("--tiles", default="auto", type=tiles_arg, help="auto | off | window side in px: tile big photos for the "
+                   "full-range passes so that small faces (crowds, galleries) are found (default auto)")
     p.add_argument("--min-score", type=float, default=0.5)
     p.add_argument("--annotate", metavar="OUT.png")
     p.add_argument("--json", action="store_true")
@@ -49,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         from models.classifier import ExpressionClassifier
         from models.detector import make_detector
         classifier = ExpressionClassifier(args.model, threads=2)
-        faces = classifier.classify([image], make_detector(args.detector, 2, args.min_score).detect([image]))
+        detector = make_detector(args.detector, 2, args.min_score, tiles=args.tiles)
+        faces = classifier.classify([image], detector.detect([image]))
         if args.annotate:
             annotate(image, faces, args.annotate)
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
+    except (DatasetError, OSError, ValueError, cv2.error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = {"image": args.image, "width": int(image.shape[1]), "height": int(image.shape[0]), "faces": [

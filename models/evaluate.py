@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,7 +50,6 @@ def confusion(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def draw_confusion(matrix: np.ndarray, path: str, title: str) -> None:
     """Row-normalised confusion matrix as a PNG (OpenCV drawing: no plotting library needed)."""
-    import cv2
     cell, left, top = 70, 110, 60
     size = (top + cell * NUM_EMOTIONS + 40, left + cell * NUM_EMOTIONS + 20)
     img = np.full((*size, 3), 255, np.uint8)
@@ -67,8 +67,12 @@ def draw_confusion(matrix: np.ndarray, path: str, title: str) -> None:
             cv2.putText(img, str(int(matrix[i, j])), (x + 18, y + 52), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (60, 60, 60), 1, cv2.LINE_AA)
     cv2.putText(img, "rows: true label, columns: predicted", (left, size[0] - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                 (0, 0, 0), 1, cv2.LINE_AA)
-    if not cv2.imwrite(path, img):
-        raise UsageError(f"cannot write {path}")
+    try:
+        written = cv2.imwrite(path, img)
+    except cv2.error:
+        written = False
+    if not written:
+        raise UsageError(f"cannot write the confusion image {path} (use a .png or .jpg path in an existing folder)")
 
 
 def dataset_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -89,7 +93,7 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
     faces, truth, skipped, unreadable, no_face = [], [], 0, 0, 0
     if args.detect:
         from models.detector import make_detector
-        detector = make_detector("auto", threads=args.threads)
+        detector = make_detector("auto", threads=args.threads, tiles="auto")
     classes = list(iter_class_folders(root))
     for name, label, folder in classes:
         files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.confusion:
             draw_confusion(confusion(pred, truth), args.confusion,
                            f"{classifier.name} on {info.get('split', info.get('folder'))} ({info.get('labels', 'folder')} labels)")
-    except (DatasetError, UsageError, FileNotFoundError, ValueError) as exc:
+    except (DatasetError, UsageError, OSError, ValueError, cv2.error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{'class':<10} {'n':>6} {'recall':>8} {'precision':>10} {'baseline recall':>16}")

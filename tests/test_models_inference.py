@@ -1,10 +1,9 @@
-"""Detection, alignment and classification on real faces, and the evaluate/detect/bench commands,
-including their clear errors for bad input."""
+"""Detection, alignment and classification on real faces (../shared media), edge-case frames, batching
+and thread safety of the classifier, the one-call pipeline and the mini-Xception reference.
+The CLIs are in test_models_cli.py."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -12,20 +11,25 @@ import numpy as np
 import pytest
 
 from core.faces import Faces
+from core.settings import ModelSettings
+from models.baseline import BaselineClassifier, baseline_path, shared_dir
 from models.classifier import ExpressionClassifier
 from models.detector import FaceDetector, make_detector, ssd_anchors
-from models.preprocess import align_faces
-from tests.test_models_train import write_fer_csv
+from models.pipeline import FacePipeline
+from models.preprocess import EYE_Y, align_faces, face_transform
 
-PROJECT = Path(__file__).resolve().parent.parent
-SHARED = PROJECT.parent / "shared"
-MEDIA = SHARED / "media"
-needs_media = pytest.mark.skipif(not MEDIA.exists(), reason=f"{MEDIA} not found: the shared media folder is absent")
-SHIPPED = PROJECT / "models" / "weights" / "ferplus.tflite"
+SHARED = shared_dir()
+MEDIA = SHARED / "media" if SHARED else None
+
+
+def need_media() -> Path:
+    if MEDIA is None or not MEDIA.is_dir():
+        pytest.skip("../shared not found: set CLASSMOOD_SHARED to the shared folder (media/videos, media/images)")
+    return MEDIA
 
 
 def frames_of(name: str, every: int = 20, count: int = 4) -> list[np.ndarray]:
-    capture = cv2.VideoCapture(str(MEDIA / "videos" / name))
+    capture = cv2.VideoCapture(str(need_media() / "videos" / name))
     frames, i = [], 0
     while len(frames) < count:
         ok, frame = capture.read()
@@ -34,166 +38,247 @@ def frames_of(name: str, every: int = 20, count: int = 4) -> list[np.ndarray]:
         if i % every == 0:
             frames.append(frame)
         i += 1
+    capture.release()
+    assert frames, f"could not read {name}"
     return frames
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT, capture_output=True, text=True, timeout=300)
-
-
-def test_anchor_layout_matches_the_models():
-    assert len(ssd_anchors(128, (8, 16, 16, 16), 2)) == 896
-    assert len(ssd_anchors(192, (4,), 1)) == 2304
-
-
-@needs_media
-@pytest.mark.parametrize("video", ["emotions.mp4", "woman2.mp4"])
-def test_detector_finds_the_webcam_face_in_every_frame_with_keypoints_inside(video):
-    frames = frames_of(video)
-    faces = FaceDetector("short").detect(frames)
-    assert sorted(set(faces.frame_ids.tolist())) == list(range(len(frames)))
-    for i in range(len(faces)):
-        x1, y1, x2, y2 = faces.boxes[i]
-        eyes = faces.keypoints[i, :3]
-        assert ((eyes[:, 0] > x1) & (eyes[:, 0] < x2) & (eyes[:, 1] > y1) & (eyes[:, 1] < y2)).all()
-        assert faces.keypoints[i, 0, 0] < faces.keypoints[i, 1, 0]     # subject's right eye on the image's left
-
-
-def test_no_faces_in_noise_or_degenerate_frames():
-    rng = np.random.default_rng(0)
-    detector = make_detector("auto")
-    frames = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), np.zeros((240, 320, 3), np.uint8),
-              np.zeros((0, 0, 3), np.uint8), np.zeros((1, 1, 3), np.uint8), np.zeros((240, 320), np.uint8)]
-    assert len(detector.detect(frames)) == 0
-
-
-@needs_media
-def test_boxes_map_back_to_the_original_frame_through_letterboxing():
-    frame = frames_of("woman2.mp4", count=1)[0]
-    detector = FaceDetector("short")
-    base = detector.detect([frame])
-    padded = cv2.copyMakeBorder(frame, 100, 0, 60, 0, cv2.BORDER_CONSTANT)
-    moved = detector.detect([padded])
-    assert len(base) == len(moved) == 1
-    assert np.allclose(moved.boxes[0], base.boxes[0] + [60, 100, 60, 100], atol=8)
-
-
-@needs_media
-def test_tiles_find_small_faces_in_a_video_call_gallery():
-    tiles = [cv2.resize(f, (256, 144)) for f in frames_of("woman2.mp4", count=5) * 5][:25]
-    gallery = np.vstack([np.hstack(tiles[r * 5:(r + 1) * 5]) for r in range(5)])
-    assert len(FaceDetector("full", tile=320).detect([gallery])) >= 20
-    assert len(FaceDetector("full").detect([gallery])) < 20   # why tiles exist
-
-
-@needs_media
-def test_alignment_levels_a_tilted_face():
-    frame = frames_of("woman2.mp4", count=1)[0]
-    detector = FaceDetector("short")
-    upright = detector.detect([frame])
-    h, w = frame.shape[:2]
-    rotated = cv2.warpAffine(frame, cv2.getRotationMatrix2D((w / 2, h / 2), 20, 1.0), (w, h))
-    tilted = detector.detect([rotated])
-    assert len(upright) == len(tilted) == 1
-    a, b = align_faces([frame], upright), align_faces([rotated], tilted)
-    assert a.shape == (1, 48, 48, 1) and 0 <= a.min() and a.max() <= 1
-    # In the crop the eyes sit level, where FER2013 puts them, whatever the head tilt.
-    from models.preprocess import EYE_Y, face_transform
-    for faces in (upright, tilted):
-        m = face_transform(faces.boxes[0], faces.keypoints[0])
-        eyes = np.c_[faces.keypoints[0, :2], np.ones(2)] @ m.T
-        assert abs(eyes[0, 1] - eyes[1, 1]) < 0.5 and abs(eyes[0, 1] - 48 * EYE_Y) < 0.5
-
-
-
-def tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path) -> Path:
+    """A random (N,48,48,1) -> (N,7) softmax TFLite model with a resizable batch dimension."""
     import keras
-    inputs = keras.Input((48, 48, 1))
-    x = keras.layers.Conv2D(4, 3, strides=4, activation="relu")(inputs)
-    x = keras.layers.Flatten()(x)
-    outputs = keras.layers.Dense(7, activation="softmax")(x)
     import tensorflow as tf
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(7, activation="softmax")(x)
     path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, outputs)).convert())
     return path
 
 
-def test_batched_predictions_equal_one_by_one(tmp_path):
-    clf = ExpressionClassifier(str(tiny_model(tmp_path / "tiny.tflite")), max_batch=16)
-    faces = np.random.default_rng(1).random((33, 48, 48, 1), dtype=np.float32)
-    together = clf.predict(faces)
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda x: (x[2] - x[0]) * (x[3] - x[1])  # noqa: E731
+    return float(w * h / (area(a) + area(b) - w * h))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.tflite")
+
+
+@pytest.fixture(scope="module")
+def short() -> FaceDetector:
+    return FaceDetector("short")
+
+
+# ---------------------------------------------------------------- detector
+
+def test_anchor_layout_matches_the_models():
+    assert len(ssd_anchors(128, (8, 16, 16, 16), 2)) == 896
+    assert len(ssd_anchors(192, (4,), 1)) == 2304
+    assert len(FaceDetector("full").anchors) == 2304      # the constructor checks the model's output too
+
+
+@pytest.mark.parametrize("video", ["emotions.mp4", "woman2.mp4"])
+def test_detector_finds_the_webcam_face_in_every_frame_with_keypoints_inside(short, video):
+    frames = frames_of(video)
+    faces = short.detect(frames)
+    assert sorted(set(faces.frame_ids.tolist())) == list(range(len(frames)))
+    assert ((faces.scores >= 0.5) & (faces.scores <= 1)).all()
+    for i in range(len(faces)):
+        x1, y1, x2, y2 = faces.boxes[i]
+        inner = faces.keypoints[i, :4]          # eyes, nose, mouth (ears may sit on the box edge)
+        assert ((inner[:, 0] > x1) & (inner[:, 0] < x2) & (inner[:, 1] > y1) & (inner[:, 1] < y2)).all()
+        assert faces.keypoints[i, 0, 0] < faces.keypoints[i, 1, 0]     # subject's right eye on the image's left
+        assert faces.keypoints[i, 0, 1] < faces.keypoints[i, 3, 1]     # eyes above the mouth
+
+
+def test_detector_finds_faces_in_the_shared_photos():
+    detector = make_detector("auto")
+    for path in sorted((need_media() / "images" / "faces").iterdir()):
+        image = cv2.imread(str(path))
+        assert len(detector.detect([image])) >= 1, path.name
+
+
+def test_no_faces_in_noise_blank_or_degenerate_frames():
+    rng = np.random.default_rng(0)
+    detector = make_detector("auto")
+    frames = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), np.zeros((240, 320, 3), np.uint8),
+              np.full((480, 640, 3), 255, np.uint8), np.zeros((0, 0, 3), np.uint8), np.zeros((1, 1, 3), np.uint8),
+              np.zeros((1, 500, 3), np.uint8), np.zeros((240, 320), np.uint8)]
+    assert len(detector.detect(frames)) == 0
+    assert len(detector.detect([])) == 0
+
+
+def test_gray_bgra_float_and_huge_frames_work_and_non_images_are_refused(short):
+    frame = frames_of("woman2.mp4", count=1)[0]
+    base = short.detect([frame])
+    assert len(base) == 1
+    for variant in (cv2.cvtColor(frame, cv2.COLOR_BGR2BGRA), frame.astype(np.float32),
+                    cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)):
+        other = short.detect([variant])
+        assert len(other) == 1 and iou(other.boxes[0], base.boxes[0]) > 0.85
+    huge = cv2.resize(frame, None, fx=8000 / frame.shape[1], fy=8000 / frame.shape[1])    # 8000 x ~4500
+    big = short.detect([huge])
+    assert len(big) == 1 and iou(big.boxes[0] / (8000 / frame.shape[1]), base.boxes[0]) > 0.85
+    for bad in (None, "frame.png", np.zeros((10, 10, 2), np.uint8), np.zeros(5, np.uint8)):
+        with pytest.raises(ValueError, match="frame 0"):
+            short.detect([bad])
+
+
+def test_boxes_map_back_to_the_original_frame_through_letterboxing(short):
+    frame = frames_of("woman2.mp4", count=1)[0]                  # 596x336: landscape, padded top/bottom
+    base = short.detect([frame])
+    shifted = short.detect([cv2.copyMakeBorder(frame, 100, 0, 60, 0, cv2.BORDER_CONSTANT)])
+    portrait = short.detect([cv2.copyMakeBorder(frame, 0, 300, 0, 0, cv2.BORDER_CONSTANT)])   # padded left/right
+    assert len(base) == len(shifted) == len(portrait) == 1
+    assert np.allclose(shifted.boxes[0], base.boxes[0] + [60, 100, 60, 100], atol=8)
+    assert np.allclose(shifted.keypoints[0], base.keypoints[0] + [60, 100], atol=8)
+    assert np.allclose(portrait.boxes[0], base.boxes[0], atol=8)
+    # frame_ids index into the list, whatever frames come before
+    two = short.detect([np.zeros((50, 50, 3), np.uint8), frame])
+    assert two.frame_ids.tolist() == [1] and np.allclose(two.boxes, base.boxes)
+
+
+def test_tiles_find_small_faces_in_a_video_call_gallery():
+    tiles = [cv2.resize(f, (256, 144)) for f in frames_of("woman2.mp4", count=5) * 5][:25]
+    gallery = np.vstack([np.hstack(tiles[r * 5:(r + 1) * 5]) for r in range(5)])      # 1280x720
+    tiled = FaceDetector("full", tiles="auto").detect([gallery])
+    assert len(tiled) >= 23
+    centres = (tiled.boxes[:, :2] + tiled.boxes[:, 2:]) / 2
+    cells = {(int(x // 256), int(y // 144)) for x, y in centres}
+    assert len(cells) == len(tiled)                              # one face per webcam tile: no duplicates
+    assert len(FaceDetector("full").detect([gallery])) < 20      # why tiles exist
+    with pytest.raises(ValueError):
+        FaceDetector("full", tiles="sometimes")
+
+
+# ---------------------------------------------------------------- alignment
+
+def test_alignment_levels_a_tilted_face_and_crops_like_fer2013(short):
+    frame = frames_of("woman2.mp4", count=1)[0]
+    upright = short.detect([frame])
+    h, w = frame.shape[:2]
+    rotated = cv2.warpAffine(frame, cv2.getRotationMatrix2D((w / 2, h / 2), 20, 1.0), (w, h))
+    tilted = short.detect([rotated])
+    assert len(upright) == len(tilted) == 1
+    eyes = tilted.keypoints[0, 1] - tilted.keypoints[0, 0]
+    assert abs(np.degrees(np.arctan2(eyes[1], eyes[0])) + 20) < 6          # the detector sees the tilt
+    a, b = align_faces([frame], upright), align_faces([rotated], tilted)
+    assert a.shape == b.shape == (1, 48, 48, 1) and a.dtype == np.float32
+    assert 0 <= a.min() and a.max() <= 1 and a.std() > 0.05
+    # In the crop the eyes sit level, where FER2013 puts them, whatever the head tilt ...
+    for faces in (upright, tilted):
+        m = face_transform(faces.boxes[0], faces.keypoints[0])
+        eye_px = np.c_[faces.keypoints[0, :2], np.ones(2)] @ m.T
+        assert abs(eye_px[0, 1] - eye_px[1, 1]) < 0.5 and abs(eye_px[0, 1] - 48 * EYE_Y) < 0.5
+    # ... so the tilted face's crop looks like the upright one's, unlike a crop that ignores the tilt.
+    level = tilted.keypoints.copy()
+    level[0, 1, 1] = level[0, 0, 1]
+    naive = align_faces([rotated], Faces(tilted.boxes, tilted.scores, level, tilted.frame_ids))
+
+    def similarity(x: np.ndarray, y: np.ndarray) -> float:
+        blur = lambda c: cv2.GaussianBlur(c[..., 0], (0, 0), 1.5).ravel()  # noqa: E731
+        return float(np.corrcoef(blur(x), blur(y))[0, 1])
+    assert similarity(a, b) > 0.65 and similarity(a, b) > similarity(a, naive) + 0.2
+    # margin widens the crop around the same centre
+    wide = face_transform(upright.boxes[0], upright.keypoints[0], margin=1.5)
+    tight = face_transform(upright.boxes[0], upright.keypoints[0])
+    assert np.hypot(*wide[0, :2]) == pytest.approx(np.hypot(*tight[0, :2]) / 1.5)
+
+
+def test_align_batches_faces_of_many_frames_gray_or_colour():
+    frame = frames_of("emotions.mp4", count=1)[0]
+    one = FaceDetector("short").detect([frame])
+    faces = Faces.concat([Faces(one.boxes, one.scores, one.keypoints, np.full(1, i, np.int32)) for i in range(3)])
+    frames = [frame, cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), cv2.cvtColor(frame, cv2.COLOR_BGR2BGRA)]
+    crops = align_faces(frames, faces)
+    assert crops.shape == (3, 48, 48, 1)
+    assert np.abs(crops[0] - crops[1]).max() < 0.02 and np.abs(crops[0] - crops[2]).max() < 0.02
+    assert align_faces(frames, Faces.empty()).shape == (0, 48, 48, 1)
+    # a face off the frame's edge is padded by replication, not black
+    edge = Faces(np.array([[-20, -20, 60, 60]], np.float32), np.ones(1, np.float32),
+                 np.array([[[5, 10], [35, 10], [20, 25], [20, 40], [0, 15], [40, 15]]], np.float32),
+                 np.zeros(1, np.int32))
+    white = np.full((100, 100, 3), 200, np.uint8)
+    assert np.allclose(align_faces([white], edge), 200 / 255, atol=1e-3)
+
+
+# ---------------------------------------------------------------- classifier
+
+def test_batch_sizes_agree_with_one_by_one_predictions(tiny_model):
+    clf = ExpressionClassifier(str(tiny_model), max_batch=16)
+    faces = np.random.default_rng(1).random((40, 48, 48, 1), dtype=np.float32)
     alone = np.concatenate([clf.predict(faces[i:i + 1]) for i in range(len(faces))])
-    assert together.shape == (33, 7) and np.allclose(together, alone, atol=1e-5)
-    assert clf.classify([], Faces.empty()).probs.shape == (0, 7)
+    assert alone.shape == (40, 7) and np.allclose(alone.sum(1), 1, atol=1e-5)
+    for n in (1, 3, 32, 40, 5, 3, 17, 1):            # more sizes than cached interpreters, and back again
+        assert np.allclose(clf.predict(faces[:n]), alone[:n], atol=1e-5), n
+    assert clf.predict(np.zeros((0, 48, 48, 1), np.float32)).shape == (0, 7)
+    with pytest.raises(ValueError):
+        clf.predict(np.zeros((2, 64, 64, 1), np.float32))
 
 
-def test_missing_model_names_the_file():
+def test_predict_is_thread_safe(tiny_model):
+    clf = ExpressionClassifier(str(tiny_model))
+    rng = np.random.default_rng(2)
+    batches = [rng.random((n, 48, 48, 1), dtype=np.float32) for n in (1, 2, 3, 7, 12, 5)]
+    expected = [clf.predict(b) for b in batches]
+    errors = []
+
+    def work(k: int) -> None:
+        for _ in range(15):
+            i = (k + _) % len(batches)
+            if not np.allclose(clf.predict(batches[i]), expected[i], atol=1e-5):
+                errors.append(i)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_model_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nosuch.tflite"):
-        ExpressionClassifier("nosuch.tflite")
+        ExpressionClassifier(str(tmp_path / "nosuch.tflite"))
+    (tmp_path / "junk.tflite").write_bytes(b"definitely not a flatbuffer")
+    with pytest.raises(ValueError, match="junk.tflite"):
+        ExpressionClassifier(str(tmp_path / "junk.tflite"))
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped ferplus model is not exported yet")
-@needs_media
-def test_detect_cli_reports_faces_with_probabilities_and_annotates(tmp_path):
-    out = tmp_path / "annotated.png"
-    result = run("models.detect", str(MEDIA / "images" / "faces" / "justin.jpg"), "--json", "--annotate", str(out))
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(data["faces"]) == 1 and abs(sum(data["faces"][0]["probs"].values()) - 1) < 0.01
-    assert set(data["faces"][0]["keypoints"]) >= {"right_eye", "left_eye", "nose"}
-    assert cv2.imread(str(out)) is not None
+def test_pipeline_detects_every_frame_then_classifies_all_faces_in_one_batch(tiny_model, monkeypatch):
+    frames = frames_of("emotions.mp4", count=2) + frames_of("woman2.mp4", count=2) + [np.zeros((240, 320, 3), np.uint8)]
+    pipeline = FacePipeline(ModelSettings(model=str(tiny_model), detector="short"), threads=1)
+    calls = []
+    real = pipeline.classifier.predict
+    monkeypatch.setattr(pipeline.classifier, "predict", lambda x: calls.append(len(x)) or real(x))
+    faces = pipeline.analyse(frames)
+    assert calls == [len(faces)] and len(faces) >= 4
+    assert faces.probs.shape == (len(faces), 7) and np.allclose(faces.probs.sum(1), 1, atol=1e-4)
+    assert set(faces.frame_ids.tolist()) == {0, 1, 2, 3} and len(faces.labels) == len(faces)
+    one = pipeline.analyse(frames, largest_only=True)
+    assert sorted(one.frame_ids.tolist()) == [0, 1, 2, 3]
 
 
-def test_evaluate_cli_on_a_csv_and_on_folders(tmp_path):
-    model = str(tiny_model(tmp_path / "tiny.tflite"))
-    data = write_fer_csv(tmp_path / "data", n_train=10, n_public=30).parent
-    result = run("models.evaluate", "--model", model, "--data", str(data), "--split", "PublicTest", "--labels",
-                 "ferplus", "--json", "--confusion", str(tmp_path / "cm.png"))
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["n"] == 30 and set(summary["per_class"]) == {"angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"}
-    assert cv2.imread(str(tmp_path / "cm.png")) is not None
+# ---------------------------------------------------------------- references
 
-    folder = tmp_path / "folder"
-    for name in ("Happiness", "surprised", "contempt"):
-        (folder / name).mkdir(parents=True)
-        for i in range(3):
-            cv2.imwrite(str(folder / name / f"{i}.png"), np.full((64, 80, 3), 40 * i, np.uint8))
-    (folder / "surprised" / "broken.jpg").write_bytes(b"not an image")
-    gif = folder / "Happiness" / "anim.gif"
-    from PIL import Image
-    Image.new("RGB", (30, 30), (200, 10, 10)).save(gif)
-    result = run("models.evaluate", "--model", model, "--folder", str(folder), "--json")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["n"] == 7 and summary["skipped"] == 3 and summary["unreadable"] == 1
+def test_baseline_path_follows_the_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLASSMOOD_SHARED", str(tmp_path))
+    assert shared_dir() == tmp_path and baseline_path() is None
+    monkeypatch.setenv("CLASSMOOD_SHARED", str(tmp_path / "missing"))
+    assert shared_dir() is None and BaselineClassifier.load() is None
 
 
-@pytest.mark.parametrize("case", ["missing image", "corrupt image", "wrong csv header", "empty folder", "missing model"])
-def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, case):
-    model = str(tiny_model(tmp_path / "tiny.tflite"))
-    if case == "missing image":
-        args = ["models.detect", str(tmp_path / "nope.jpg"), "--model", model]
-    elif case == "corrupt image":
-        (tmp_path / "bad.jpg").write_bytes(b"\x89PNG garbage")
-        args = ["models.detect", str(tmp_path / "bad.jpg"), "--model", model]
-    elif case == "wrong csv header":
-        (tmp_path / "fer2013.csv").write_text("label,image\n1,2\n")
-        args = ["models.evaluate", "--model", model, "--data", str(tmp_path / "fer2013.csv")]
-    elif case == "empty folder":
-        (tmp_path / "empty").mkdir()
-        args = ["models.evaluate", "--model", model, "--folder", str(tmp_path / "empty")]
-    else:
-        args = ["models.evaluate", "--model", str(tmp_path / "none.tflite"), "--folder", str(tmp_path)]
-    result = run(*args)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in result.stderr
-
-
-@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped ferplus model is not exported yet")
-def test_bench_measures_ours_and_the_detectors():
-    result = run("models.bench", "--repeats", "5", "--json")
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout.strip().splitlines()[-1])
-    ours = [r for r in data["classifier"] if r["model"].startswith("ours")]
-    assert ours and all(r["ms_per_face_batch32"] > 0 for r in ours)
-    assert any(r["detector"].startswith("ours") for r in data["detector"])
+def test_mini_xception_in_opencv_matches_onnxruntime():
+    path = baseline_path()
+    if path is None:
+        pytest.skip("../shared not found: the mini-Xception baseline lives in ../shared/models")
+    pytest.importorskip("onnxruntime")
+    faces = np.random.default_rng(3).random((5, 48, 48, 1), dtype=np.float32)
+    dnn = BaselineClassifier(path, backend="cv2.dnn").predict(faces)
+    ort = BaselineClassifier(path, backend="onnxruntime").predict(faces)
+    assert dnn.shape == (5, 7) and np.allclose(dnn.sum(1), 1, atol=1e-5)
+    assert np.abs(dnn - ort).max() < 1e-4

@@ -1,0 +1,178 @@
+"""The evaluate / detect / bench commands, run as a user would (subprocess, cwd = project root), with a
+tiny temporary model: JSON on the last line, and a one-line error with exit code 2 for bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from core.emotions import EMOTIONS
+from tests.test_models_inference import MEDIA, frames_of, need_media, tiny_model  # noqa: F401 (fixture)
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_csv(folder: Path, rows: int = 21) -> Path:
+    """FER2013-format CSV with FER+ votes beside it; row i has label i % 7, every third vote is tied."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ferplus_col = {0: 4, 1: 5, 2: 6, 3: 1, 4: 3, 5: 2, 6: 0}
+    with open(folder / "fer2013.csv", "w", newline="") as f, open(folder / "fer2013new.csv", "w", newline="") as g:
+        w, v = csv.writer(f), csv.writer(g)
+        w.writerow(["emotion", "pixels", "Usage"])
+        v.writerow(["Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger", "disgust",
+                    "fear", "contempt", "unknown", "NF"])
+        for i in range(rows):
+            usage = "PublicTest" if i % 2 else "PrivateTest"
+            w.writerow([i % 7, " ".join(map(str, rng.integers(0, 256, 48 * 48))), usage])
+            votes = [0] * 10
+            votes[ferplus_col[i % 7]] = 6
+            if i % 3 == 0:
+                votes[7] = 6                      # tied with contempt: excluded from FER+ scoring
+            v.writerow([usage, f"fer{i:07d}.png", *votes])
+    return folder
+
+
+def test_evaluate_on_a_csv_with_both_label_sets_and_a_confusion_image(tiny_model, tmp_path):
+    data = write_csv(tmp_path / "data")
+    summary = last_json(run("models.evaluate", "--model", str(tiny_model), "--data", str(data), "--split", "PublicTest",
+                            "--labels", "fer2013", "--json", "--no-baseline"))
+    assert summary["n"] == 10 and summary["split"] == "PublicTest" and summary["labels"] == "fer2013"
+    assert set(summary["per_class"]) == set(EMOTIONS) and summary["baseline_accuracy"] is None
+    assert sum(c["n"] for c in summary["per_class"].values()) == 10 and 0 <= summary["accuracy"] <= 1
+    for c in summary["per_class"].values():
+        assert set(c) == {"accuracy", "precision", "n"}
+    png = tmp_path / "cm.png"
+    result = run("models.evaluate", "--model", str(tiny_model), "--data", str(data / "fer2013.csv"), "--split",
+                 "PrivateTest", "--labels", "ferplus", "--json", "--confusion", str(png))
+    summary = last_json(result)
+    assert summary["n"] == 7 and summary["excluded"] == 4          # 11 PrivateTest rows, 4 tied with contempt
+    assert "overall" in result.stdout and cv2.imread(str(png)).shape[0] > 300
+    if summary["baseline"] is not None:                             # ../shared present: measured in the same run
+        assert 0 <= summary["baseline_accuracy"] <= 1
+
+
+def test_evaluate_on_the_shared_folder_sample(tiny_model):
+    sample = need_media().parent / "datasets" / "fer2013" / "folder-sample" / "test"
+    if not sample.is_dir():
+        pytest.skip("../shared not found: datasets/fer2013/folder-sample is absent")
+    summary = last_json(run("models.evaluate", "--model", str(tiny_model), "--folder", str(sample), "--json"))
+    assert summary["n"] == 70 and summary["skipped"] == 0 and summary["unreadable"] == 0
+    assert all(summary["per_class"][label]["n"] == 10 for label in EMOTIONS)
+    assert summary["baseline_accuracy"] is not None and summary["baseline_accuracy"] > 0.3   # mini-Xception
+
+
+def test_evaluate_folders_any_spelling_unknown_classes_unreadable_images_and_gif(tiny_model, tmp_path):
+    folder = tmp_path / "folder"
+    for name in ("Happiness", "surprised", "contempt"):
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(folder / name / f"{i}.png"), np.full((64, 80, 3), 40 * i, np.uint8))
+    (folder / "surprised" / "broken.jpg").write_bytes(b"not an image")
+    (folder / "surprised" / "notes.txt").write_text("ignored")
+    from PIL import Image
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(folder / "Happiness" / "anim.gif")
+    cv2.imwrite(str(folder / "Happiness" / "gray.png"), np.full((200, 100), 90, np.uint8))
+    result = run("models.evaluate", "--model", str(tiny_model), "--folder", str(folder), "--json", "--no-baseline")
+    summary = last_json(result)
+    assert summary["n"] == 8 and summary["skipped"] == 3 and summary["unreadable"] == 1
+    assert summary["per_class"]["happy"]["n"] == 5 and summary["per_class"]["surprise"]["n"] == 3
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_with_detection_counts_images_without_a_face(tiny_model, tmp_path):
+    folder = tmp_path / "faces"
+    (folder / "neutral").mkdir(parents=True)
+    (folder / "happy").mkdir()
+    for i, frame in enumerate(frames_of("woman2.mp4", count=2)):
+        cv2.imwrite(str(folder / "neutral" / f"{i}.jpg"), frame)
+    cv2.imwrite(str(folder / "happy" / "wall.png"), np.full((240, 320, 3), 128, np.uint8))
+    summary = last_json(run("models.evaluate", "--model", str(tiny_model), "--folder", str(folder), "--detect",
+                            "--json", "--no-baseline"))
+    assert summary["n"] == 3 and summary["no_face"] == 1 and summary["detect"] is True
+    assert summary["per_class"]["happy"]["accuracy"] == 0.0       # no face counts as wrong
+
+
+def test_detect_reports_faces_with_probabilities_and_annotates(tiny_model, tmp_path):
+    photo = need_media() / "images" / "faces" / "two_people.jpg"
+    out = tmp_path / "annotated.png"
+    data = last_json(run("models.detect", str(photo), "--json", "--annotate", str(out), "--model", str(tiny_model),
+                         "--detector", "full"))
+    assert data["image"] == str(photo) and len(data["faces"]) == 2
+    for face in data["faces"]:
+        x1, y1, x2, y2 = face["box"]
+        assert 0 <= x1 < x2 <= data["width"] and 0 <= y1 < y2 <= data["height"] and 0.5 <= face["score"] <= 1
+        assert set(face["keypoints"]) == {"right_eye", "left_eye", "nose", "mouth", "right_ear", "left_ear"}
+        assert set(face["probs"]) == set(EMOTIONS) and abs(sum(face["probs"].values()) - 1) < 0.01
+        assert face["label"] == max(face["probs"], key=face["probs"].get)
+    assert cv2.imread(str(out)).shape == cv2.imread(str(photo)).shape
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.zeros((120, 160, 3), np.uint8))
+    assert last_json(run("models.detect", str(blank), "--json", "--model", str(tiny_model)))["faces"] == []
+
+
+@pytest.mark.parametrize("case", ["missing image", "corrupt image", "empty image", "wrong csv header",
+                                  "empty folder", "missing data", "missing model", "missing shipped model",
+                                  "corrupt model", "unwritable confusion"])
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny_model, tmp_path, case):
+    model = str(tiny_model)
+    (tmp_path / "empty").mkdir()
+    if case == "missing image":
+        args = ["models.detect", str(tmp_path / "nope.jpg"), "--model", model]
+    elif case == "corrupt image":
+        (tmp_path / "bad.jpg").write_bytes(b"\x89PNG garbage")
+        args = ["models.detect", str(tmp_path / "bad.jpg"), "--model", model]
+    elif case == "empty image":
+        (tmp_path / "zero.png").write_bytes(b"")
+        args = ["models.detect", str(tmp_path / "zero.png"), "--model", model]
+    elif case == "wrong csv header":
+        (tmp_path / "fer2013.csv").write_text("label,image\n1,2\n")
+        args = ["models.evaluate", "--model", model, "--data", str(tmp_path / "fer2013.csv")]
+    elif case == "empty folder":
+        args = ["models.evaluate", "--model", model, "--folder", str(tmp_path / "empty")]
+    elif case == "missing data":
+        args = ["models.evaluate", "--model", model, "--data", str(tmp_path / "nowhere")]
+    elif case == "missing model":
+        args = ["models.evaluate", "--model", str(tmp_path / "none.tflite"), "--folder", str(tmp_path)]
+    elif case == "missing shipped model":
+        args = ["models.bench", "--model", str(tmp_path / "none.tflite")]
+    elif case == "corrupt model":
+        (tmp_path / "junk.tflite").write_bytes(b"junk" * 100)
+        args = ["models.detect", str(tmp_path / "nope.jpg"), "--model", str(tmp_path / "junk.tflite")]
+        (tmp_path / "nope.jpg").write_bytes(cv2.imencode(".jpg", np.zeros((50, 50, 3), np.uint8))[1].tobytes())
+    else:
+        write_csv(tmp_path / "data")
+        args = ["models.evaluate", "--model", model, "--data", str(tmp_path / "data"), "--no-baseline",
+                "--confusion", str(tmp_path / "cm.unknown-extension")]
+    result = run(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:") and "Traceback" not in result.stderr
+    if "model" in case:
+        assert ".tflite" in lines[-1]
+
+
+def test_bench_measures_ours_beside_the_references(tiny_model):
+    data = last_json(run("models.bench", "--repeats", "3", "--json", "--model", str(tiny_model), timeout=240))
+    ours = [r for r in data["classifier"] if r["model"].startswith("ours")]
+    assert len(ours) == 1 and ours[0]["ms_per_face_batch1"] > 0 and ours[0]["ms_per_face_batch32"] > 0
+    detectors = {r["detector"] for r in data["detector"]}
+    assert {"ours: short", "ours: full", "ours: full+tiles", "ours: auto (bot)"} <= detectors
+    if MEDIA is not None:
+        assert any(r["model"].startswith("baseline") for r in data["classifier"])
+        assert any(d.startswith("reference: YuNet") for d in detectors)
