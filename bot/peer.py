@@ -61,6 +61,7 @@ class BotPeer:
         self._tasks: set[asyncio.Task] = set()
         self.ice_servers: list[dict[str, Any]] = []
         self.joined = asyncio.Event()
+        self.replaced = False             # another bot took over the room: its session is not ours to end
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -94,8 +95,9 @@ class BotPeer:
     async def _finish(self) -> None:
         if self.room is not None:
             self.room.close()
-            self.register(self.room_id, None)
-            await asyncio.to_thread(self.repository.end_session, self.room.session_id)
+            if not self.replaced:
+                self.register(self.room_id, None)
+                await asyncio.to_thread(self.repository.end_session, self.room.session_id)
             self.room = None
 
     async def _session(self, http: aiohttp.ClientSession) -> bool:
@@ -116,11 +118,17 @@ class BotPeer:
                 kind = data.get("type")
                 if kind == "error":
                     log.error("room %s: server error %s: %s", self.room_id, data.get("code"), data.get("message"))
+                    if data.get("code") == "replaced":
+                        self.replaced = True
+                        return True
                     if data.get("code") in ("unauthorized", "unknown_room", "forbidden", "auth"):
                         return True
                     continue
                 await self._handle(kind, data)
             self._ws = None
+        if ws.close_code == 4409:
+            self.replaced = True
+            return True
         if ws.close_code and 4400 <= ws.close_code < 4500:
             log.error("room %s: server closed the bot's socket (%s)", self.room_id, ws.close_code)
             return True

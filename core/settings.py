@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8765
-    # Base URL put in printed/shared links; empty = http://host:port
+    # Base URL put in printed/shared links; empty = http://host:port (the server's API then uses the
+    # address the request came to, so links work behind port 0 or 0.0.0.0)
     public_url: str = ""
     # JSON list of RTCIceServer dicts for browsers and the bot; empty on loopback (ICE stalls otherwise).
     ice_servers: str = "[]"
@@ -33,6 +34,12 @@ class ServerSettings:
     video_width: int = 320
     video_height: int = 240
     video_fps: int = 5
+    # --- per-connection limits of the signaling server ---
+    hello_timeout_seconds: float = 10.0    # a /ws socket that sends no hello within this is closed
+    heartbeat_seconds: float = 20.0        # WebSocket ping interval; a peer that misses the pong is dropped
+    messages_per_second: float = 20.0      # sustained message rate per student/teacher socket (the bot gets 10x)
+    message_burst: int = 50                # messages accepted at once; beyond the rate: error + close
+    room_idle_seconds: float = 600.0       # a room nobody is connected to is unloaded from memory (kept in the store)
 
 
 @dataclass(frozen=True)

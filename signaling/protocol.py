@@ -1,7 +1,14 @@
 """Signaling protocol v1: validation of every inbound message and builders for outbound ones.
 
-Pure functions, no I/O: `parse(raw, role, max_bytes)` returns a validated dict or raises
-ProtocolError; no other exception escapes for any input (it is fuzzed in the tests).
+Pure functions, no I/O. `decode(raw, max_bytes)` checks size, JSON, object, "v": 1 and a string
+"type"; `parse_hello(obj)` validates a first message; `parse(raw, role, max_bytes)` validates a
+message after hello for a connection of `role`. They return a new, validated dict (only the known
+fields, cleaned) or raise ProtocolError(code, message); no other exception escapes for any str or
+bytes input (tests/test_signaling_fuzz.py fuzzes them).
+
+Error codes: too_large, bad_json, bad_message, bad_version, expected_hello, bad_field, bad_type
+(from here), and unauthorized, unknown_room, room_full, server_full, timeout, rate_limited,
+bad_target, no_bot, replaced, internal (from the server).
 """
 from __future__ import annotations
 
@@ -12,13 +19,16 @@ import unicodedata
 from typing import Any
 
 VERSION = 1
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")         # room, peer, session and alert ids
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}\Z")     # join keys, teacher and bot tokens (url-safe base64)
 MAX_NAME = 60
-MAX_SDP = 12_000
+MAX_TITLE = 120
+MAX_SDP = 12_000          # characters; the message size limit applies as well
+MAX_WORKER_KEY = 256
 ROLES = ("student", "teacher", "bot", "worker")
 CONTROL_ACTIONS = ("ack", "mute", "unmute", "threshold")
 THRESHOLD_KINDS = ("confusion", "boredom", "class_share")
+SDP_TYPES = ("offer", "answer")
 
 
 class ProtocolError(Exception):
@@ -28,16 +38,35 @@ class ProtocolError(Exception):
         self.message = message
 
 
+# ---- field checks ----------------------------------------------------------------------------
+def clean_text(value: Any, field: str, max_len: int, allow_empty: bool = False) -> str:
+    """Text with control/format characters (category C: NUL, newlines, bidi overrides...) and line/paragraph
+    separators removed, runs of white space collapsed to one space, trimmed."""
+    if not isinstance(value, str):
+        raise ProtocolError("bad_field", f"{field} must be a string")
+    if len(value) > 4 * max_len:
+        raise ProtocolError("bad_field", f"{field} longer than {max_len} characters")
+    kept = "".join(ch for ch in value if unicodedata.category(ch)[0] != "C" and unicodedata.category(ch) not in ("Zl", "Zp"))
+    cleaned = " ".join(kept.split())
+    if not cleaned and not allow_empty:
+        raise ProtocolError("bad_field", f"{field} must not be empty")
+    if len(cleaned) > max_len:
+        raise ProtocolError("bad_field", f"{field} longer than {max_len} characters")
+    return cleaned
+
+
 def clean_name(value: Any) -> str:
     """A display name: text, control characters removed, trimmed, 1..60 characters."""
-    if not isinstance(value, str):
-        raise ProtocolError("bad_field", "name must be a string")
-    cleaned = "".join(ch for ch in value if unicodedata.category(ch)[0] != "C").strip()
-    if not cleaned:
-        raise ProtocolError("bad_field", "name must not be empty")
-    if len(cleaned) > MAX_NAME:
-        raise ProtocolError("bad_field", f"name longer than {MAX_NAME} characters")
-    return cleaned
+    return clean_text(value, "name", MAX_NAME)
+
+
+def clean_title(value: Any) -> str:
+    """A room title: like a name, 0..120 characters."""
+    return clean_text("" if value is None else value, "title", MAX_TITLE, allow_empty=True)
+
+
+def is_id(value: Any) -> bool:
+    return isinstance(value, str) and ID_RE.match(value) is not None
 
 
 def _id(value: Any, field: str, pattern: re.Pattern = ID_RE) -> str:
@@ -52,13 +81,33 @@ def _bool(value: Any, field: str) -> bool:
     return value
 
 
+def _unit(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 <= value <= 1.0:
+        raise ProtocolError("bad_field", f"{field} must be a number in [0, 1]")
+    return float(value)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):       # 1e999 -> inf would be re-sent as the non-JSON `Infinity`
+        raise ValueError("non-finite number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# ---- inbound ---------------------------------------------------------------------------------
 def decode(raw: str | bytes, max_bytes: int) -> dict[str, Any]:
     """Size check on the raw text, JSON, object with v == 1 and a string type."""
-    if isinstance(raw, (bytes, bytearray)):
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = bytes(raw)
         if len(raw) > max_bytes:
             raise ProtocolError("too_large", f"message larger than {max_bytes} bytes")
         try:
-            raw = bytes(raw).decode("utf-8")
+            raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("bad_json", "message is not UTF-8 text") from None
     if not isinstance(raw, str):
@@ -66,12 +115,13 @@ def decode(raw: str | bytes, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes or len(raw.encode("utf-8", "surrogatepass")) > max_bytes:
         raise ProtocolError("too_large", f"message larger than {max_bytes} bytes")
     try:
-        data = json.loads(raw, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError):
         raise ProtocolError("bad_json", "message is not valid JSON") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_message", "message must be a JSON object")
-    if data.get("v") != VERSION or isinstance(data.get("v"), bool):
+    version = data.get("v")
+    if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
         raise ProtocolError("bad_version", f"unsupported protocol version (expected \"v\": {VERSION})")
     if not isinstance(data.get("type"), str):
         raise ProtocolError("bad_message", "message has no type")
@@ -79,14 +129,15 @@ def decode(raw: str | bytes, max_bytes: int) -> dict[str, Any]:
 
 
 def parse_hello(data: dict[str, Any]) -> dict[str, Any]:
-    if data.get("type") != "hello":
+    """The first message of a connection (a decoded object)."""
+    if not isinstance(data, dict) or data.get("type") != "hello":
         raise ProtocolError("expected_hello", "the first message must be hello")
     role = data.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise ProtocolError("bad_field", "role must be student, teacher, bot or worker")
     if role == "worker":
         key = data.get("key")
-        if not isinstance(key, str) or not 1 <= len(key) <= 256:
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_WORKER_KEY:
             raise ProtocolError("bad_field", "key is missing or malformed")
         return {"type": "hello", "role": role, "key": key}
     out: dict[str, Any] = {"type": "hello", "role": role, "room": _id(data.get("room"), "room")}
@@ -99,53 +150,109 @@ def parse_hello(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_hello_raw(raw: str | bytes, max_bytes: int) -> dict[str, Any]:
+    return parse_hello(decode(raw, max_bytes))
+
+
+def _signal(data: dict[str, Any]) -> dict[str, Any]:
+    payload = data.get("data")
+    if not isinstance(payload, dict) or payload.get("type") not in SDP_TYPES:
+        raise ProtocolError("bad_field", "signal data must be an offer or an answer")
+    sdp = payload.get("sdp")
+    if not isinstance(sdp, str) or not 0 < len(sdp) <= MAX_SDP:
+        raise ProtocolError("bad_field", f"sdp must be a string of 1 to {MAX_SDP} characters")
+    return {"type": "signal", "to": _id(data.get("to"), "to"), "data": {"type": payload["type"], "sdp": sdp}}
+
+
+def _control(data: dict[str, Any]) -> dict[str, Any]:
+    action = data.get("action")
+    if not isinstance(action, str) or action not in CONTROL_ACTIONS:
+        raise ProtocolError("bad_field", "control action must be ack, mute, unmute or threshold")
+    out: dict[str, Any] = {"type": "control", "action": action}
+    if action == "ack":
+        out["alert_id"] = _id(data.get("alert_id"), "alert_id")
+    elif action in ("mute", "unmute"):
+        out["peer_id"] = _id(data.get("peer_id"), "peer_id")
+    else:
+        kind = data.get("kind")
+        if not isinstance(kind, str) or kind not in THRESHOLD_KINDS:
+            raise ProtocolError("bad_field", "threshold kind must be confusion, boredom or class_share")
+        out.update(kind=kind, value=_unit(data.get("value"), "threshold value"))
+    return out
+
+
+def _bot_message(kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+    if kind == "session":
+        return {"type": "session", "session_id": _id(data.get("session_id"), "session_id")}
+    if kind == "state":
+        if not isinstance(data.get("state"), dict):
+            raise ProtocolError("bad_field", "state must be an object")
+        return {"type": "state", "state": data["state"]}
+    if kind == "alert":
+        alert = data.get("alert")
+        if not isinstance(alert, dict):
+            raise ProtocolError("bad_field", "alert must be an object")
+        _id(alert.get("alert_id"), "alert.alert_id")
+        return {"type": "alert", "alert": alert}
+    return None
+
+
 def parse(raw: str | bytes, role: str, max_bytes: int) -> dict[str, Any]:
-    """Validate a message after hello, for a connection of `role`."""
+    """Validate a message after hello, for a connection of `role` (student, teacher, bot, worker)."""
     data = decode(raw, max_bytes)
     kind = data["type"]
     if kind == "ping":
         return {"type": "ping"}
     if kind == "signal" and role in ("student", "bot"):
-        payload = data.get("data")
-        if not isinstance(payload, dict) or payload.get("type") not in ("offer", "answer"):
-            raise ProtocolError("bad_field", "signal data must be an offer or an answer")
-        sdp = payload.get("sdp")
-        if not isinstance(sdp, str) or not 0 < len(sdp) <= MAX_SDP:
-            raise ProtocolError("bad_field", f"sdp must be a string of at most {MAX_SDP} characters")
-        return {"type": "signal", "to": _id(data.get("to"), "to"), "data": {"type": payload["type"], "sdp": sdp}}
+        return _signal(data)
     if kind == "consent" and role == "student":
         return {"type": "consent", "analysis": _bool(data.get("analysis"), "analysis")}
     if kind == "control" and role == "teacher":
-        action = data.get("action")
-        if action not in CONTROL_ACTIONS:
-            raise ProtocolError("bad_field", "unknown control action")
-        out: dict[str, Any] = {"type": "control", "action": action}
-        if action == "ack":
-            out["alert_id"] = _id(data.get("alert_id"), "alert_id")
-        elif action in ("mute", "unmute"):
-            out["peer_id"] = _id(data.get("peer_id"), "peer_id")
-        else:
-            value = data.get("value")
-            if data.get("kind") not in THRESHOLD_KINDS:
-                raise ProtocolError("bad_field", "threshold kind must be confusion, boredom or class_share")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not 0.0 <= value <= 1.0:
-                raise ProtocolError("bad_field", "threshold value must be a number in [0, 1]")
-            out.update(kind=data["kind"], value=float(value))
-        return out
+        return _control(data)
     if role == "bot":
-        if kind == "session":
-            return {"type": "session", "session_id": _id(data.get("session_id"), "session_id")}
-        if kind == "state" and isinstance(data.get("state"), dict):
-            return {"type": "state", "state": data["state"]}
-        if kind == "alert" and isinstance(data.get("alert"), dict):
-            return {"type": "alert", "alert": data["alert"]}
+        out = _bot_message(kind, data)
+        if out is not None:
+            return out
     raise ProtocolError("bad_type", f"message type {kind[:40]!r} is not allowed for a {role}")
 
 
-def error(code: str, message: str) -> dict[str, Any]:
-    return {"v": VERSION, "type": "error", "code": code, "message": message}
-
-
+# ---- outbound --------------------------------------------------------------------------------
 def message(message_type: str, /, **fields: Any) -> dict[str, Any]:
     return {"v": VERSION, "type": message_type, **fields}
+
+
+def error(code: str, text: str) -> dict[str, Any]:
+    return message("error", code=code, message=text)
+
+
+def welcome(peer_id: str, role: str, *, ice_servers: list[dict[str, Any]] | None = None,
+            video: dict[str, int] | None = None, bot: str | None = None, session_id: str | None = None,
+            participants: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Students get no participant list (pass None); teachers and the bot get one."""
+    out = message("welcome", peer_id=peer_id, role=role)
+    if role != "worker":
+        out.update(ice_servers=ice_servers or [], video=video or {}, bot=bot, session_id=session_id)
+    if participants is not None and role in ("teacher", "bot"):
+        out["participants"] = participants
+    return out
+
+
+def participant(event: str, peer_id: str, name: str, analysis: bool) -> dict[str, Any]:
+    """Presence for the bot and teachers: event joined | left | consent."""
+    return message("participant", event=event, peer_id=peer_id, name=name, analysis=analysis)
+
+
+def bot_presence(peer_id: str | None) -> dict[str, Any]:
+    return message("bot", peer_id=peer_id)
+
+
+def signal_from(sender: str, data: dict[str, Any]) -> dict[str, Any]:
+    return message("signal", **{"from": sender}, data=data)
+
+
+def control_from(teacher: str, control: dict[str, Any]) -> dict[str, Any]:
+    return message("control", **{"from": teacher}, **{k: v for k, v in control.items() if k != "type"})
+
+
+def invite(room_id: str, token: str) -> dict[str, Any]:
+    return message("invite", room=room_id, token=token)

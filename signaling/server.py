@@ -1,7 +1,8 @@
 """The aiohttp signaling server: rooms and secret tokens, the WebSocket relay, pages and the review API.
 
 Who may talk to whom is decided here and only here: students signal only the bot, the bot signals
-only students, live state/alerts from the bot go only to sockets that presented the teacher token.
+only students, live state/alerts/session from the bot go only to sockets that presented the teacher
+token. docs/architecture.md is the contract; signaling/protocol.py validates every inbound message.
 """
 from __future__ import annotations
 
@@ -12,126 +13,69 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
 
-from core.settings import Settings
+from core.settings import ServerSettings, Settings
 from signaling import protocol
 from signaling.protocol import ProtocolError
+from signaling.rooms import Peer, RateLimit, Registry, Room, RoomFull, TooManyRooms, new_id
 from signaling.store import Store
+
+__all__ = ["create_app", "AccessLogger", "Store", "token_hash", "CSP"]
 
 log = logging.getLogger("classmood.signaling")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-HELLO_TIMEOUT_S = 10.0
+MAX_BODY = 4096
+CSV_CHUNK_LINES = 2000
 CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; "
        "connect-src 'self' ws: wss:; style-src 'self'; script-src 'self'; object-src 'none'; "
        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Permissions-Policy": "camera=(self), microphone=(), geolocation=()",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+# WebSocket close codes (4400..4499: do not retry with the same credentials)
+CLOSE_BAD_HELLO, CLOSE_UNAUTHORIZED, CLOSE_UNKNOWN_ROOM, CLOSE_TIMEOUT = 4400, 4401, 4404, 4408
+CLOSE_REPLACED, CLOSE_LIMIT, CLOSE_SERVER_FULL = 4409, 4429, 4503
+
 SETTINGS_KEY = web.AppKey("settings", Settings)
-HUB_KEY = web.AppKey("hub", object)
+REGISTRY_KEY = web.AppKey("registry", Registry)
+SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
 
 
 def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-@dataclass
-class Peer:
-    peer_id: str
-    role: str
-    ws: web.WebSocketResponse
-    name: str = ""
-    analysis: bool = True
-    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    async def send(self, message: dict[str, Any]) -> bool:
-        if self.ws.closed:
-            return False
-        try:
-            await self.ws.send_str(json.dumps(message))
-            return True
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("send to %s failed: %s", self.peer_id, exc)
-            return False
-
-
-@dataclass
-class Room:
-    room_id: str
-    title: str
-    join_key: str
-    teacher_token_hash: str
-    bot_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    session_id: str | None = None
-    bot: Peer | None = None
-    teachers: dict[str, Peer] = field(default_factory=dict)
-    students: dict[str, Peer] = field(default_factory=dict)
-    last_state: dict[str, Any] | None = None
-
-    def participants(self) -> list[dict[str, Any]]:
-        return [{"peer_id": p.peer_id, "name": p.name, "analysis": p.analysis} for p in self.students.values()]
-
-    def size(self) -> int:
-        return len(self.students) + len(self.teachers) + (1 if self.bot else 0)
-
-
-class RateLimit:
-    """Token bucket: `burst` messages at once, `per_second` sustained."""
-
-    def __init__(self, per_second: float, burst: float) -> None:
-        self.per_second, self.burst = per_second, burst
-        self.tokens, self.t = burst, time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.per_second)
-        self.t = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-class Hub:
-    """Live rooms (in memory, loaded from the store on first use) and connected bot workers."""
-
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.settings = settings
-        self.store = store
-        self.rooms: dict[str, Room] = {}
-        self.workers: dict[str, Peer] = {}
-        self.worker_load: dict[str, int] = {}
-
-    async def room(self, room_id: str) -> Room | None:
-        room = self.rooms.get(room_id)
-        if room is None:
-            record = await asyncio.to_thread(self.store.get_room, room_id)
-            if record is None:
-                return None
-            room = self.rooms.setdefault(room_id, Room(room_id, record.get("title") or "", record["join_key"],
-                                                       record["teacher_token_hash"]))
-        return room
-
-    async def teacher_room(self, room_id: str, token: str | None) -> Room | None:
-        room = await self.room(room_id) if protocol.ID_RE.match(room_id or "") else None
-        if room is None or not token or not hmac.compare_digest(token_hash(token), room.teacher_token_hash):
-            return None
-        return room
-
-
-def new_id() -> str:
-    return secrets.token_urlsafe(9)
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 def bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    return header[7:].strip() if header.startswith("Bearer ") else None
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    value = value.strip()
+    return value if scheme.lower() == "bearer" and protocol.TOKEN_RE.match(value) else None
 
 
 def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Access log without query strings (student links carry the join key in `?k=`)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:  # noqa: A002
+        self.logger.info("%s %s %s %s %.1fms", request.remote, request.method, request.path,
+                         response.status, time * 1000)
 
 
 @web.middleware
@@ -140,26 +84,80 @@ async def security_headers(request: web.Request, handler):
         response = await handler(request)
     except web.HTTPException as exc:
         response = exc
-    response.headers.setdefault("Content-Security-Policy", CSP)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Permissions-Policy", "camera=(self), microphone=()")
+    if not response.prepared:      # streamed responses (CSV, WebSocket) set theirs before prepare
+        for name, value in PAGE_HEADERS.items():
+            response.headers.setdefault(name, value)
     if isinstance(response, web.HTTPException):
         raise response
     return response
 
 
+def _with_headers(response: web.StreamResponse) -> web.StreamResponse:
+    for name, value in PAGE_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
 def create_app(settings: Settings, store: Store | None = None, static_dir: Path | None = None) -> web.Application:
+    """The signaling server. `store` defaults to an in-memory MemoryStore; `static_dir` to signaling/static."""
     if store is None:
         from signaling.memory_store import MemoryStore
         store = MemoryStore()
+    cfg: ServerSettings = settings.server
+    ice_servers = settings.ice_servers()
+    video = {"width": cfg.video_width, "height": cfg.video_height, "fps": cfg.video_fps}
+    registry = Registry(cfg.max_rooms, cfg.max_participants_per_room, cfg.room_idle_seconds)
+    sockets: weakref.WeakSet = weakref.WeakSet()
+    static = Path(static_dir or STATIC_DIR).resolve()
     app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
-    hub = Hub(settings, store)
     app[SETTINGS_KEY] = settings
-    app[HUB_KEY] = hub
-    static = (static_dir or STATIC_DIR).resolve()
+    app[REGISTRY_KEY] = registry
+    app[SOCKETS_KEY] = sockets
+    if cfg.worker_key == "dev-worker-key-change-me" and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("server.worker_key is the development default on a non-loopback host: set your own")
 
+    # ---- rooms: memory first, then the store ---------------------------------------------------
+    async def room_record(room_id: str) -> dict[str, Any] | None:
+        room = registry.get(room_id)
+        if room is not None:
+            return {"room_id": room.room_id, "title": room.title, "join_key": room.join_key,
+                    "teacher_token_hash": room.teacher_token_hash}
+        if not protocol.is_id(room_id):
+            return None
+        return await asyncio.to_thread(store.get_room, room_id)
+
+    async def live_room(room_id: str) -> Room | None:
+        """The live room (loaded from the store if needed). Raises TooManyRooms."""
+        room = registry.get(room_id)
+        if room is None:
+            record = await asyncio.to_thread(store.get_room, room_id)
+            if record is None:
+                return None
+            room = registry.add(Room(room_id, record.get("title") or "", record["join_key"],
+                                     record["teacher_token_hash"]))
+        return room
+
+    async def authorise(request: web.Request, room_id: str) -> web.Response | dict[str, Any]:
+        """The room record if the request carries its teacher token; 401 / 404 otherwise."""
+        token = bearer(request)
+        if token is None:
+            return json_error(401, "teacher token required (Authorization: Bearer TOKEN)")
+        record = await room_record(room_id)
+        if record is None:
+            return json_error(404, "unknown room")
+        if not _same(token_hash(token), record["teacher_token_hash"]):
+            return json_error(401, "wrong teacher token for this room")
+        return record
+
+    def links(request: web.Request, room_id: str, join_key: str, token: str | None = None) -> dict[str, str]:
+        # server.public_url when set; else the address the caller reached us on (not 0.0.0.0 or port 0)
+        base = cfg.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+        out = {"student_url": f"{base}/join/{room_id}?k={join_key}"}
+        if token:
+            out.update(teacher_url=f"{base}/teach/{room_id}#t={token}", review_url=f"{base}/review/{room_id}#t={token}")
+        return out
+
+    # ---- pages -----------------------------------------------------------------------------------
     def page(name: str):
         async def handler(request: web.Request) -> web.StreamResponse:
             path = static / name
@@ -170,7 +168,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
 
     async def static_file(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        if "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+        if not name or name.startswith(".") or any(c in name for c in "/\\\x00:") or ".." in name:
             raise web.HTTPNotFound()
         path = (static / name).resolve()
         if path.parent != static or not path.is_file():
@@ -178,253 +176,338 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "rooms": len(hub.rooms), "workers": len(hub.workers)})
+        return web.json_response({"ok": True, "rooms": len(registry.rooms), "workers": len(registry.workers)})
 
-    def links(room: Room, token: str | None = None) -> dict[str, str]:
-        base = settings.base_url()
-        out = {"student_url": f"{base}/join/{room.room_id}?k={room.join_key}"}
-        if token:
-            out.update(teacher_url=f"{base}/teach/{room.room_id}#t={token}",
-                       review_url=f"{base}/review/{room.room_id}#t={token}")
-        return out
-
+    # ---- HTTP API --------------------------------------------------------------------------------
     async def create_room(request: web.Request) -> web.Response:
-        if request.content_length and request.content_length > 4096:
-            return json_error(413, "request too large")
+        if (request.content_length or 0) > MAX_BODY:
+            return json_error(413, f"request body larger than {MAX_BODY} bytes")
         title = ""
-        if request.can_read_body:
+        raw = await request.read() if request.can_read_body else b""    # capped by client_max_size (413)
+        if len(raw) > MAX_BODY:
+            return json_error(413, f"request body larger than {MAX_BODY} bytes")
+        if raw.strip():
             try:
-                body = json.loads((await request.content.read(4097)).decode("utf-8") or "{}")
-            except (ValueError, UnicodeDecodeError):
+                body = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):   # UnicodeDecodeError is a ValueError
                 return json_error(400, "body must be JSON")
             if not isinstance(body, dict):
                 return json_error(400, "body must be a JSON object")
-            title = body.get("title") or ""
-            if not isinstance(title, str) or len(title) > 120:
-                return json_error(400, "title must be text of at most 120 characters")
-            title = "".join(ch for ch in title if ch.isprintable()).strip()
-        if len(hub.rooms) >= settings.server.max_rooms:
-            return json_error(503, "too many active rooms on this server")
-        room = Room(new_id(), title, secrets.token_urlsafe(12), "")
-        token = secrets.token_urlsafe(24)
-        room.teacher_token_hash = token_hash(token)
-        await asyncio.to_thread(store.create_room, room.room_id, title, room.join_key, room.teacher_token_hash)
-        hub.rooms[room.room_id] = room
-        log.info("room %s created", room.room_id)
-        return web.json_response({"room": room.room_id, "title": title, "teacher_token": token, **links(room, token)})
+            try:
+                title = protocol.clean_title(body.get("title"))
+            except ProtocolError:
+                return json_error(400, f"title must be text of at most {protocol.MAX_TITLE} characters")
+        if not registry.has_capacity():
+            return json_error(503, "too many live rooms on this server; try again later")
+        room_id, join_key, token = new_id(), secrets.token_urlsafe(12), secrets.token_urlsafe(24)
+        room = Room(room_id, title, join_key, token_hash(token))
+        try:
+            await asyncio.to_thread(store.create_room, room_id, title, join_key, room.teacher_token_hash)
+            registry.add(room)
+        except TooManyRooms:
+            return json_error(503, "too many live rooms on this server; try again later")
+        except Exception:
+            log.exception("creating room %s failed", room_id)
+            return json_error(500, "the room could not be saved")
+        log.info("room %s created", room_id)
+        return web.json_response({"room": room_id, "title": title, "teacher_token": token,
+                                  **links(request, room_id, join_key, token)})
 
     async def room_info(request: web.Request) -> web.Response:
-        room = await hub.teacher_room(request.match_info["room"], bearer(request))
-        if room is None:
-            return json_error(401, "unknown room or wrong teacher token")
-        return web.json_response({"room": room.room_id, "title": room.title, **links(room),
-                                  "bot": room.bot.peer_id if room.bot else None, "session_id": room.session_id,
-                                  "participants": room.participants(), "workers": len(hub.workers)})
+        record = await authorise(request, request.match_info["room"])
+        if isinstance(record, web.Response):
+            return record
+        room = registry.get(record["room_id"])
+        return web.json_response({
+            "room": record["room_id"], "title": record.get("title") or "",
+            **links(request, record["room_id"], record["join_key"]),
+            "bot": room.bot.peer_id if room and room.bot else None,
+            "session_id": room.session_id if room else None,
+            "participants": room.participants() if room else [],
+            "teachers": len(room.teachers) if room else 0,
+            "workers": len(registry.workers)})
 
     async def invite(request: web.Request) -> web.Response:
-        room = await hub.teacher_room(request.match_info["room"], bearer(request))
+        record = await authorise(request, request.match_info["room"])
+        if isinstance(record, web.Response):
+            return record
+        try:
+            room = await live_room(record["room_id"])
+        except TooManyRooms:
+            return json_error(503, "too many live rooms on this server; try again later")
         if room is None:
-            return json_error(401, "unknown room or wrong teacher token")
+            return json_error(404, "unknown room")
         if room.bot is not None:
             return web.json_response({"ok": True, "already_present": True, "bot": room.bot.peer_id})
-        for worker_id in sorted(hub.workers, key=lambda w: hub.worker_load.get(w, 0)):
-            if await hub.workers[worker_id].send(protocol.message("invite", room=room.room_id, token=room.bot_token)):
-                hub.worker_load[worker_id] = hub.worker_load.get(worker_id, 0) + 1
-                log.info("room %s: invite sent to worker %s", room.room_id, worker_id)
-                return web.json_response({"ok": True})
+        if room.invite_pending():
+            return web.json_response({"ok": True, "already_invited": True})
+        for worker in registry.pick_workers():
+            if worker.send(protocol.invite(room.room_id, room.bot_token)):
+                room.worker_id, room.invited_at = worker.peer_id, time.monotonic()
+                log.info("room %s: invite sent to worker %s", room.room_id, worker.peer_id)
+                return web.json_response({"ok": True, "worker": worker.peer_id})
         return json_error(503, "no bot worker is available: start one with `python -m bot worker`")
 
-    async def review_room(request: web.Request, sid: str) -> web.Response | None:
-        room_id = await asyncio.to_thread(store.session_room, sid) if protocol.ID_RE.match(sid) else None
+    async def review_access(request: web.Request, sid: str) -> web.Response | None:
+        """None when the bearer token owns the session's room; else 401 / 404 / 403."""
+        token = bearer(request)
+        if token is None:
+            return json_error(401, "teacher token required (Authorization: Bearer TOKEN)")
+        room_id = await asyncio.to_thread(store.session_room, sid) if protocol.is_id(sid) else None
         if room_id is None:
             return json_error(404, "unknown session")
-        token = bearer(request)
-        if not token:
-            return json_error(401, "teacher token required")
-        if await hub.teacher_room(room_id, token) is None:
+        record = await room_record(room_id)
+        if record is None or not _same(token_hash(token), record["teacher_token_hash"]):
             return json_error(403, "this token does not own that session")
         return None
 
     async def sessions(request: web.Request) -> web.Response:
-        room = await hub.teacher_room(request.match_info["room"], bearer(request))
-        if room is None:
-            return json_error(401, "unknown room or wrong teacher token")
-        return web.json_response({"sessions": await asyncio.to_thread(store.list_sessions, room.room_id)})
+        record = await authorise(request, request.match_info["room"])
+        if isinstance(record, web.Response):
+            return record
+        return web.json_response({"room": record["room_id"],
+                                  "sessions": await asyncio.to_thread(store.list_sessions, record["room_id"])})
 
     async def review(request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
-        denied = await review_room(request, sid)
+        denied = await review_access(request, sid)
         if denied is not None:
             return denied
         try:
             bucket = float(request.query.get("bucket", "10"))
         except ValueError:
-            return json_error(400, "bucket must be a number of seconds")
-        data = await asyncio.to_thread(store.session_review, sid, min(max(bucket, 1.0), 3600.0))
+            bucket = float("nan")
+        if not 1.0 <= bucket <= 3600.0:
+            return json_error(400, "bucket must be a number of seconds in [1, 3600]")
+        data = await asyncio.to_thread(store.session_review, sid, bucket)
         return web.json_response(data) if data is not None else json_error(404, "unknown session")
 
     def csv_handler(kind: str):
         async def handler(request: web.Request) -> web.StreamResponse:
             sid = request.match_info["sid"]
-            denied = await review_room(request, sid)
+            denied = await review_access(request, sid)
             if denied is not None:
                 return denied
-            response = web.StreamResponse(headers={
-                "Content-Type": "text/csv; charset=utf-8",
-                "Content-Disposition": f'attachment; filename="classmood-{sid}-{kind}.csv"'})
-            await response.prepare(request)
-            lines = getattr(store, f"iter_{kind}_csv")(sid)
-            while True:
-                chunk = await asyncio.to_thread(_take, lines, 2000)
-                if not chunk:
-                    break
-                await response.write("".join(chunk).encode("utf-8"))
-            await response.write_eof()
+            lines: Iterator[str] = getattr(store, f"iter_{kind}_csv")(sid)
+            response = _with_headers(web.StreamResponse(headers={
+                "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store",
+                "Content-Disposition": f'attachment; filename="classmood-{sid}-{kind}.csv"'}))
+            try:
+                await response.prepare(request)
+                while True:
+                    chunk = await asyncio.to_thread(_take, lines, CSV_CHUNK_LINES)
+                    if not chunk:
+                        break
+                    await response.write("".join(chunk).encode("utf-8"))
+                await response.write_eof()
+            except (ConnectionError, RuntimeError) as exc:
+                log.info("%s.csv download of session %s ended early: %s", kind, sid, exc)
+            finally:
+                close = getattr(lines, "close", None)
+                if close is not None:      # release the database cursor behind the generator
+                    await asyncio.to_thread(close)
             return response
         return handler
 
-    async def ws_worker(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=settings.server.max_message_bytes)
+    # ---- WebSockets ------------------------------------------------------------------------------
+    async def open_socket(request: web.Request, max_size: int) -> web.WebSocketResponse:
+        ws = _with_headers(web.WebSocketResponse(heartbeat=cfg.heartbeat_seconds or None, max_msg_size=max_size))
         await ws.prepare(request)
-        worker: Peer | None = None
-        try:
-            msg = await ws.receive(timeout=HELLO_TIMEOUT_S)
-            if msg.type != WSMsgType.TEXT:
-                return ws
-            hello = protocol.parse_hello(protocol.decode(msg.data, settings.server.max_message_bytes))
-            if hello["role"] != "worker" or not hmac.compare_digest(hello["key"].encode(), settings.server.worker_key.encode()):
-                await ws.send_json(protocol.error("unauthorized", "wrong worker key"))
-                await ws.close(code=4401)
-                return ws
-            worker = Peer(new_id(), "worker", ws)
-            hub.workers[worker.peer_id] = worker
-            await worker.send(protocol.message("welcome", peer_id=worker.peer_id, role="worker"))
-            log.info("bot worker %s connected", worker.peer_id)
-            async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    break
-        except (asyncio.TimeoutError, ProtocolError) as exc:
-            if not ws.closed:
-                await ws.send_json(protocol.error(getattr(exc, "code", "timeout"), str(exc) or "hello expected"))
-                await ws.close(code=4400)
-        finally:
-            if worker is not None:
-                hub.workers.pop(worker.peer_id, None)
-                hub.worker_load.pop(worker.peer_id, None)
-                log.info("bot worker %s disconnected", worker.peer_id)
+        sockets.add(ws)
         return ws
 
-    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=settings.server.max_bot_message_bytes)
-        await ws.prepare(request)
+    def aborter(request: web.Request):
+        def abort() -> None:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+        return abort
+
+    async def reject(ws: web.WebSocketResponse, code: str, text: str, close_code: int) -> None:
+        try:
+            if not ws.closed:
+                await ws.send_json(protocol.error(code, text))
+                await ws.close(code=close_code)
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError):
+            pass
+
+    async def read_hello(ws: web.WebSocketResponse, where: str) -> dict[str, Any] | None:
+        """The validated hello, or None after answering/closing (or when the socket went away)."""
+        try:
+            msg = await ws.receive(timeout=cfg.hello_timeout_seconds)
+        except asyncio.TimeoutError:
+            log.info("%s: no hello within %.0f s; closing", where, cfg.hello_timeout_seconds)
+            await reject(ws, "timeout", f"no hello within {cfg.hello_timeout_seconds:.0f} s", CLOSE_TIMEOUT)
+            return None
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            log.info("%s: socket closed before hello", where)
+            return None
+        try:
+            if msg.type != WSMsgType.TEXT:
+                raise ProtocolError("bad_message", "messages are JSON text frames")
+            return protocol.parse_hello_raw(msg.data, cfg.max_message_bytes)
+        except ProtocolError as exc:
+            log.info("%s: bad hello (%s)", where, exc.code)
+            await reject(ws, exc.code, exc.message, CLOSE_BAD_HELLO)
+            return None
+
+    async def ws_worker(request: web.Request) -> web.WebSocketResponse:
+        ws = await open_socket(request, cfg.max_message_bytes)
+        worker: Peer | None = None
+        try:
+            hello = await read_hello(ws, "/ws/worker")
+            if hello is None:
+                return ws
+            if hello["role"] != "worker" or not _same(hello["key"], cfg.worker_key):
+                log.warning("/ws/worker: refused a worker with a wrong key (from %s)", request.remote)
+                await reject(ws, "unauthorized", "wrong worker key", CLOSE_UNAUTHORIZED)
+                return ws
+            worker = Peer(new_id(), "worker", ws, abort=aborter(request))
+            worker.start()
+            registry.add_worker(worker)
+            worker.send(protocol.welcome(worker.peer_id, "worker"))
+            log.info("bot worker %s connected (%d connected)", worker.peer_id, len(registry.workers))
+            rate = RateLimit(cfg.messages_per_second, cfg.message_burst)
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break
+                if not rate.allow():
+                    worker.send(protocol.error("rate_limited", "too many messages"))
+                    worker.close(CLOSE_LIMIT)
+                    break
+                try:
+                    if protocol.parse(msg.data, "worker", cfg.max_message_bytes)["type"] == "ping":
+                        worker.send(protocol.message("pong"))
+                except ProtocolError as exc:
+                    worker.send(protocol.error(exc.code, exc.message))
+        except (ConnectionError, RuntimeError) as exc:
+            log.info("/ws/worker: socket ended: %s", exc)
+        finally:
+            if worker is not None:
+                registry.remove_worker(worker)
+                await worker.stop()
+                log.info("bot worker %s disconnected (%d connected)", worker.peer_id, len(registry.workers))
+        return ws
+
+    async def ws_room(request: web.Request) -> web.WebSocketResponse:
+        # The bot's live state may be larger than a browser's message; per-role limits are applied after hello.
+        ws = await open_socket(request, max(cfg.max_message_bytes, cfg.max_bot_message_bytes))
         peer: Peer | None = None
         room: Room | None = None
         try:
-            try:
-                msg = await ws.receive(timeout=HELLO_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                await ws.send_json(protocol.error("timeout", "no hello within 10 s"))
-                await ws.close(code=4408)
+            hello = await read_hello(ws, "/ws")
+            if hello is None:
                 return ws
-            if msg.type != WSMsgType.TEXT:
+            if hello["role"] == "worker":
+                await reject(ws, "bad_field", "bot workers connect to /ws/worker", CLOSE_BAD_HELLO)
                 return ws
-            try:
-                hello = protocol.parse_hello(protocol.decode(msg.data, settings.server.max_message_bytes))
-                if hello["role"] == "worker":
-                    raise ProtocolError("bad_field", "workers connect to /ws/worker")
-            except ProtocolError as exc:
-                await ws.send_json(protocol.error(exc.code, exc.message))
-                await ws.close(code=4400)
-                return ws
-            room, peer = await admit(hello, ws)
-            if peer is None or room is None:
-                return ws
-            await serve(room, peer, ws)
+            room, peer = await admit(request, ws, hello)
+            if room is not None and peer is not None:
+                await serve(room, peer, ws)
         except (ConnectionError, RuntimeError) as exc:
-            log.info("socket ended: %s", exc)
+            log.info("/ws: socket ended: %s", exc)
+        except Exception:     # e.g. the store failed while loading the room: this socket only
+            log.exception("/ws: the connection failed")
+            await reject(ws, "internal", "the server could not handle this connection", WSCloseCode.INTERNAL_ERROR)
         finally:
             if peer is not None and room is not None:
-                await leave(room, peer)
+                leave(room, peer)
+                await peer.stop()
         return ws
 
-    async def admit(hello: dict[str, Any], ws: web.WebSocketResponse) -> tuple[Room | None, Peer | None]:
-        room = await hub.room(hello["room"])
-        if room is None:
-            await ws.send_json(protocol.error("unknown_room", "no such room"))
-            await ws.close(code=4404)
-            return None, None
+    async def admit(request: web.Request, ws: web.WebSocketResponse,
+                    hello: dict[str, Any]) -> tuple[Room | None, Peer | None]:
         role = hello["role"]
+        try:
+            room = await live_room(hello["room"])
+        except TooManyRooms:
+            await reject(ws, "server_full", "too many live rooms on this server", CLOSE_SERVER_FULL)
+            return None, None
+        if room is None:
+            log.info("/ws: %s hello for an unknown room", role)
+            await reject(ws, "unknown_room", "no such room", CLOSE_UNKNOWN_ROOM)
+            return None, None
         if role == "student":
-            ok = hmac.compare_digest(hello["key"].encode(), room.join_key.encode())
+            ok = _same(hello["key"], room.join_key)
         elif role == "teacher":
-            ok = hmac.compare_digest(token_hash(hello["token"]), room.teacher_token_hash)
-        else:
-            ok = hmac.compare_digest(hello["token"].encode(), room.bot_token.encode()) or \
-                hmac.compare_digest(token_hash(hello["token"]), room.teacher_token_hash)
+            ok = _same(token_hash(hello["token"]), room.teacher_token_hash)
+        else:  # the bot: the room's bot token (from an invite) or the teacher token
+            ok = _same(hello["token"], room.bot_token) or _same(token_hash(hello["token"]), room.teacher_token_hash)
         if not ok:
-            log.warning("room %s: %s presented a wrong key/token", room.room_id, role)
-            await ws.send_json(protocol.error("unauthorized", "wrong key or token for this room"))
-            await ws.close(code=4401)
+            log.warning("room %s: a %s presented a wrong key/token (from %s)", room.room_id, role, request.remote)
+            await reject(ws, "unauthorized", "wrong key or token for this room", CLOSE_UNAUTHORIZED)
             return None, None
-        if role != "bot" and room.size() >= settings.server.max_participants_per_room:
-            await ws.send_json(protocol.error("room_full", "this room is full"))
-            await ws.close(code=4429)
+        if ws.closed:   # went away while the room was being loaded
+            log.info("room %s: %s left during the handshake", room.room_id, role)
             return None, None
-        peer = Peer(new_id(), role, ws, hello.get("name", ""), hello.get("analysis", True))
-        welcome = protocol.message("welcome", peer_id=peer.peer_id, role=role, ice_servers=settings.ice_servers(),
-                                   video={"width": settings.server.video_width, "height": settings.server.video_height,
-                                          "fps": settings.server.video_fps},
-                                   bot=room.bot.peer_id if room.bot else None, session_id=room.session_id)
+        peer = Peer(new_id(), role, ws, hello.get("name", ""), hello.get("analysis", True), abort=aborter(request))
+        try:
+            replaced = registry.join(room, peer)
+        except RoomFull:
+            log.warning("room %s is full; a %s was refused", room.room_id, role)
+            await reject(ws, "room_full", "this room is full", CLOSE_LIMIT)
+            return None, None
+        peer.start()
+        bot_id = room.bot.peer_id if room.bot else None
         if role == "student":
-            room.students[peer.peer_id] = peer
-            await peer.send(welcome)
-            await to_watchers(room, protocol.message("participant", event="joined", peer_id=peer.peer_id,
-                                                     name=peer.name, analysis=peer.analysis))
+            peer.send(protocol.welcome(peer.peer_id, role, ice_servers=ice_servers, video=video, bot=bot_id,
+                                       session_id=room.session_id))
+            to_watchers(room, protocol.participant("joined", peer.peer_id, peer.name, peer.analysis))
         elif role == "teacher":
-            room.teachers[peer.peer_id] = peer
-            await peer.send({**welcome, "participants": room.participants()})
+            peer.send(protocol.welcome(peer.peer_id, role, ice_servers=ice_servers, video=video, bot=bot_id,
+                                       session_id=room.session_id, participants=room.participants()))
             if room.last_state is not None:
-                await peer.send(room.last_state)
+                peer.send(room.last_state)
         else:
-            old = room.bot
-            room.bot = peer
-            if old is not None:  # a restarted bot takes over the room and its session
-                await old.send(protocol.error("replaced", "another bot joined this room"))
-                await old.ws.close(code=4000)
-            await peer.send({**welcome, "participants": room.participants()})
-            for student in list(room.students.values()):
-                await student.send(protocol.message("bot", peer_id=peer.peer_id))
-        log.info("room %s: %s %s joined", room.room_id, role, peer.peer_id)
+            if replaced is not None:  # a restarted bot takes over the room and its session
+                log.info("room %s: bot %s replaced by %s", room.room_id, replaced.peer_id, peer.peer_id)
+                replaced.send(protocol.error("replaced", "another bot joined this room"))
+                replaced.close(CLOSE_REPLACED)
+            peer.send(protocol.welcome(peer.peer_id, role, ice_servers=ice_servers, video=video, bot=bot_id,
+                                       session_id=room.session_id, participants=room.participants()))
+            presence = protocol.bot_presence(peer.peer_id)
+            for other in [*room.students.values(), *room.teachers.values()]:
+                other.send(presence)
+        log.info("room %s: %s %s joined (%d connected)", room.room_id, role, peer.peer_id, room.size())
         return room, peer
 
-    async def to_watchers(room: Room, message: dict[str, Any]) -> None:
-        """Bot and teachers: the only ones who learn about other participants."""
-        targets = list(room.teachers.values()) + ([room.bot] if room.bot else [])
-        await asyncio.gather(*(t.send(message) for t in targets))
+    def to_watchers(room: Room, message: dict[str, Any]) -> None:
+        for target in room.watchers():
+            target.send(message)
+
+    def to_teachers(room: Room, message: dict[str, Any]) -> None:
+        for target in list(room.teachers.values()):
+            target.send(message)
 
     async def serve(room: Room, peer: Peer, ws: web.WebSocketResponse) -> None:
-        limit = settings.server.max_bot_message_bytes if peer.role == "bot" else settings.server.max_message_bytes
-        rate = RateLimit(200.0, 400.0) if peer.role == "bot" else RateLimit(20.0, 50.0)
+        is_bot = peer.role == "bot"
+        limit = cfg.max_bot_message_bytes if is_bot else cfg.max_message_bytes
+        factor = 10 if is_bot else 1
+        rate = RateLimit(cfg.messages_per_second * factor, cfg.message_burst * factor)
         async for msg in ws:
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if msg.type == WSMsgType.ERROR:
+                    log.info("room %s: %s %s socket error: %s", room.room_id, peer.role, peer.peer_id, ws.exception())
+                break
+            if peer.closing:
                 break
             if not rate.allow():
-                await peer.send(protocol.error("rate_limited", "too many messages"))
-                await ws.close(code=4429)
+                log.warning("room %s: %s %s sent too many messages; closing", room.room_id, peer.role, peer.peer_id)
+                peer.send(protocol.error("rate_limited", "too many messages"))
+                peer.close(CLOSE_LIMIT)
                 break
             try:
-                data = protocol.parse(msg.data, peer.role, limit)
-                await handle(room, peer, data)
+                handle(room, peer, protocol.parse(msg.data, peer.role, limit))
             except ProtocolError as exc:
-                await peer.send(protocol.error(exc.code, exc.message))
+                peer.send(protocol.error(exc.code, exc.message))
             except Exception:  # a bug must cost one message, not the connection or the room
                 log.exception("room %s: handling a %s message failed", room.room_id, peer.role)
-                await peer.send(protocol.error("internal", "the server could not handle that message"))
+                peer.send(protocol.error("internal", "the server could not handle that message"))
 
-    async def handle(room: Room, peer: Peer, data: dict[str, Any]) -> None:
+    def handle(room: Room, peer: Peer, data: dict[str, Any]) -> None:
         kind = data["type"]
         if kind == "ping":
-            await peer.send(protocol.message("pong"))
+            peer.send(protocol.message("pong"))
         elif kind == "signal":
             target: Peer | None = None
             if peer.role == "student" and room.bot is not None and data["to"] == room.bot.peer_id:
@@ -432,40 +515,50 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
             elif peer.role == "bot" and room.bot is peer:
                 target = room.students.get(data["to"])
             if target is None:
-                raise ProtocolError("bad_target", "you can signal only the bot (students) or students (bot)")
-            await target.send(protocol.message("signal", **{"from": peer.peer_id}, data=data["data"]))
+                raise ProtocolError("bad_target", "students may signal only the bot, the bot only students of its room")
+            target.send(protocol.signal_from(peer.peer_id, data["data"]))
         elif kind == "consent":
-            peer.analysis = data["analysis"]
-            await to_watchers(room, protocol.message("participant", event="consent", peer_id=peer.peer_id,
-                                                     name=peer.name, analysis=peer.analysis))
+            if peer.analysis != data["analysis"]:
+                peer.analysis = data["analysis"]
+                log.info("room %s: student %s analysis %s", room.room_id, peer.peer_id, "on" if peer.analysis else "off")
+            to_watchers(room, protocol.participant("consent", peer.peer_id, peer.name, peer.analysis))
         elif kind == "control":
             if room.bot is None:
                 raise ProtocolError("no_bot", "the assistant is not in the room")
-            await room.bot.send(protocol.message("control", **{"from": peer.peer_id},
-                                                 **{k: v for k, v in data.items() if k != "type"}))
-        elif room.bot is peer:
-            if kind == "session":
+            room.bot.send(protocol.control_from(peer.peer_id, data))
+        elif room.bot is not peer:
+            raise ProtocolError("replaced", "this bot no longer serves the room")
+        elif kind == "session":
+            if room.session_id != data["session_id"]:
                 room.session_id = data["session_id"]
-            elif kind == "state":
-                room.last_state = protocol.message("state", state=data["state"])
-                await asyncio.gather(*(t.send(room.last_state) for t in list(room.teachers.values())))
-            elif kind == "alert":
-                alert = protocol.message("alert", alert=data["alert"])
-                await asyncio.gather(*(t.send(alert) for t in list(room.teachers.values())))
+                log.info("room %s: session %s", room.room_id, room.session_id)
+            to_teachers(room, protocol.message("session", session_id=room.session_id))
+        elif kind == "state":
+            room.last_state = protocol.message("state", state=data["state"])
+            to_teachers(room, room.last_state)
+        elif kind == "alert":
+            to_teachers(room, protocol.message("alert", alert=data["alert"]))
 
-    async def leave(room: Room, peer: Peer) -> None:
-        if peer.role == "student" and room.students.pop(peer.peer_id, None) is not None:
-            await to_watchers(room, protocol.message("participant", event="left", peer_id=peer.peer_id,
-                                                     name=peer.name, analysis=peer.analysis))
-        elif peer.role == "teacher":
-            room.teachers.pop(peer.peer_id, None)
-        elif peer.role == "bot" and room.bot is peer:
-            room.bot = None
-            room.last_state = None
-            for student in list(room.students.values()):
-                await student.send(protocol.message("bot", peer_id=None))
-        log.info("room %s: %s %s left", room.room_id, peer.role, peer.peer_id)
+    def leave(room: Room, peer: Peer) -> None:
+        if not registry.leave(room, peer):
+            log.info("room %s: %s %s disconnected (no longer seated)", room.room_id, peer.role, peer.peer_id)
+            return
+        if peer.role == "student":
+            to_watchers(room, protocol.participant("left", peer.peer_id, peer.name, peer.analysis))
+        elif peer.role == "bot":
+            presence = protocol.bot_presence(None)
+            for other in [*room.students.values(), *room.teachers.values()]:
+                other.send(presence)
+        log.info("room %s: %s %s left (%d connected)", room.room_id, peer.role, peer.peer_id, room.size())
 
+    async def on_shutdown(_app: web.Application) -> None:
+        open_sockets = [ws for ws in list(sockets) if not ws.closed]
+        if open_sockets:
+            log.info("closing %d socket(s) for shutdown", len(open_sockets))
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                               for ws in open_sockets), return_exceptions=True)
+
+    app.on_shutdown.append(on_shutdown)
     app.router.add_get("/", page("index.html"))
     app.router.add_get("/join/{room}", page("join.html"))
     app.router.add_get("/teach/{room}", page("teach.html"))
@@ -479,12 +572,12 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     app.router.add_get("/api/sessions/{sid}/review", review)
     app.router.add_get("/api/sessions/{sid}/samples.csv", csv_handler("samples"))
     app.router.add_get("/api/sessions/{sid}/alerts.csv", csv_handler("alerts"))
-    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/ws", ws_room)
     app.router.add_get("/ws/worker", ws_worker)
     return app
 
 
-def _take(iterator, n: int) -> list[str]:
+def _take(iterator: Iterator[str], n: int) -> list[str]:
     out = []
     for line in iterator:
         out.append(line)

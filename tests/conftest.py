@@ -1,4 +1,4 @@
-"""Shared fixtures: a real signaling server on a free loopback port (in-memory store)."""
+"""Shared test setup (keep small and generic; the signaling server fixture lives in tests/test_signaling.py)."""
 from __future__ import annotations
 
 import os
