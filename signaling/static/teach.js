@@ -50,6 +50,9 @@ function connect() {
       render();
     } else if (msg.type === "state") {
       lastState = msg.state; showBot(true); render(); drawSparkline(); showThresholds();
+    } else if (msg.type === "bot") {
+      showBot(msg.peer_id);
+      if (!msg.peer_id) { lastState = null; render(); }
     } else if (msg.type === "alert") {
       addAlert(msg.alert, true);
     } else if (msg.type === "error") {
