@@ -54,10 +54,11 @@ class ClassRoom:
     def add_student(self, peer_id: str, name: str, analysis: bool) -> None:
         if peer_id in self.students:
             return
-        self.students[peer_id] = Student(peer_id, name, analysis, StudentSignals(self.settings.signals))
+        # The participant row is queued before any sample can reference it (the writer keeps order).
         self.repository.add_participant(self.session_id, peer_id, name)
         if not analysis:
             self.repository.set_opt_out(self.session_id, peer_id, True)
+        self.students[peer_id] = Student(peer_id, name, analysis, StudentSignals(self.settings.signals))
         log.info("room %s: %s joined (analysis %s)", self.room_id, name, "on" if analysis else "off")
 
     def remove_student(self, peer_id: str) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from core import settings as settings_mod
+from storage.csvrows import iso_time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--session", help="session id (see --list)")
     parser.add_argument("--out", help="folder to write samples.csv, alerts.csv and review.json into")
     parser.add_argument("--list", action="store_true", help="list stored sessions")
-    parser.add_argument("--db", help="shortcut for --storage-url sqlite:///PATH")
+    parser.add_argument("--db", metavar="PATH_OR_URL",
+                        help="a SQLite file or any SQLAlchemy URL (overrides --storage-url)")
     settings_mod.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -26,29 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    url = f"sqlite:///{args.db}" if args.db else settings.storage.url
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        print(f"error: database {url[len('sqlite:///'):]} not found", file=sys.stderr)
+    url = (args.db if "://" in args.db else f"sqlite:///{args.db}") if args.db else settings.storage.url
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        # Opening a missing file would create an empty database: say what is wrong instead.
+        print(f"error: database file {path} not found", file=sys.stderr)
         return 2
-    from sqlalchemy import select
     from sqlalchemy.exc import SQLAlchemyError
 
-    from storage import schema
     from storage.repository import Repository
     try:
         repo = Repository(url)
-    except SQLAlchemyError as exc:
-        print(f"error: cannot open database {url}: {str(exc).splitlines()[0]}", file=sys.stderr)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:   # bad file, bad URL, missing driver
+        print(f"error: cannot open database {url}: {first_line(exc)}", file=sys.stderr)
         return 2
     try:
         if args.list:
-            with repo.engine.connect() as conn:
-                rows = conn.execute(select(schema.sessions).order_by(schema.sessions.c.started_at.desc())).mappings().all()
-            for row in rows:
-                for s in repo.list_sessions(row["room_id"]):
-                    if s["session_id"] == row["session_id"]:
-                        print(f"{s['session_id']}  room {s['room_id']}  participants {s['participants']}  "
-                              f"samples {s['samples']}  alerts {s['alerts']}")
+            for s in repo.list_sessions(None):
+                ended = "open" if s["ended_at"] is None else f"ended {iso_time(s['ended_at'])}"
+                print(f"{s['session_id']}  room {s['room_id']}  started {iso_time(s['started_at'])}  {ended}  "
+                      f"participants {s['participants']}  samples {s['samples']}  alerts {s['alerts']}")
             return 0
         if not args.session or not args.out:
             print("error: give --session SID and --out DIR (or --list)", file=sys.stderr)
@@ -59,19 +58,32 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "samples.csv", "w", newline="") as f:
+        with open(out / "samples.csv", "w", newline="", encoding="utf-8") as f:
             f.writelines(repo.iter_samples_csv(args.session))
-        with open(out / "alerts.csv", "w", newline="") as f:
+        with open(out / "alerts.csv", "w", newline="", encoding="utf-8") as f:
             f.writelines(repo.iter_alerts_csv(args.session))
-        (out / "review.json").write_text(json.dumps(review, indent=1))
+        (out / "review.json").write_text(json.dumps(review, indent=1), encoding="utf-8")
         for name in ("samples.csv", "alerts.csv", "review.json"):
             print(out / name)
         return 0
     except (OSError, SQLAlchemyError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
     finally:
         repo.close()
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a sqlite:/// URL, or None (another database, or in-memory SQLite)."""
+    if not url.startswith("sqlite") or ":memory:" in url or "///" not in url:
+        return None
+    path = url.split("///", 1)[1].split("?", 1)[0]
+    return Path(path) if path else None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """The post-class review of one session, aggregated in SQL (a 50-student hour is ~360k samples).
 
-Shape: {"session", "emotions", "timeline": [{t, n, probs[7], confusion, boredom, students}],
-"alerts": [...], "students": [{participant_id, name, seconds_analysed, samples, face_share,
-share{label: share of top label}, mean_confusion, mean_boredom, alerts}]}
+Shape: {"session": {session_id, room_id, title, started_at, ended_at}, "emotions": [7 labels],
+"bucket_seconds", "timeline": [{t, n, probs[7], confusion, boredom, students}], "alerts": [...],
+"students": [{participant_id, name, opted_out, joined_at, left_at, seconds_analysed, samples,
+face_share, share{label: share of top label among face samples}, mean_confusion, mean_boredom, alerts}]}
+
+Two scans of the session's samples through the (session_id, t) index: one GROUP BY time bucket, one
+GROUP BY participant (all label shares in that same pass).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Integer, case, func, select
 from sqlalchemy.engine import Connection
 
 from core.emotions import EMOTIONS
 from storage import schema
-
 
 def build_review(conn: Connection, session_id: str, bucket_seconds: float = 10.0) -> dict[str, Any] | None:
     s, r, p, sm, a = schema.sessions, schema.rooms, schema.participants, schema.samples, schema.alerts
@@ -22,58 +25,77 @@ def build_review(conn: Connection, session_id: str, bucket_seconds: float = 10.0
     if session is None:
         return None
     bucket_seconds = max(1.0, float(bucket_seconds))
-    bucket = func.cast(sm.c.t / bucket_seconds, schema.Integer)
-    face = sm.c.face_found.is_(True)
-    timeline_rows = conn.execute(
-        select(bucket.label("b"), func.count().label("all"), func.sum(case((face, 1), else_=0)).label("n"),
-               *[func.avg(sm.c[c]).label(c) for c in schema.PROB_COLUMNS],
-               func.avg(sm.c.confusion).label("confusion"), func.avg(sm.c.boredom).label("boredom"),
-               func.count(func.distinct(sm.c.participant_id)).label("students"))
-        .where(sm.c.session_id == session_id).group_by("b").order_by("b")).mappings().all()
-    timeline = [{"t": row["b"] * bucket_seconds, "n": int(row["n"] or 0),
-                 "probs": [_round(row[c]) for c in schema.PROB_COLUMNS],
-                 "confusion": _round(row["confusion"]), "boredom": _round(row["boredom"]),
-                 "students": int(row["students"])} for row in timeline_rows]
-
-    alerts = [dict(row) for row in conn.execute(select(a).where(a.c.session_id == session_id).order_by(a.c.t)).mappings()]
+    alerts = [dict(row) for row in
+              conn.execute(select(a).where(a.c.session_id == session_id).order_by(a.c.t, a.c.alert_id)).mappings()]
     alert_counts: dict[str, int] = {}
     for alert in alerts:
         if alert["participant_id"]:
             alert_counts[alert["participant_id"]] = alert_counts.get(alert["participant_id"], 0) + 1
-
-    per_student = {row["participant_id"]: row for row in conn.execute(
-        select(sm.c.participant_id, func.count().label("samples"),
-               func.sum(case((face, 1), else_=0)).label("faces"),
-               func.min(sm.c.t).label("first"), func.max(sm.c.t).label("last"),
-               func.avg(sm.c.confusion).label("confusion"), func.avg(sm.c.boredom).label("boredom"))
-        .where(sm.c.session_id == session_id).group_by(sm.c.participant_id)).mappings()}
-    labels: dict[str, dict[str, int]] = {}
-    for row in conn.execute(select(sm.c.participant_id, sm.c.top_label, func.count().label("n"))
-                            .where((sm.c.session_id == session_id) & face).group_by(sm.c.participant_id, sm.c.top_label)):
-        labels.setdefault(row.participant_id, {})[row.top_label] = int(row.n)
-
+    per_student = _per_student(conn, session_id)
     students = []
-    for person in conn.execute(select(p).where(p.c.session_id == session_id).order_by(p.c.joined_at)).mappings():
+    for person in conn.execute(select(p).where(p.c.session_id == session_id)
+                               .order_by(p.c.joined_at, p.c.participant_id)).mappings():
         pid = person["participant_id"]
-        stats = per_student.get(pid)
-        counts = labels.get(pid, {})
-        faces = sum(counts.values())
-        n = int(stats["samples"]) if stats else 0
-        students.append({
-            "participant_id": pid, "name": person["name"], "opted_out": bool(person["analysis_opt_out"]),
-            "joined_at": person["joined_at"], "left_at": person["left_at"],
-            "seconds_analysed": round(float(stats["last"] - stats["first"]), 1) if stats else 0.0,
-            "samples": n, "face_share": round(int(stats["faces"] or 0) / n, 4) if n else None,
-            "share": {label: round(counts.get(label, 0) / faces, 4) if faces else 0.0 for label in EMOTIONS},
-            "mean_confusion": _round(stats["confusion"]) if stats else None,
-            "mean_boredom": _round(stats["boredom"]) if stats else None,
-            "alerts": alert_counts.get(pid, 0),
-        })
+        students.append({"participant_id": pid, "name": person["name"],
+                         "opted_out": bool(person["analysis_opt_out"]),
+                         "joined_at": person["joined_at"], "left_at": person["left_at"],
+                         **per_student.get(pid, _no_samples()), "alerts": alert_counts.get(pid, 0)})
     return {"session": {"session_id": session["session_id"], "room_id": session["room_id"],
                         "title": session["title"] or "", "started_at": session["started_at"],
                         "ended_at": session["ended_at"]},
-            "emotions": list(EMOTIONS), "bucket_seconds": bucket_seconds, "timeline": timeline,
-            "alerts": alerts, "students": students}
+            "emotions": list(EMOTIONS), "bucket_seconds": bucket_seconds,
+            "timeline": _timeline(conn, session_id, bucket_seconds), "alerts": alerts, "students": students}
+
+
+def _timeline(conn: Connection, session_id: str, bucket_seconds: float) -> list[dict[str, Any]]:
+    sm = schema.samples
+    bucket = _bucket_index(conn, sm.c.t, bucket_seconds).label("b")
+    query = (select(bucket, func.sum(case((sm.c.face_found.is_(True), 1), else_=0)).label("n"),
+                    *[func.avg(sm.c[c]).label(c) for c in schema.PROB_COLUMNS],   # AVG skips no-face NULLs
+                    func.avg(sm.c.confusion).label("confusion"), func.avg(sm.c.boredom).label("boredom"),
+                    func.count(func.distinct(sm.c.participant_id)).label("students"))
+             .where(sm.c.session_id == session_id).group_by(bucket).order_by(bucket))
+    return [{"t": float(row["b"]) * bucket_seconds, "n": int(row["n"] or 0),
+             "probs": [_round(row[c]) for c in schema.PROB_COLUMNS],
+             "confusion": _round(row["confusion"]), "boredom": _round(row["boredom"]),
+             "students": int(row["students"])} for row in conn.execute(query).mappings()]
+
+
+def _per_student(conn: Connection, session_id: str) -> dict[str, dict[str, Any]]:
+    sm = schema.samples
+    face = sm.c.face_found.is_(True)
+    label_counts = [func.sum(case((face & (sm.c.top_label == label), 1), else_=0)).label(f"n_{label}")
+                    for label in EMOTIONS]
+    query = (select(sm.c.participant_id, func.count().label("samples"),
+                    func.sum(case((face, 1), else_=0)).label("faces"),
+                    func.min(sm.c.t).label("first"), func.max(sm.c.t).label("last"),
+                    func.avg(sm.c.confusion).label("confusion"), func.avg(sm.c.boredom).label("boredom"),
+                    *label_counts)
+             .where(sm.c.session_id == session_id).group_by(sm.c.participant_id))
+    out: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(query).mappings():
+        n, faces = int(row["samples"]), int(row["faces"] or 0)
+        labelled = sum(int(row[f"n_{label}"] or 0) for label in EMOTIONS)
+        out[row["participant_id"]] = {
+            "seconds_analysed": round(float(row["last"] - row["first"]), 1),   # approx: first to last sample
+            "samples": n, "face_share": round(faces / n, 4),
+            "share": {label: round(int(row[f"n_{label}"] or 0) / labelled, 4) if labelled else 0.0
+                      for label in EMOTIONS},
+            "mean_confusion": _round(row["confusion"]), "mean_boredom": _round(row["boredom"])}
+    return out
+
+
+def _no_samples() -> dict[str, Any]:
+    return {"seconds_analysed": 0.0, "samples": 0, "face_share": None,
+            "share": {label: 0.0 for label in EMOTIONS}, "mean_confusion": None, "mean_boredom": None}
+
+
+def _bucket_index(conn: Connection, t: Any, bucket_seconds: float) -> Any:
+    # floor(t / b) in SQL: SQLite's CAST truncates (the same for positive epochs) and floor() is an
+    # optional SQLite build feature; other databases' CAST rounds, so they get floor().
+    if conn.dialect.name == "sqlite":
+        return func.cast(t / bucket_seconds, Integer)
+    return func.floor(t / bucket_seconds)
 
 
 def _round(value: Any) -> float | None:
