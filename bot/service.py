@@ -59,7 +59,7 @@ def build_analyse(settings: Settings) -> Callable[[list[np.ndarray]], Faces]:
             return faces.with_probs(np.repeat(fixed[None], len(faces), axis=0))
         return analyse_scripted
 
-    classifier = ExpressionClassifier(model, threads=threads)
+    classifier = ExpressionClassifier(model, threads=threads, flip_average=settings.model.flip_average)
 
     def analyse(frames: list[np.ndarray]) -> Faces:
         faces = detector.detect(frames).largest_per_frame()

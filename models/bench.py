@@ -68,8 +68,10 @@ def classifier_rows(repeats: int, models: list[str]) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for model in models:
-        clf = ExpressionClassifier(model, threads=1)
-        rows.append({"model": f"ours: {clf.name} (TFLite)", **timed(clf.predict, rng, repeats)})
+        for flip in (True, False):
+            clf = ExpressionClassifier(model, threads=1, flip_average=flip)
+            how = "with mirror average, as shipped" if flip else "single pass, --no-flip"
+            rows.append({"model": f"ours: {clf.name} (TFLite, {how})", **timed(clf.predict, rng, repeats)})
     baseline = BaselineClassifier.load(threads=1)
     if baseline is not None:
         rows.append({"model": f"baseline: {baseline.name}", **timed(baseline.predict, rng, repeats)})

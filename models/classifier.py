@@ -32,10 +32,13 @@ class ExpressionClassifier:
 
     CACHED_SIZES = 3
 
-    def __init__(self, model: str = "ferplus", threads: int = 1, max_batch: int = 64) -> None:
+    def __init__(self, model: str = "ferplus", threads: int = 1, max_batch: int = 64,
+                 flip_average: bool = True) -> None:
         self.path = resolve_model(model)
         self.name = self.path.stem
         self.threads = threads
+        # Averaging with the mirrored face: +0.5 point on PublicTest for twice the (small) classifier cost.
+        self.flip_average = flip_average
         self.max_batch = max(1, int(max_batch))
         self._content = self.path.read_bytes()
         interpreter = self._new_interpreter()
@@ -77,6 +80,13 @@ class ExpressionClassifier:
             raise ValueError(f"expected (N, 48, 48, 1) faces, got {faces48.shape}")
         if len(faces48) == 0:
             return np.zeros((0, NUM_EMOTIONS), np.float32)
+        if self.flip_average:
+            n = len(faces48)
+            both = self._predict(np.concatenate([faces48, faces48[:, :, ::-1]]))
+            return (both[:n] + both[n:]) / 2
+        return self._predict(faces48)
+
+    def _predict(self, faces48: np.ndarray) -> np.ndarray:
         outputs = []
         with self._lock:
             for start in range(0, len(faces48), self.max_batch):

@@ -58,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
                    "full-range passes so that small faces (crowds, galleries) are found (default auto)")
     p.add_argument("--min-score", type=float, default=0.5)
     p.add_argument("--annotate", metavar="OUT.png")
+    p.add_argument("--no-flip", action="store_true", help="classify each face once, without averaging with its mirror image")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         image = read_image(args.image)
         from models.classifier import ExpressionClassifier
         from models.detector import make_detector
-        classifier = ExpressionClassifier(args.model, threads=2)
+        classifier = ExpressionClassifier(args.model, threads=2, flip_average=not args.no_flip)
         detector = make_detector(args.detector, 2, args.min_score, tiles=args.tiles)
         faces = classifier.classify([image], detector.detect([image]))
         if args.annotate:

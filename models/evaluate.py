@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detect", action="store_true", help="with --folder: detect and align the largest face first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-flip", action="store_true", help="classify each face once, without averaging with its mirror image")
     p.add_argument("--confusion", metavar="OUT.png", help="write the confusion matrix as an image")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = p.parse_args(argv)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         from models.classifier import ExpressionClassifier
-        classifier = ExpressionClassifier(args.model, threads=args.threads)
+        classifier = ExpressionClassifier(args.model, threads=args.threads, flip_average=not args.no_flip)
         faces, truth, info = dataset_faces(args) if args.data else folder_faces(args)
         pred = predict_with_gaps(classifier.predict, list(faces))
         from models.baseline import BaselineClassifier

@@ -23,7 +23,7 @@ class FacePipeline:
         settings = settings or ModelSettings()
         self.settings = settings
         self.detector = make_detector(settings.detector, threads=threads, min_score=min_score)
-        self.classifier = ExpressionClassifier(settings.model, threads=threads)
+        self.classifier = ExpressionClassifier(settings.model, threads=threads, flip_average=settings.flip_average)
 
     def analyse(self, frames: list[np.ndarray], largest_only: bool = False) -> Faces:
         """Faces (with probs) in all frames; frame_ids index into `frames`."""

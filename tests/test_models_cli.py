@@ -170,7 +170,8 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny_model, tmp_path, ca
 def test_bench_measures_ours_beside_the_references(tiny_model):
     data = last_json(run("models.bench", "--repeats", "3", "--json", "--model", str(tiny_model), timeout=240))
     ours = [r for r in data["classifier"] if r["model"].startswith("ours")]
-    assert len(ours) == 1 and ours[0]["ms_per_face_batch1"] > 0 and ours[0]["ms_per_face_batch32"] > 0
+    assert len(ours) == 2 and all(r["ms_per_face_batch1"] > 0 and r["ms_per_face_batch32"] > 0 for r in ours)
+    assert any("as shipped" in r["model"] for r in ours) and any("--no-flip" in r["model"] for r in ours)
     detectors = {r["detector"] for r in data["detector"]}
     assert {"ours: short", "ours: full", "ours: full+tiles", "ours: auto (bot)"} <= detectors
     if MEDIA is not None:

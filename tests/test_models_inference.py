@@ -221,6 +221,17 @@ def test_batch_sizes_agree_with_one_by_one_predictions(tiny_model):
         clf.predict(np.zeros((2, 64, 64, 1), np.float32))
 
 
+def test_mirror_averaging_scores_a_face_and_its_mirror_image_alike(tiny_model):
+    single = ExpressionClassifier(str(tiny_model), flip_average=False)
+    averaged = ExpressionClassifier(str(tiny_model))
+    faces = np.random.default_rng(3).random((5, 48, 48, 1), dtype=np.float32)
+    mirrored = faces[:, :, ::-1]
+    expected = (single.predict(faces) + single.predict(mirrored)) / 2
+    assert np.allclose(averaged.predict(faces), expected, atol=1e-5)
+    assert np.allclose(averaged.predict(mirrored), averaged.predict(faces), atol=1e-5)
+    assert not np.allclose(single.predict(mirrored), single.predict(faces), atol=1e-5)
+
+
 def test_predict_is_thread_safe(tiny_model):
     clf = ExpressionClassifier(str(tiny_model))
     rng = np.random.default_rng(2)
