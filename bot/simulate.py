@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from bot.students import SimulatedStudent, load_video_frames, no_face_frames
+from bot.students import EncodedClip, SimulatedStudent, load_video_frames, no_face_frames
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=240)
     p.add_argument("--fps", type=float, default=5.0)
+    p.add_argument("--live-encode", action="store_true",
+                   help="every student runs its own VP8 encoder on this machine (as if the students' laptops "
+                        "were this machine), instead of sending one shared clip encoded once")
     p.add_argument("--sample-hz", type=float, default=None, help="bot sampling rate (default: the bot's setting)")
     p.add_argument("--bot-arg", action="append", default=[], help="extra flag for the bot process, e.g. --bot-arg=--signals-student-min-seconds=5")
     p.add_argument("--keep-log", default=None, help="write the bot's log here")
@@ -99,6 +102,8 @@ class ProcessMonitor:
 async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     frames = load_video_frames(args.video, args.width, args.height, args.fps)
     blank = no_face_frames(args.width, args.height)
+    if not args.live_encode:
+        frames, blank = EncodedClip(frames, args.fps), EncodedClip(blank, args.fps)
     db = Path(args.db) if args.db else Path(tempfile.mkdtemp(prefix="classmood-sim-")) / "classmood.sqlite"
     db.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -271,7 +276,7 @@ def summarise(db: Path, room_id: str, started: float, ended: float, args: argpar
         "p50_frame_to_row_s": pct(latencies, 0.5), "p95_frame_to_row_s": pct(latencies, 0.95),
         "alerts": len(alerts), "alert_kinds": sorted({f"{a[0]}:{a[1]}" for a in alerts}),
         "frames_dropped": bot_stats.get("frames_dropped"), "rows_lost": max(0, accepted - len(rows)) + int(bot_stats.get("storage", {}).get("lost", 0) or 0),
-        "session_id": sid, "seconds": args.seconds, "churn": args.churn,
+        "session_id": sid, "seconds": args.seconds, "churn": args.churn, "live_encode": args.live_encode,
     }
 
 

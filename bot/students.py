@@ -83,8 +83,69 @@ class LoopingVideoTrack(VideoStreamTrack):
         return frame
 
 
+class EncodedClip:
+    """A clip encoded to VP8 once, with a keyframe every second, that many students can send.
+
+    A real student's encoder runs on the student's own computer. When 50 simulated students run on the
+    bot's machine, 50 live encoders would take as much CPU as the bot itself; sending this shared,
+    already-encoded clip keeps the load test about the bot. Receivers see ordinary VP8 over RTP."""
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 5.0, bitrate: int = 300_000) -> None:
+        if not frames:
+            raise ValueError("no frames to encode")
+        self.fps = fps
+        self.gop = max(1, round(fps))
+        height, width = frames[0].shape[:2]
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height, codec.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+        codec.time_base = fractions.Fraction(1, 90000)
+        codec.framerate = fractions.Fraction(round(fps * 1000), 1000)
+        codec.bit_rate = bitrate
+        codec.gop_size = self.gop
+        codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0", "error-resilient": "1"}
+        self.payloads: list[bytes] = []
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image[:codec.height, :codec.width], format="bgr24")
+            frame.pts = int(i * 90000 / fps)
+            frame.time_base = codec.time_base
+            if i % self.gop == 0:
+                frame.pict_type = av.video.frame.PictureType.I
+            self.payloads += [bytes(packet) for packet in codec.encode(frame)]
+        self.payloads += [bytes(packet) for packet in codec.encode(None)]
+        # Loop only over whole groups of pictures, so that every wrap starts at a keyframe.
+        whole = len(self.payloads) - len(self.payloads) % self.gop
+        self.payloads = self.payloads[:whole or len(self.payloads)]
+
+
+class LoopingPacketTrack(VideoStreamTrack):
+    """Sends an EncodedClip in a loop at its frame rate, starting at a keyframe near `offset`."""
+
+    def __init__(self, clip: EncodedClip, offset: int = 0) -> None:
+        super().__init__()
+        self.clip = clip
+        self.index = (offset // clip.gop * clip.gop) % len(clip.payloads)
+        self.count = 0
+        self.start: float | None = None
+
+    async def recv(self) -> av.Packet:
+        if self.start is None:
+            self.start = time.monotonic()
+        self.count += 1
+        delay = self.start + self.count / self.clip.fps - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        packet = av.Packet(self.clip.payloads[self.index])
+        self.index = (self.index + 1) % len(self.clip.payloads)
+        packet.pts = int(self.count * 90000 / self.clip.fps)
+        packet.time_base = fractions.Fraction(1, 90000)
+        return packet
+
+
 class SimulatedStudent:
-    def __init__(self, server: str, room: str, key: str, name: str, frames: list[np.ndarray],
+    """A student as the browser page behaves; streams `frames` (encoded live by aiortc) or an
+    EncodedClip (shared, already encoded)."""
+
+    def __init__(self, server: str, room: str, key: str, name: str, frames: list[np.ndarray] | EncodedClip,
                  fps: float = 5.0, analysis: bool = True, offset: int = 0) -> None:
         self.server, self.room, self.key, self.name = server, room, key, name
         self.frames, self.fps, self.analysis, self.offset = frames, fps, analysis, offset
@@ -144,7 +205,9 @@ class SimulatedStudent:
             if pc.connectionState == "connected":
                 self.connected.set()
 
-        pc.addTransceiver(LoopingVideoTrack(self.frames, self.fps, self.offset), direction="sendonly")
+        track = LoopingPacketTrack(self.frames, self.offset) if isinstance(self.frames, EncodedClip) \
+            else LoopingVideoTrack(self.frames, self.fps, self.offset)
+        pc.addTransceiver(track, direction="sendonly")
         await pc.setLocalDescription(await pc.createOffer())
         await self.send({"type": "signal", "to": self.bot_id, "data": {"type": "offer", "sdp": pc.localDescription.sdp}})
 
