@@ -59,27 +59,43 @@ def no_face_frames(width: int = 320, height: int = 240, count: int = 10) -> list
     return frames
 
 
-class LoopingVideoTrack(VideoStreamTrack):
-    """Plays preloaded frames in a loop at a fixed rate (shared frame list: cheap for 50 students)."""
+VIDEO_CLOCK_HZ = 90_000                            # RTP's video clock
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
 
-    def __init__(self, frames: list[np.ndarray], fps: float = 5.0, offset: int = 0) -> None:
+
+class PacedTrack(VideoStreamTrack):
+    """A video track that hands out its next item every 1/fps seconds of wall time, stamped on the
+    90 kHz clock; subclasses say what the item is."""
+
+    def __init__(self, fps: float) -> None:
         super().__init__()
-        self.frames = frames
         self.fps = fps
-        self.offset = offset
         self.count = 0
         self.start: float | None = None
 
-    async def recv(self) -> av.VideoFrame:
+    async def next_pts(self) -> int:
+        """Wait for the next slot; returns its presentation time in VIDEO_TIME_BASE units."""
         if self.start is None:
             self.start = time.monotonic()
         self.count += 1
         delay = self.start + self.count / self.fps - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        return int(self.count * VIDEO_CLOCK_HZ / self.fps)
+
+
+class LoopingVideoTrack(PacedTrack):
+    """Plays preloaded frames in a loop at a fixed rate (shared frame list: cheap for 50 students)."""
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 5.0, offset: int = 0) -> None:
+        super().__init__(fps)
+        self.frames = frames
+        self.offset = offset
+
+    async def recv(self) -> av.VideoFrame:
+        pts = await self.next_pts()
         frame = av.VideoFrame.from_ndarray(self.frames[(self.offset + self.count) % len(self.frames)], format="bgr24")
-        frame.pts = int(self.count * 90000 / self.fps)
-        frame.time_base = fractions.Fraction(1, 90000)
+        frame.pts, frame.time_base = pts, VIDEO_TIME_BASE
         return frame
 
 
@@ -98,7 +114,7 @@ class EncodedClip:
         height, width = frames[0].shape[:2]
         codec = av.CodecContext.create("libvpx", "w")
         codec.width, codec.height, codec.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
-        codec.time_base = fractions.Fraction(1, 90000)
+        codec.time_base = VIDEO_TIME_BASE
         codec.framerate = fractions.Fraction(round(fps * 1000), 1000)
         codec.bit_rate = bitrate
         codec.gop_size = self.gop
@@ -106,8 +122,7 @@ class EncodedClip:
         self.payloads: list[bytes] = []
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image[:codec.height, :codec.width], format="bgr24")
-            frame.pts = int(i * 90000 / fps)
-            frame.time_base = codec.time_base
+            frame.pts, frame.time_base = int(i * VIDEO_CLOCK_HZ / fps), VIDEO_TIME_BASE
             if i % self.gop == 0:
                 frame.pict_type = av.video.frame.PictureType.I
             self.payloads += [bytes(packet) for packet in codec.encode(frame)]
@@ -117,27 +132,19 @@ class EncodedClip:
         self.payloads = self.payloads[:whole or len(self.payloads)]
 
 
-class LoopingPacketTrack(VideoStreamTrack):
+class LoopingPacketTrack(PacedTrack):
     """Sends an EncodedClip in a loop at its frame rate, starting at a keyframe near `offset`."""
 
     def __init__(self, clip: EncodedClip, offset: int = 0) -> None:
-        super().__init__()
+        super().__init__(clip.fps)
         self.clip = clip
         self.index = (offset // clip.gop * clip.gop) % len(clip.payloads)
-        self.count = 0
-        self.start: float | None = None
 
     async def recv(self) -> av.Packet:
-        if self.start is None:
-            self.start = time.monotonic()
-        self.count += 1
-        delay = self.start + self.count / self.clip.fps - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        pts = await self.next_pts()
         packet = av.Packet(self.clip.payloads[self.index])
         self.index = (self.index + 1) % len(self.clip.payloads)
-        packet.pts = int(self.count * 90000 / self.clip.fps)
-        packet.time_base = fractions.Fraction(1, 90000)
+        packet.pts, packet.time_base = pts, VIDEO_TIME_BASE
         return packet
 
 
