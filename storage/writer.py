@@ -135,12 +135,14 @@ class BatchWriter:
                 elif not self._ops:
                     self._dropping = False
                 pending = len(self._ops)
+                # Logged before waking flush(): whoever sees the backlog gone also sees why rows went
+                # missing and that the database recovered.
+                for op, exc in rejected:
+                    log.error("storage: the database rejected a %s row for good (%s); dropped",
+                              op.kind, _describe(exc))
                 if error is None and failing:
-                    # Logged before waking flush(): whoever sees the backlog gone also sees the recovery.
                     log.warning("storage: database writable again; backlog is %d operations", pending)
                 self._cond.notify_all()
-            for op, exc in rejected:
-                log.error("storage: the database rejected a %s row for good (%s); dropped", op.kind, _describe(exc))
             if error is None:
                 failing, backoff = False, BACKOFF_START
                 continue

@@ -205,7 +205,7 @@ def test_any_database_error_is_retried_not_dropped(repo, db):
     assert count(db, "samples") == 20 and repo.stats()["write_errors"] == 2 and repo.stats()["lost"] == 0
 
 
-def test_a_row_rejected_for_good_is_dropped_alone_and_counted(repo, db):
+def test_a_row_rejected_for_good_is_dropped_alone_and_counted(repo, db, caplog):
     sid = new_session(repo)
     repo.add_samples(samples(sid, "p1", 5, 6000.0))
     repo.add_samples(samples(sid, "ghost", 1, 6002.0))             # no participant row: foreign key refuses it
@@ -213,6 +213,8 @@ def test_a_row_rejected_for_good_is_dropped_alone_and_counted(repo, db):
     assert repo.flush()
     assert count(db, "samples") == 10 and count(db, "samples", "participant_id='ghost'") == 0
     assert repo.stats()["lost"] == 1 and "FOREIGN KEY" in repo.stats()["last_error"]
+    # Logged before flush() returns, so whoever saw the flush finish can also read why a row is missing.
+    assert any("rejected a sample row for good" in r.getMessage() for r in caplog.records)
 
 
 def test_an_outage_while_isolating_a_rejected_row_writes_nothing_twice(db):
