@@ -3,7 +3,7 @@
     python -m bot run                  # signaling server + a bot worker on loopback; prints the links
     python -m bot serve                # the server with the database only (deployments)
     python -m bot worker --server URL  # a bot worker that joins rooms when teachers invite it
-    python -m bot join --room R --server URL --token TEACHER_TOKEN
+    python -m bot join --room R --server URL --token TEACHER_TOKEN   # + the server's worker key (settings)
 All settings: `--help` (flags) or CLASSMOOD_* environment variables.
 """
 from __future__ import annotations

@@ -104,7 +104,8 @@ class BotPeer:
         """One signaling connection; returns True when the server refused us for good."""
         async with http.ws_connect(ws_url(self.server), heartbeat=20, max_msg_size=1 << 20) as ws:
             self._ws = ws
-            await ws.send_json({"v": 1, "type": "hello", "role": "bot", "room": self.room_id, "token": self.token})
+            await ws.send_json({"v": 1, "type": "hello", "role": "bot", "room": self.room_id, "token": self.token,
+                                "key": self.settings.server.worker_key})
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
@@ -159,16 +160,19 @@ class BotPeer:
         elif kind == "participant" and self.room is not None:
             peer, event = str(data.get("peer_id")), data.get("event")
             if event == "joined":
-                await asyncio.to_thread(self.room.add_student, peer, str(data.get("name") or "?"),
-                                        bool(data.get("analysis", True)))
+                # On the loop, like every roster change: tick() reads the roster here (the writes it
+                # queues never block).
+                self.room.add_student(peer, str(data.get("name") or "?"), bool(data.get("analysis", True)))
             elif event == "left":
                 await self._drop_peer(peer)
                 self.room.remove_student(peer)
             elif event == "consent":
                 analysis = bool(data.get("analysis"))
+                # Consent first: results of frames already in flight must find analysis off while the
+                # peer connection is still closing.
+                self.room.set_consent(peer, analysis)
                 if not analysis:
                     await self._drop_peer(peer)
-                self.room.set_consent(peer, analysis)
         elif kind == "signal":
             payload = data.get("data") or {}
             if isinstance(payload, dict) and payload.get("type") == "offer" and isinstance(payload.get("sdp"), str):
@@ -186,10 +190,11 @@ class BotPeer:
             self.register(self.room_id, self.room)
             self._spawn(self._tick_loop(self.room))
         await self.send({"type": "session", "session_id": self.room.session_id})
-        for p in data.get("participants") or []:
-            if isinstance(p, dict) and p.get("peer_id"):
-                await asyncio.to_thread(self.room.add_student, str(p["peer_id"]), str(p.get("name") or "?"),
-                                        bool(p.get("analysis", True)))
+        roster = {str(p["peer_id"]): (str(p.get("name") or "?"), bool(p.get("analysis", True)))
+                  for p in data.get("participants") or [] if isinstance(p, dict) and p.get("peer_id")}
+        # After a reconnect the welcome is the truth: students who left or opted out meanwhile are updated.
+        for peer in self.room.sync_roster(roster):
+            await self._drop_peer(peer)
         self.joined.set()
         log.info("room %s: bot joined as %s, session %s", self.room_id, self.peer_id, self.room.session_id)
 

@@ -83,6 +83,22 @@ class ClassRoom:
             student.state, student.last_probs, student.face = None, None, False
         log.info("room %s: %s turned analysis %s", self.room_id, student.name, "on" if analysis else "off")
 
+    def sync_roster(self, roster: dict[str, tuple[str, bool]]) -> list[str]:
+        """Make the roster match the server's list {peer_id: (name, analysis)} (a welcome after a reconnect).
+
+        Returns the students whose video must stop: those gone from the room or no longer consenting.
+        """
+        stop = [peer_id for peer_id, s in self.students.items()
+                if peer_id not in roster or (s.analysis and not roster[peer_id][1])]
+        for peer_id in [p for p in self.students if p not in roster]:
+            self.remove_student(peer_id)
+        for peer_id, (name, analysis) in roster.items():
+            if peer_id in self.students:
+                self.set_consent(peer_id, analysis)
+            else:
+                self.add_student(peer_id, name, analysis)
+        return stop
+
     def wants_video(self, peer_id: str) -> bool:
         student = self.students.get(peer_id)
         return student is not None and student.analysis and not self.closed

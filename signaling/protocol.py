@@ -147,6 +147,12 @@ def parse_hello(data: dict[str, Any]) -> dict[str, Any]:
         out["analysis"] = _bool(data.get("analysis", True), "analysis")
     else:
         out["token"] = _id(data.get("token"), "token", TOKEN_RE)
+    if role == "bot" and data.get("key") is not None:
+        # The operator's worker key: with it, the teacher token may also seat a bot (`python -m bot join`).
+        key = data.get("key")
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_WORKER_KEY:
+            raise ProtocolError("bad_field", "key is malformed")
+        out["key"] = key
     return out
 
 

@@ -431,8 +431,13 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
             ok = _same(hello["key"], room.join_key)
         elif role == "teacher":
             ok = _same(token_hash(hello["token"]), room.teacher_token_hash)
-        else:  # the bot: the room's bot token (from an invite) or the teacher token
-            ok = _same(hello["token"], room.bot_token) or _same(token_hash(hello["token"]), room.teacher_token_hash)
+        else:
+            # The bot: the room's bot token (sent to a worker by an invite), or the teacher token together
+            # with the operator's worker key. The teacher token alone is not enough: whoever holds the
+            # teacher link could otherwise take the bot's seat and receive every student's camera.
+            ok = _same(hello["token"], room.bot_token) or (
+                _same(token_hash(hello["token"]), room.teacher_token_hash)
+                and _same(hello.get("key", ""), cfg.worker_key))
         if not ok:
             log.warning("room %s: a %s presented a wrong key/token (from %s)", room.room_id, role, request.remote)
             await reject(ws, "unauthorized", "wrong key or token for this room", CLOSE_UNAUTHORIZED)
@@ -510,6 +515,9 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
             peer.send(protocol.message("pong"))
         elif kind == "signal":
             target: Peer | None = None
+            if peer.role == "student" and not peer.analysis:
+                # Backs up the bot's own check: an opted-out student's camera never reaches the assistant.
+                raise ProtocolError("opted_out", "analysis is off for you: turn it on before sending video")
             if peer.role == "student" and room.bot is not None and data["to"] == room.bot.peer_id:
                 target = room.bot
             elif peer.role == "bot" and room.bot is peer:

@@ -53,7 +53,10 @@ class Server:
         return ws, welcome
 
     async def bot(self, room: dict, token: str | None = None):
-        ws = await self.connect({"role": "bot", "room": room["room"], "token": token or room["teacher_token"]})
+        hello = {"role": "bot", "room": room["room"], "token": token or room["teacher_token"]}
+        if token is None:   # the teacher token seats a bot only with the operator's worker key
+            hello["key"] = Settings().server.worker_key
+        ws = await self.connect(hello)
         welcome = await recv(ws)
         assert welcome["type"] == "welcome", welcome
         return ws, welcome
@@ -177,12 +180,16 @@ async def test_create_room_validates_its_body(server, body, status):
 
 
 @pytest.mark.parametrize("who", ["student-wrong-key", "teacher-wrong-token", "bot-wrong-token", "unknown-room",
-                                 "teacher-with-join-key", "bad-room-id"])
+                                 "teacher-with-join-key", "bad-room-id", "bot-with-teacher-token-only",
+                                 "bot-with-teacher-token-wrong-key"])
 async def test_wrong_credentials_are_refused_and_closed(server, who):
     room = await server.room()
     hello = {"student-wrong-key": {"role": "student", "room": room["room"], "key": "x" * 16, "name": "Eve"},
              "teacher-wrong-token": {"role": "teacher", "room": room["room"], "token": "y" * 32},
              "bot-wrong-token": {"role": "bot", "room": room["room"], "token": key_of(room)},
+             "bot-with-teacher-token-only": {"role": "bot", "room": room["room"], "token": room["teacher_token"]},
+             "bot-with-teacher-token-wrong-key": {"role": "bot", "room": room["room"],
+                                                  "token": room["teacher_token"], "key": "not-the-worker-key"},
              "unknown-room": {"role": "student", "room": "nosuchroom", "key": key_of(room), "name": "Eve"},
              "teacher-with-join-key": {"role": "teacher", "room": room["room"], "token": key_of(room)},
              "bad-room-id": {"role": "student", "room": "../etc", "key": key_of(room), "name": "Eve"}}[who]
@@ -319,6 +326,16 @@ async def test_consent_reaches_bot_and_teachers_and_leaving_is_announced(server)
                            "name": "Asha", "analysis": False}
     async with server.http.get(f"{server.url}/api/rooms/{room['room']}", headers=server.auth(room)) as r:
         assert (await r.json())["participants"][0]["analysis"] is False
+    # An opted-out student's offer never reaches the bot, whatever the page does.
+    bot_id = server.registry.get(room["room"]).bot.peer_id
+    await asha.send_json(offer(bot_id, "my camera"))
+    assert (await recv_type(asha, "error"))["code"] == "opted_out"
+    assert not [m for m in await nothing_more(bot, 0.1) if m["type"] == "signal"]
+    await asha.send_json({"v": 1, "type": "consent", "analysis": True})
+    await asha.send_json(offer(bot_id, "my camera"))
+    for watcher in (bot, teacher):
+        assert (await recv_type(watcher, "participant"))["analysis"] is True
+    assert (await recv_type(bot, "signal"))["data"]["sdp"] == "my camera"
     await asha.close()
     for watcher in (bot, teacher):
         assert (await recv_type(watcher, "participant"))["event"] == "left"
