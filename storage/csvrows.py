@@ -32,7 +32,7 @@ def iter_samples_csv(engine: Engine, session_id: str) -> Iterator[str]:
                s.c.top_label, s.c.confusion, s.c.boredom, s.c.attention]
     for row in _pages(engine, select(*columns).where(s.c.session_id == session_id), s):
         yield csv_line([iso_time(row["t"]), f"{row['t']:.3f}", row["participant_id"],
-                        names.get(row["participant_id"], ""), int(bool(row["face_found"])),
+                        text(names.get(row["participant_id"], "")), int(bool(row["face_found"])),
                         *[num(row[c]) for c in schema.PROB_COLUMNS], row["top_label"] or "",
                         num(row["confusion"]), num(row["boredom"]), num(row["attention"])])
 
@@ -44,7 +44,8 @@ def iter_alerts_csv(engine: Engine, session_id: str) -> Iterator[str]:
         rows = conn.execute(select(a).where(a.c.session_id == session_id).order_by(a.c.t, a.c.alert_id)).mappings().all()
     for row in rows:   # a class produces tens of alerts an hour: one read is fine
         yield csv_line([iso_time(row["t"]), f"{row['t']:.3f}", row["level"], row["kind"], row["participant_id"] or "",
-                        row["name"] or "", num(row["value"]), row["message"], int(bool(row["acknowledged"]))])
+                        text(row["name"] or ""), num(row["value"]), text(row["message"]),
+                        int(bool(row["acknowledged"]))])
 
 
 def _pages(engine: Engine, query: Any, table: Any) -> Iterator[Any]:
@@ -66,6 +67,18 @@ def csv_line(values: list[Any]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(values)
     return buffer.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text(value: str) -> str:
+    """Free text (a student's name, an alert message) as a cell no spreadsheet runs as a formula.
+
+    Names come from students' browsers: `=HYPERLINK(...)` in a name would otherwise become a live formula
+    in the teacher's spreadsheet (CSV injection); a leading apostrophe keeps it plain text.
+    """
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
 
 
 def iso_time(t: float) -> str:

