@@ -76,6 +76,12 @@ class BotPeer:
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                     log.warning("room %s: signaling connection failed (%s); retrying in %.1f s",
                                 self.room_id, exc, backoff)
+                except Exception as exc:
+                    # E.g. the database could not start the session (disk full, locked): the bot must not
+                    # leave the class for good; it rejoins with backoff and the session resumes.
+                    log.error("room %s: joining failed (%s: %s); retrying in %.1f s",
+                              self.room_id, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
+                              backoff)
                 finally:
                     await self._close_peers()
                 if self._stopping.is_set():

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import numpy as np
+from sqlalchemy.exc import OperationalError
 
 from bot.analyzer import FrameResult
 from bot.mailbox import FrameMailbox
@@ -110,3 +111,41 @@ async def test_results_arriving_while_an_opted_out_connection_closes_are_not_sto
 
     assert len(repo.samples) == 1
     assert ("opt_out", "A", True) in repo.calls and "A" not in bot.pcs
+
+
+class FailingOnceRepository(RecordingRepository):
+    """The database refuses the first session start (disk full), then recovers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    def resume_or_start_session(self, room_id, session_id):
+        self.attempts += 1
+        if self.attempts == 1:
+            raise OperationalError("INSERT INTO sessions ...", None, Exception("database or disk is full"))
+        return "session-after-retry"
+
+    def end_session(self, session_id):
+        self.calls.append(("ended", session_id))
+
+
+async def test_a_database_failure_while_joining_is_retried_not_fatal(tmp_path):
+    from tests.test_signaling import start_server
+    runner, server = await start_server(tmp_path)
+    repo = FailingOnceRepository()
+    try:
+        async with server.http.post(server.url + "/api/rooms") as r:
+            room = await r.json()
+        bot = BotPeer(Settings(), server.url, room["room"], room["teacher_token"], repo, FrameMailbox(),
+                      lambda *_: None)
+        task = asyncio.ensure_future(bot.run())
+        await asyncio.wait_for(bot.joined.wait(), 10)
+        assert repo.attempts == 2 and bot.room is not None and bot.room.session_id == "session-after-retry"
+        assert not task.done()
+        await bot.stop()
+        await asyncio.wait_for(task, 5)
+        assert ("ended", "session-after-retry") in repo.calls
+    finally:
+        await server.http.close()
+        await runner.cleanup()
