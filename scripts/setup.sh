@@ -4,8 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if [ ! -x .venv/bin/pip ]; then
+    # A half-made .venv (python but no pip) is what a failed `venv` leaves behind: start over.
+    rm -rf .venv
+    if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+        # Debian/Ubuntu split venv/ensurepip into python3-venv.
+        rm -rf .venv
+        echo "setup: $PYTHON cannot create a venv; installing python3-venv with apt" >&2
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3-venv >/dev/null
+        "$PYTHON" -m venv .venv
+    fi
 fi
 stamp=".venv/.classmood-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
@@ -13,7 +22,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet -e ".[dev]"
     touch "$stamp"
 fi
-if [ "${1:-}" = "--with-browser" ] && [ ! -x /usr/bin/chromium ]; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if [ "${1:-}" = "--with-browser" ] && ! /usr/bin/chromium --version >/dev/null 2>&1; then
+    # Checks that it runs, not that it exists (Ubuntu's `chromium` package is a stub for a snap).
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi
