@@ -40,6 +40,9 @@ class ServerSettings:
     messages_per_second: float = 20.0      # sustained message rate per student/teacher socket (the bot gets 10x)
     message_burst: int = 50                # messages accepted at once; beyond the rate: error + close
     room_idle_seconds: float = 600.0       # a room nobody is connected to is unloaded from memory (kept in the store)
+    # POST /api/rooms needs no account: each client address may create this many rooms at once, then one
+    # per 60/N seconds (429 beyond), so one script cannot fill max_rooms and lock teachers out.
+    rooms_per_minute_per_address: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -283,3 +283,6 @@ class RateLimit:
             self.tokens -= 1
             return True
         return False
+
+    def full(self) -> bool:
+        return self.tokens + (self.clock() - self.t) * self.per_second >= self.burst

@@ -66,8 +66,8 @@ def bearer(request: web.Request) -> str | None:
     return value if scheme.lower() == "bearer" and protocol.TOKEN_RE.match(value) else None
 
 
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -179,6 +179,18 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         return web.json_response({"ok": True, "rooms": len(registry.rooms), "workers": len(registry.workers)})
 
     # ---- HTTP API --------------------------------------------------------------------------------
+    room_buckets: dict[str, RateLimit] = {}
+
+    def room_creation_allowed(address: str) -> bool:
+        per_minute = cfg.rooms_per_minute_per_address
+        if per_minute <= 0:
+            return True                       # 0 = no limit (a trusted deployment behind its own gate)
+        if len(room_buckets) > 10_000:        # bounded memory: forget addresses whose bucket has refilled
+            for key in [k for k, b in room_buckets.items() if b.full()]:
+                del room_buckets[key]
+        bucket = room_buckets.setdefault(address, RateLimit(per_minute / 60.0, per_minute))
+        return bucket.allow()
+
     async def create_room(request: web.Request) -> web.Response:
         if (request.content_length or 0) > MAX_BODY:
             return json_error(413, f"request body larger than {MAX_BODY} bytes")
@@ -197,6 +209,10 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                 title = protocol.clean_title(body.get("title"))
             except ProtocolError:
                 return json_error(400, f"title must be text of at most {protocol.MAX_TITLE} characters")
+        if not room_creation_allowed(request.remote or "?"):
+            log.warning("room creation rate limit hit by %s", request.remote)
+            return json_error(429, "too many rooms created from your address; wait a minute",
+                              headers={"Retry-After": "60"})
         if not registry.has_capacity():
             return json_error(503, "too many live rooms on this server; try again later")
         room_id, join_key, token = new_id(), secrets.token_urlsafe(12), secrets.token_urlsafe(24)

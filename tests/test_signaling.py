@@ -472,6 +472,18 @@ async def test_a_full_room_and_a_full_server_refuse_politely(make_server):
         assert r.status == 503 and "error" in await r.json()
 
 
+async def test_one_address_cannot_create_rooms_without_limit(make_server):
+    server = await make_server(rooms_per_minute_per_address=3.0)
+    for _ in range(3):
+        await server.room()
+    async with server.http.post(server.url + "/api/rooms", json={}) as r:
+        assert r.status == 429 and r.headers["Retry-After"] == "60" and "error" in await r.json()
+    assert len(server.registry.rooms) == 3
+    unlimited = await make_server(rooms_per_minute_per_address=0.0)
+    for _ in range(12):
+        await unlimited.room()
+
+
 async def test_idle_rooms_are_unloaded_and_reloaded_from_the_store(make_server):
     server = await make_server(room_idle_seconds=0.0, max_rooms=1)
     first = await server.room()
