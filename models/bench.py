@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     models = args.model or [m for m in MODEL_NAMES if (WEIGHTS_DIR / f"{m}.tflite").exists()]
     try:
         for model in args.model or []:
-            resolve_model(model)
-    except FileNotFoundError as exc:
+            ExpressionClassifier(resolve_model(model))     # a wrong file fails here, not mid-table
+    except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cv2.setNumThreads(1)   # YuNet, the cv2.dnn baseline and our resizes on one thread, like the TFLite models

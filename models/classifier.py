@@ -46,7 +46,7 @@ class ExpressionClassifier:
         out = interpreter.get_output_details()[0]
         if tuple(inp["shape"][1:]) != (48, 48, 1) or int(out["shape"][-1]) != NUM_EMOTIONS:
             raise ValueError(f"{self.path}: expected input (N,48,48,1) and output (N,{NUM_EMOTIONS}), "
-                             f"found {tuple(inp['shape'])} -> {tuple(out['shape'])}")
+                             f"found {tuple(int(d) for d in inp['shape'])} -> {tuple(int(d) for d in out['shape'])}")
         self.input_index, self.output_index = inp["index"], out["index"]
         self._interpreters: OrderedDict[int, object] = OrderedDict({int(inp["shape"][0]): interpreter})
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -148,26 +149,38 @@ def load_ferplus_votes(path: str | os.PathLike, expected_rows: int | None = None
             if header[2:12] != list(FERPLUS_COLUMNS):
                 raise DatasetError(f"{path}: not a FER+ label file (header {','.join(header)!r})")
             rows = []
-            for row in reader:
-                votes = [int(v or 0) for v in row[2:12]]
+            for line_no, row in enumerate(reader, start=2):
+                if not any(cell.strip() for cell in row):
+                    continue                       # blank line (editors add them at the end)
+                if len(row) < 12:
+                    raise DatasetError(f"{path}:{line_no}: expected 12 columns, found {len(row)}")
+                try:
+                    votes = [int(v or 0) for v in row[2:12]]
+                except ValueError:
+                    raise DatasetError(f"{path}:{line_no}: votes must be whole numbers") from None
+                if min(votes) < 0:
+                    raise DatasetError(f"{path}:{line_no}: votes cannot be negative")
                 if not row[1].strip():
                     votes = [0] * 9 + [10]
                 rows.append(votes)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
+        if isinstance(exc, DatasetError):
+            raise
         raise DatasetError(f"{path}: cannot read FER+ votes ({exc})") from None
-    votes = np.array(rows, np.int64)
+    votes = np.array(rows, np.int64).reshape(-1, len(FERPLUS_COLUMNS))
     if expected_rows is not None and len(votes) != expected_rows:
         raise DatasetError(f"{path}: {len(votes)} rows but the FER2013 CSV has {expected_rows}")
     return votes
 
 
-def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
+def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
     """Any common image file (png, jpg, gif, webp, ...) or its bytes -> BGR uint8 (H, W, 3).
-    Raises DatasetError with a readable message for missing, empty or corrupt files."""
+    Raises DatasetError with a readable message for missing, empty or corrupt files (`name` says
+    which file the bytes came from)."""
     if isinstance(source, (bytes, bytearray)):
-        raw, name = bytes(source), "<bytes>"
+        raw, name = bytes(source), name or "<bytes>"
     else:
-        name = str(source)
+        name = name or str(source)
         try:
             raw = Path(source).read_bytes()
         except OSError as exc:
@@ -207,14 +220,14 @@ def _split_of(split_folder: str, filename: str) -> str:
     return _SPLIT_ALIASES.get(split_folder.lower(), split_folder)
 
 
-def _image_folder_rows(entries: Iterable[tuple[str, str, bytes]]) -> FerData:
-    """entries: (split folder, class folder, file name, bytes) flattened to FerData."""
+def _image_folder_rows(entries: Iterable[tuple[str, str, str, bytes, str]]) -> FerData:
+    """entries: (split folder, class folder, file name, bytes, where it came from) flattened to FerData."""
     images, labels, splits = [], [], []
-    for split_folder, class_folder, filename, raw in entries:  # type: ignore[misc]
+    for split_folder, class_folder, filename, raw, where in entries:
         label = canonical_emotion(class_folder)
         if label is None:
             continue
-        images.append(to_face48(read_image(raw)))
+        images.append(to_face48(read_image(raw, name=where)))
         labels.append(EMOTIONS.index(label))
         splits.append(_split_of(split_folder, filename))
     if not images:
@@ -228,26 +241,40 @@ def load_image_folders(root: str | os.PathLike) -> FerData:
     if root.is_file() and zipfile.is_zipfile(root):
         return _load_zip(root)
 
-    def entries() -> Iterator[tuple[str, str, str, bytes]]:
-        for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            for _, _, class_dir in iter_class_folders(split_dir):
-                for file in sorted(class_dir.iterdir()):
-                    if file.suffix.lower() in IMAGE_SUFFIXES:
-                        yield split_dir.name, class_dir.name, file.name, file.read_bytes()
-    return _image_folder_rows(entries())  # type: ignore[arg-type]
+    def entries() -> Iterator[tuple[str, str, str, bytes, str]]:
+        for split_dir, class_dir, file in image_folder_files(root):
+            try:
+                raw = file.read_bytes()
+            except OSError as exc:
+                raise DatasetError(f"{file}: cannot read ({exc.strerror or exc})") from None
+            yield split_dir.name, class_dir.name, file.name, raw, str(file)
+    return _image_folder_rows(entries())
+
+
+def image_folder_files(root: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """(split folder, class folder, image file) for every image of an image-folder tree, sorted."""
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for _, _, class_dir in iter_class_folders(split_dir):
+            for file in sorted(class_dir.iterdir()):
+                if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+                    yield split_dir, class_dir, file
 
 
 def _load_zip(path: Path) -> FerData:
-    def entries() -> Iterator[tuple[str, str, str, bytes]]:
+    def entries() -> Iterator[tuple[str, str, str, bytes, str]]:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 parts = [p for p in info.filename.split("/") if p]
                 if info.is_dir() or len(parts) < 3 or Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                yield parts[-3], parts[-2], parts[-1], archive.read(info)
+                try:
+                    raw = archive.read(info)
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+                    raise DatasetError(f"{path}: {info.filename}: corrupt entry ({type(exc).__name__}: {exc})") from None
+                yield parts[-3], parts[-2], parts[-1], raw, f"{path}:{info.filename}"
     try:
-        return _image_folder_rows(entries())  # type: ignore[arg-type]
-    except zipfile.BadZipFile as exc:
+        return _image_folder_rows(entries())
+    except (zipfile.BadZipFile, OSError) as exc:
         raise DatasetError(f"{path}: corrupt zip ({exc})") from None
 
 

@@ -4,13 +4,15 @@
 
 Keras 3 model (models.net), trained under the tensorflow backend with XLA by default (`--backend torch`
 and `--precision bf16` exist; on this 2-core CPU they measured no faster for this net), then
-`models.export` converts the best weights to an int8 TFLite file under the tensorflow backend. Selection uses PublicTest only; PrivateTest is never looked at here.
+`models.export` converts the best weights to an int8 TFLite file under the tensorflow backend. Selection uses PublicTest
+only (a seeded tenth of Training where the data has no PublicTest); PrivateTest is never looked at here.
 Checkpoints (last.keras every epoch, best.weights.h5 on PublicTest accuracy) and metrics.csv live in
 --out; `--resume` continues from last.keras.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -102,11 +104,28 @@ def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
     return (weight / (weight * freq).sum()).astype(np.float32)
 
 
+def dataset_fingerprint(source: Path) -> str:
+    """Changes whenever any file the dataset is read from changes: for a folder every file under it (an
+    image tree gains or loses images), for a CSV the file and the FER+ votes beside it."""
+    if source.is_dir():
+        files = sorted(Path(d) / f for d, _, names in os.walk(source) for f in names)
+    else:
+        files = [source, source.with_name("fer2013new.csv")]
+    digest = hashlib.sha256(str(source).encode())
+    for file in files:
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        digest.update(f"|{file}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
 def load_cached(data_path: str, cache_dir: Path):
     """Parsing 36k CSV rows takes ~15 s: keep an npz cache in the run folder's parent."""
     from models.data import FerData, load_dataset
     source = Path(data_path).resolve()
-    stamp = f"{source}|{source.stat().st_mtime if source.exists() else 0}"
+    stamp = dataset_fingerprint(source) if source.exists() else "missing"
     cache = cache_dir / "dataset-cache.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
@@ -131,9 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(PROJECT))
     from models.data import DatasetError
 
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file, not a run folder", file=sys.stderr)
+        return 2
+    if args.init_weights and not Path(args.init_weights).is_file():
+        print(f"error: --init-weights {args.init_weights}: no such weights file", file=sys.stderr)
+        return 2
+    if args.resume and (args.out / "last.keras").exists() and not (args.out / "state.json").is_file():
+        print(f"error: --resume: {args.out / 'state.json'} is missing", file=sys.stderr)
+        return 2
     try:
         data = load_cached(args.data, args.out.parent / "cache" if args.limit == 0 else args.out / "cache")
-        train, val = data.split("Training"), data.split("PublicTest")
+        train, val = data.split("Training"), data.subset(data.splits == "PublicTest")
+        selection = "PublicTest"
+        if len(val) == 0 and len(train) > 1:
+            # The downloaded image-folder layout often has no PublicTest (test/ is PrivateTest, or unnamed):
+            # select on a fixed, seeded tenth of Training instead; the test split is still never looked at.
+            held = np.random.default_rng(args.seed).permutation(len(train))[:max(1, len(train) // 10)]
+            mask = np.zeros(len(train), bool)
+            mask[held] = True
+            train, val = train.subset(~mask), train.subset(mask)
+            selection = "held-out Training"
+            print(f"no PublicTest rows: selecting on {len(val)} held-out Training faces (seed {args.seed})",
+                  flush=True)
         train_hard, train_soft = train.targets(args.labels)
         val_hard, _ = val.targets(args.labels)
     except DatasetError as exc:
@@ -149,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         x_val, y_val = x_val[:args.limit], y_val[:args.limit]
     if len(x_train) == 0 or len(x_val) == 0:
-        print("error: no Training or PublicTest rows in the dataset", file=sys.stderr)
+        print("error: no Training rows (or no usable selection rows) in the dataset", file=sys.stderr)
         return 2
 
     import keras
@@ -199,21 +238,31 @@ def main(argv: list[str] | None = None) -> int:
     initial_epoch = 0
     state = {"best_val_accuracy": 0.0, "best_epoch": None, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.resume and last.exists():
-        model = keras.saving.load_model(last)
-        state = json.loads(state_file.read_text())
+        try:
+            model = keras.saving.load_model(last)
+            state = json.loads(state_file.read_text())
+        except Exception as exc:   # a checkpoint cut short by a full disk or a kill
+            print(f"error: --resume: cannot load {last} ({type(exc).__name__}); start without --resume "
+                  f"or from --init-weights {best}", file=sys.stderr)
+            return 2
         initial_epoch = int(state["epoch"])
         print(f"resuming {last} at epoch {initial_epoch}", flush=True)
     else:
         model = build_model(args.width, dropout=args.dropout, spatial_dropout=args.spatial_dropout)
         if args.init_weights:
-            model.load_weights(args.init_weights)
+            try:
+                model.load_weights(args.init_weights)
+            except Exception as exc:   # h5py/keras raise many types for a wrong or damaged file
+                print(f"error: --init-weights {args.init_weights}: not weights of this network "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})", file=sys.stderr)
+                return 2
             print(f"starting from {args.init_weights}", flush=True)
         model.compile(
             optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=args.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=args.jit)
     print(f"{model.name}: {model.count_params():,} parameters; {len(x_train)} training faces "
-          f"({args.labels} labels), {len(x_val)} PublicTest faces for selection; class weights "
+          f"({args.labels} labels), {len(x_val)} {selection} faces for selection; class weights "
           f"{np.round(weights, 2).tolist()}", flush=True)
 
     class Checkpoint(keras.callbacks.Callback):
@@ -236,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     model.fit(batches, validation_data=(x_val, y_val), epochs=args.epochs, initial_epoch=initial_epoch,
               verbose=2 if args.quiet else 1,
               callbacks=[Checkpoint(), keras.callbacks.CSVLogger(str(args.out / "metrics.csv"), append=True)])
-    print(f"done: best PublicTest accuracy {state['best_val_accuracy']:.4f} at epoch {state['best_epoch']}; "
+    print(f"done: best {selection} accuracy {state['best_val_accuracy']:.4f} at epoch {state['best_epoch']}; "
           f"{state.get('elapsed_s', 0) / 60:.1f} min of training", flush=True)
     if args.export:
         cmd = [sys.executable, "-m", "models.export", "--run", str(args.out), "--name", args.export,

@@ -137,3 +137,85 @@ def test_train_reports_unreadable_data_without_traceback(tmp_path):
     result = run_module("models.train", "--data", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1")
     assert result.returncode == 2
     assert "expected header" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("\n\n", None),                                               # trailing blank lines are fine
+    ("PublicTest,x.png,1,2\n", r"fer2013new.csv:\d+: expected 12 columns"),
+    ("PublicTest,x.png,1,2,3,four,5,6,7,8,9,10\n", r"fer2013new.csv:\d+: votes must be whole numbers"),
+])
+def test_damaged_ferplus_vote_files_name_the_line(tmp_path, extra, message):
+    path = write_fer_csv(tmp_path / "d", n_train=6, n_public=2)
+    with open(path.with_name("fer2013new.csv"), "a") as f:
+        f.write(extra)
+    if message is None:
+        assert load_dataset(path).votes.shape == (8, 10)
+    else:
+        with pytest.raises(DatasetError, match=message):
+            load_dataset(path)
+
+
+def write_image_tree(root: Path, names: dict[str, list[str]]) -> None:
+    """root/<split>/<class>/<file>.png with a face-sized gray image in each."""
+    import cv2
+    for folder, files in names.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            cv2.imwrite(str(root / folder / name), np.full((48, 48), 128, np.uint8))
+
+
+def test_image_trees_name_a_corrupt_file_and_ignore_folders_that_look_like_images(tmp_path):
+    root = tmp_path / "tree"
+    write_image_tree(root, {"train/happy": ["Training_1.png"], "test/sad": ["PrivateTest_2.png"]})
+    (root / "train" / "happy" / "album.jpg").mkdir()               # a folder named like an image
+    assert len(load_dataset(root)) == 2
+    (root / "train" / "happy" / "broken.png").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"broken\.png: not a readable image"):
+        load_dataset(root)
+
+
+def test_a_zip_with_damaged_compressed_data_is_a_clear_error(tmp_path):
+    import zipfile
+    import cv2
+    archive = tmp_path / "archive.zip"
+    ok, png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (48, 48), dtype=np.uint8))
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train/happy/Training_1.png", png.tobytes())
+    raw = bytearray(archive.read_bytes())
+    start = raw.index(b"Training_1.png") + len(b"Training_1.png")    # compressed data follows the local header
+    raw[start:start + 40] = b"\xff" * 40
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match="archive.zip"):
+        load_dataset(archive)
+
+
+def test_the_training_cache_notices_images_added_to_a_tree(tmp_path):
+    from models.train import dataset_fingerprint
+    root = tmp_path / "tree"
+    write_image_tree(root, {"train/happy": ["Training_1.png"]})
+    before = dataset_fingerprint(root)
+    assert dataset_fingerprint(root) == before
+    write_image_tree(root, {"train/sad": ["Training_2.png"]})     # the root folder's own mtime is unchanged
+    assert dataset_fingerprint(root) != before
+
+
+def test_train_on_the_downloaded_folder_layout_selects_on_held_out_training_faces(tmp_path):
+    sample = SHARED / "datasets" / "fer2013" / "folder-sample"
+    if not sample.exists():
+        pytest.skip(f"{sample} not found: the shared datasets folder is absent")
+    result = run_module("models.train", "--data", str(sample), "--labels", "fer2013", "--out", str(tmp_path / "run"),
+                        "--epochs", "1", "--steps-per-epoch", "1", "--batch", "16", "--threads", "1", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "selecting on 7 held-out Training faces" in result.stdout
+    assert (tmp_path / "run" / "best.weights.h5").exists()
+
+
+@pytest.mark.parametrize("flag", ["--init-weights", "--out"])
+def test_train_refuses_a_missing_weights_file_or_a_file_as_run_folder(tmp_path, flag):
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    value = str(tmp_path / "missing.weights.h5") if flag == "--init-weights" else str(not_a_folder)
+    args = ["models.train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), flag, value]
+    result = run_module(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("no such weights file" if flag == "--init-weights" else "is a file, not a run folder") in result.stderr
