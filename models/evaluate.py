@@ -6,7 +6,8 @@
 
 Prints a table; with --json the last stdout line is one JSON object
 {"accuracy", "n", "per_class": {label: {"accuracy", "precision", "n"}}, "baseline_accuracy", ...}.
-Bad input gets a one-line error on stderr and exit code 2.
+Bad input gets a one-line error on stderr and exit code 2; with --folder, images that cannot be read
+are reported, left out of the score, and make the exit code 1 (the table and JSON are still printed).
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
     if not root.is_dir():
         raise UsageError(f"{root}: not a folder")
     faces, truth, skipped, unreadable, no_face = [], [], 0, 0, 0
+    unreadable_files: list[str] = []
     if args.detect:
         from models.detector import make_detector
         detector = make_detector("auto", threads=args.threads, tiles="auto")
@@ -106,6 +108,8 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
             except DatasetError as exc:
                 unreadable += 1
                 print(f"warning: {exc}", file=sys.stderr)
+                if len(unreadable_files) < 20:
+                    unreadable_files.append(str(file))
                 continue
             if args.detect:
                 from models.preprocess import align_faces
@@ -121,6 +125,7 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
     if not truth:
         raise UsageError(f"{root}: no readable images in class folders (expected {root}/<class>/*.jpg)")
     return faces, np.array(truth), {"folder": str(root), "skipped": skipped, "unreadable": unreadable,
+                                    "unreadable_files": unreadable_files,
                                     "no_face": no_face, "detect": bool(args.detect)}  # type: ignore[return-value]
 
 
@@ -184,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: {result[key]}")
     if args.json:
         print(json.dumps(result))
+    if result.get("unreadable"):
+        # The readable images are scored above, but a corrupt input must not pass silently (exit 1).
+        print(f"error: {result['unreadable']} image(s) could not be read and are not counted "
+              f"(first: {result['unreadable_files'][0]})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,8 +22,8 @@ def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT, capture_output=True, text=True, timeout=timeout)
 
 
-def last_json(result: subprocess.CompletedProcess) -> dict:
-    assert result.returncode == 0, result.stderr[-2000:]
+def last_json(result: subprocess.CompletedProcess, returncode: int = 0) -> dict:
+    assert result.returncode == returncode, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -89,10 +89,12 @@ def test_evaluate_folders_any_spelling_unknown_classes_unreadable_images_and_gif
     Image.new("RGB", (30, 30), (200, 10, 10)).save(folder / "Happiness" / "anim.gif")
     cv2.imwrite(str(folder / "Happiness" / "gray.png"), np.full((200, 100), 90, np.uint8))
     result = run("models.evaluate", "--model", str(tiny_model), "--folder", str(folder), "--json", "--no-baseline")
-    summary = last_json(result)
+    summary = last_json(result, returncode=1)
     assert summary["n"] == 8 and summary["skipped"] == 3 and summary["unreadable"] == 1
     assert summary["per_class"]["happy"]["n"] == 5 and summary["per_class"]["surprise"]["n"] == 3
     assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+    # Scored, but not passed: a corrupt input makes the run fail (exit 1) and names the file.
+    assert summary["unreadable_files"] == [str(folder / "surprised" / "broken.jpg")]
 
 
 def test_evaluate_with_detection_counts_images_without_a_face(tiny_model, tmp_path):
