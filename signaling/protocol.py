@@ -136,10 +136,7 @@ def parse_hello(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(role, str) or role not in ROLES:
         raise ProtocolError("bad_field", "role must be student, teacher, bot or worker")
     if role == "worker":
-        key = data.get("key")
-        if not isinstance(key, str) or not 1 <= len(key) <= MAX_WORKER_KEY:
-            raise ProtocolError("bad_field", "key is missing or malformed")
-        return {"type": "hello", "role": role, "key": key}
+        return {"type": "hello", "role": role, "key": _worker_key(data.get("key"), "key is missing or malformed")}
     out: dict[str, Any] = {"type": "hello", "role": role, "room": _id(data.get("room"), "room")}
     if role == "student":
         out["key"] = _id(data.get("key"), "key", TOKEN_RE)
@@ -149,11 +146,14 @@ def parse_hello(data: dict[str, Any]) -> dict[str, Any]:
         out["token"] = _id(data.get("token"), "token", TOKEN_RE)
     if role == "bot" and data.get("key") is not None:
         # The operator's worker key: with it, the teacher token may also seat a bot (`python -m bot join`).
-        key = data.get("key")
-        if not isinstance(key, str) or not 1 <= len(key) <= MAX_WORKER_KEY:
-            raise ProtocolError("bad_field", "key is malformed")
-        out["key"] = key
+        out["key"] = _worker_key(data.get("key"), "key is malformed")
     return out
+
+
+def _worker_key(value: Any, message: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_WORKER_KEY:
+        raise ProtocolError("bad_field", message)
+    return value
 
 
 def parse_hello_raw(raw: str | bytes, max_bytes: int) -> dict[str, Any]:

@@ -275,14 +275,18 @@ class RateLimit:
         self.per_second, self.burst, self.clock = per_second, burst, clock
         self.tokens, self.t = float(burst), clock()
 
-    def allow(self) -> bool:
+    def _refill(self) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.t) * self.per_second)
         self.t = now
+
+    def allow(self) -> bool:
+        self._refill()
         if self.tokens >= 1:
             self.tokens -= 1
             return True
         return False
 
     def full(self) -> bool:
-        return self.tokens + (self.clock() - self.t) * self.per_second >= self.burst
+        self._refill()
+        return self.tokens >= self.burst
