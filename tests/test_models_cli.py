@@ -169,6 +169,12 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny_model, tmp_path, ca
         assert ".tflite" in lines[-1]
 
 
+def test_bench_measures_the_default_ferplus_model_unless_told_otherwise():
+    data = last_json(run("models.bench", "--repeats", "1", "--json", timeout=240))
+    ours = [r["model"] for r in data["classifier"] if r["model"].startswith("ours")]
+    assert len(ours) == 2 and all("ferplus" in name for name in ours), ours
+
+
 def test_bench_measures_ours_beside_the_references(tiny_model):
     data = last_json(run("models.bench", "--repeats", "3", "--json", "--model", str(tiny_model), timeout=240))
     ours = [r for r in data["classifier"] if r["model"].startswith("ours")]
