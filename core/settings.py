@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import os
 import typing
@@ -43,6 +44,10 @@ class ServerSettings:
     # POST /api/rooms needs no account: each client address may create this many rooms at once, then one
     # per 60/N seconds (429 beyond), so one script cannot fill max_rooms and lock teachers out.
     rooms_per_minute_per_address: float = 10.0
+    # Reverse proxies in front of the server: comma-separated IPs or networks (e.g. "172.16.0.0/12").
+    # Only a request from one of them has its client address (rate limit, logs) taken from
+    # X-Forwarded-For; anyone else's header is ignored. Empty = no proxy trusted.
+    trusted_proxies: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,17 @@ class Settings:
             raise ValueError("server.ice_servers must be a JSON list of {\"urls\": ...} objects")
         return value
 
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """server.trusted_proxies as networks; a bad entry raises ValueError naming it."""
+        networks = []
+        for item in (part.strip() for part in self.server.trusted_proxies.split(",")):
+            if item:
+                try:
+                    networks.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    raise ValueError(f"server.trusted_proxies: not an IP address or network: {item!r}") from None
+        return networks
+
     def replace(self, **sections: Any) -> "Settings":
         """Settings.replace(bot={"sample_hz": 4}) -> a copy with those fields changed."""
         changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
@@ -175,6 +191,7 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         sections[section] = cls(**values)
     settings = Settings(**sections)
     settings.ice_servers()  # validate early
+    settings.trusted_proxy_networks()
     return settings
 
 

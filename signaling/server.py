@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from core.settings import ServerSettings, Settings
 from signaling import protocol
+from signaling.forwarded import client_address
 from signaling.protocol import ProtocolError
 from signaling.rooms import Peer, RateLimit, Registry, Room, RoomFull, TooManyRooms, new_id
 from signaling.store import Store
@@ -70,11 +71,19 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+CLIENT = "classmood.client"      # request key: the client's address, past trusted reverse proxies
+
+
+def client_of(request: web.BaseRequest) -> str:
+    """The address limits and logs use (set by the client_address middleware; the peer otherwise)."""
+    return request.get(CLIENT) or request.remote or "?"
+
+
 class AccessLogger(AbstractAccessLogger):
     """Access log without query strings (student links carry the join key in `?k=`)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:  # noqa: A002
-        self.logger.info("%s %s %s %s %.1fms", request.remote, request.method, request.path,
+        self.logger.info("%s %s %s %s %.1fms", client_of(request), request.method, request.path,
                          response.status, time * 1000)
 
 
@@ -90,6 +99,14 @@ async def security_headers(request: web.Request, handler):
     if isinstance(response, web.HTTPException):
         raise response
     return response
+
+
+def client_address_middleware(trusted: list):
+    @web.middleware
+    async def resolve_client(request: web.Request, handler):
+        request[CLIENT] = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)
+        return await handler(request)
+    return resolve_client
 
 
 def _with_headers(response: web.StreamResponse) -> web.StreamResponse:
@@ -109,7 +126,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     registry = Registry(cfg.max_rooms, cfg.max_participants_per_room, cfg.room_idle_seconds)
     sockets: weakref.WeakSet = weakref.WeakSet()
     static = Path(static_dir or STATIC_DIR).resolve()
-    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[client_address_middleware(settings.trusted_proxy_networks()),
+                                       security_headers], client_max_size=64 * 1024)
     app[SETTINGS_KEY] = settings
     app[REGISTRY_KEY] = registry
     app[SOCKETS_KEY] = sockets
@@ -209,8 +227,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                 title = protocol.clean_title(body.get("title"))
             except ProtocolError:
                 return json_error(400, f"title must be text of at most {protocol.MAX_TITLE} characters")
-        if not room_creation_allowed(request.remote or "?"):
-            log.warning("room creation rate limit hit by %s", request.remote)
+        if not room_creation_allowed(client_of(request)):
+            log.warning("room creation rate limit hit by %s", client_of(request))
             return json_error(429, "too many rooms created from your address; wait a minute",
                               headers={"Retry-After": "60"})
         if not registry.has_capacity():
@@ -375,7 +393,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
             if hello is None:
                 return ws
             if hello["role"] != "worker" or not _same(hello["key"], cfg.worker_key):
-                log.warning("/ws/worker: refused a worker with a wrong key (from %s)", request.remote)
+                log.warning("/ws/worker: refused a worker with a wrong key (from %s)", client_of(request))
                 await reject(ws, "unauthorized", "wrong worker key", CLOSE_UNAUTHORIZED)
                 return ws
             worker = Peer(new_id(), "worker", ws, abort=aborter(request))
@@ -455,7 +473,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                 _same(token_hash(hello["token"]), room.teacher_token_hash)
                 and _same(hello.get("key", ""), cfg.worker_key))
         if not ok:
-            log.warning("room %s: a %s presented a wrong key/token (from %s)", room.room_id, role, request.remote)
+            log.warning("room %s: a %s presented a wrong key/token (from %s)", room.room_id, role, client_of(request))
             await reject(ws, "unauthorized", "wrong key or token for this room", CLOSE_UNAUTHORIZED)
             return None, None
         if ws.closed:   # went away while the room was being loaded

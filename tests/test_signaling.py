@@ -484,6 +484,19 @@ async def test_one_address_cannot_create_rooms_without_limit(make_server):
         await unlimited.room()
 
 
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_room_limit(make_server):
+    async def create(server, forwarded_for: str) -> int:
+        async with server.http.post(server.url + "/api/rooms", json={},
+                                    headers={"X-Forwarded-For": forwarded_for}) as r:
+            return r.status
+
+    proxied = await make_server(rooms_per_minute_per_address=2.0, trusted_proxies="127.0.0.1")
+    assert [await create(proxied, "203.0.113.5") for _ in range(3)] == [200, 200, 429]
+    assert await create(proxied, "203.0.113.6") == 200           # another client behind the same proxy
+    direct = await make_server(rooms_per_minute_per_address=2.0)  # no proxy trusted: the header is ignored
+    assert [await create(direct, f"203.0.113.{i}") for i in range(3)] == [200, 200, 429]
+
+
 async def test_idle_rooms_are_unloaded_and_reloaded_from_the_store(make_server):
     server = await make_server(room_idle_seconds=0.0, max_rooms=1)
     first = await server.room()
