@@ -57,6 +57,18 @@ class MemoryStore:
         yield ALERTS_HEADER
         yield from list(self.alerts_csv.get(session_id, []))
 
+    def delete_session(self, session_id: str) -> bool:
+        with self._lock:
+            for table in (self.reviews, self.samples_csv, self.alerts_csv):
+                table.pop(session_id, None)
+            return self.sessions.pop(session_id, None) is not None
+
+    def delete_sessions_before(self, cutoff: float) -> list[str]:
+        with self._lock:
+            expired = [sid for sid, s in self.sessions.items()
+                       if (s["ended_at"] if s["ended_at"] is not None else s["started_at"]) < cutoff]
+        return [sid for sid in expired if self.delete_session(sid)]
+
     # ---- test helpers ---------------------------------------------------------------------------
     def add_session(self, session_id: str, room_id: str, review: dict[str, Any] | None = None,
                     samples: list[str] | None = None, alerts: list[str] | None = None) -> None:

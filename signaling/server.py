@@ -33,6 +33,7 @@ log = logging.getLogger("classmood.signaling")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY = 4096
 CSV_CHUNK_LINES = 2000
+RETENTION_CHECK_SECONDS = 3600.0
 CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; "
        "connect-src 'self' ws: wss:; style-src 'self'; script-src 'self'; object-src 'none'; "
        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -71,7 +72,7 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-CLIENT = "classmood.client"      # request key: the client's address, past trusted reverse proxies
+CLIENT = web.RequestKey("client", str)   # request key: the client's address, past trusted reverse proxies
 
 
 def client_of(request: web.BaseRequest) -> str:
@@ -193,6 +194,10 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
+    async def policy(_request: web.Request) -> web.Response:
+        """What the join page tells students before they join (nothing secret)."""
+        return web.json_response({"retention_days": settings.storage.retention_days})
+
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "rooms": len(registry.rooms), "workers": len(registry.workers)})
 
@@ -299,7 +304,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         record = await authorise(request, request.match_info["room"])
         if isinstance(record, web.Response):
             return record
-        return web.json_response({"room": record["room_id"],
+        return web.json_response({"room": record["room_id"], "retention_days": settings.storage.retention_days,
                                   "sessions": await asyncio.to_thread(store.list_sessions, record["room_id"])})
 
     async def review(request: web.Request) -> web.Response:
@@ -315,6 +320,21 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
             return json_error(400, "bucket must be a number of seconds in [1, 3600]")
         data = await asyncio.to_thread(store.session_review, sid, bucket)
         return web.json_response(data) if data is not None else json_error(404, "unknown session")
+
+    async def delete_session(request: web.Request) -> web.Response:
+        sid = request.match_info["sid"]
+        denied = await review_access(request, sid)
+        if denied is not None:
+            return denied
+        room_id = await asyncio.to_thread(store.session_room, sid)
+        room = registry.get(room_id) if room_id else None
+        if room is not None and room.bot is not None and room.session_id == sid:
+            return json_error(409, "the assistant is still in the room recording this session; "
+                                   "end the class (or let the assistant leave) first")
+        if not await asyncio.to_thread(store.delete_session, sid):
+            return json_error(404, "unknown session")
+        log.info("room %s: session %s deleted by its teacher", room_id, sid)
+        return web.json_response({"deleted": sid})
 
     def csv_handler(kind: str):
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -600,18 +620,40 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
                                for ws in open_sockets), return_exceptions=True)
 
+    async def erase_expired_sessions(_app: web.Application):
+        """storage.retention_days: erase expired sessions at start and then hourly."""
+        days = settings.storage.retention_days
+
+        async def loop() -> None:
+            while True:
+                try:
+                    erased = await asyncio.to_thread(store.delete_sessions_before, time.time() - days * 86400)
+                    if erased:
+                        log.info("retention: erased %d session(s) older than %g days", len(erased), days)
+                except Exception as exc:      # a database outage must not end the policy for good
+                    log.warning("retention: could not erase expired sessions (%s); retrying in an hour",
+                                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                await asyncio.sleep(RETENTION_CHECK_SECONDS)
+        task = asyncio.ensure_future(loop()) if days > 0 else None
+        yield
+        if task is not None:
+            task.cancel()
+
     app.on_shutdown.append(on_shutdown)
+    app.cleanup_ctx.append(erase_expired_sessions)
     app.router.add_get("/", page("index.html"))
     app.router.add_get("/join/{room}", page("join.html"))
     app.router.add_get("/teach/{room}", page("teach.html"))
     app.router.add_get("/review/{room}", page("review.html"))
     app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/policy", policy)
     app.router.add_post("/api/rooms", create_room)
     app.router.add_get("/api/rooms/{room}", room_info)
     app.router.add_post("/api/rooms/{room}/invite", invite)
     app.router.add_get("/api/rooms/{room}/sessions", sessions)
     app.router.add_get("/api/sessions/{sid}/review", review)
+    app.router.add_delete("/api/sessions/{sid}", delete_session)
     app.router.add_get("/api/sessions/{sid}/samples.csv", csv_handler("samples"))
     app.router.add_get("/api/sessions/{sid}/alerts.csv", csv_handler("alerts"))
     app.router.add_get("/ws", ws_room)

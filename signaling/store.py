@@ -30,3 +30,9 @@ class Store(Protocol):
 
     def iter_alerts_csv(self, session_id: str) -> Iterator[str]:
         """CSV text lines (header first) of the session's alerts."""
+
+    def delete_session(self, session_id: str) -> bool:
+        """Erase a session and everything stored about it; False when there is no such session."""
+
+    def delete_sessions_before(self, cutoff: float) -> list[str]:
+        """Erase sessions that ended (or, never ended, started) before `cutoff` epoch seconds; their ids."""

@@ -1,13 +1,16 @@
-"""Export a stored session: samples.csv, alerts.csv and review.json.
+"""Export a stored session (samples.csv, alerts.csv, review.json), or erase stored sessions.
 
     python -m storage.export --list
     python -m storage.export --session SID --out DIR [--storage-url sqlite:///classmood.sqlite]
+    python -m storage.export --delete SID          # erase one session (samples, alerts, participants)
+    python -m storage.export --erase-expired       # erase sessions older than storage.retention_days now
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from core import settings as settings_mod
@@ -19,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--session", help="session id (see --list)")
     parser.add_argument("--out", help="folder to write samples.csv, alerts.csv and review.json into")
     parser.add_argument("--list", action="store_true", help="list stored sessions")
+    parser.add_argument("--delete", metavar="SID", action="append", default=[],
+                        help="erase this session and everything stored about it (repeatable)")
+    parser.add_argument("--erase-expired", action="store_true",
+                        help="erase the sessions that storage.retention_days has expired (the server does this hourly)")
     parser.add_argument("--db", metavar="PATH_OR_URL",
                         help="a SQLite file or any SQLAlchemy URL (overrides --storage-url)")
     settings_mod.add_arguments(parser)
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{s['session_id']}  room {s['room_id']}  started {iso_time(s['started_at'])}  {ended}  "
                       f"participants {s['participants']}  samples {s['samples']}  alerts {s['alerts']}")
             return 0
+        if args.delete or args.erase_expired:
+            return erase(repo, args.delete, settings.storage.retention_days if args.erase_expired else None, url)
         if not args.session or not args.out:
             print("error: give --session SID and --out DIR (or --list)", file=sys.stderr)
             return 2
@@ -71,6 +80,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         repo.close()
+
+
+def erase(repo, session_ids: list[str], retention_days: float | None, url: str) -> int:
+    missing = [sid for sid in session_ids if not repo.delete_session(sid)]
+    for sid in session_ids:
+        if sid not in missing:
+            print(f"deleted {sid}")
+    for sid in missing:
+        print(f"error: no session {sid!r} in {url}", file=sys.stderr)
+    if retention_days is not None:
+        if retention_days <= 0:
+            print("error: storage.retention_days is 0 (keep until deleted): nothing expires", file=sys.stderr)
+            return 2
+        erased = repo.delete_sessions_before(time.time() - retention_days * 86400)
+        print(f"erased {len(erased)} session(s) older than {retention_days:g} days" + "".join(f"\n  {sid}" for sid in erased))
+    return 2 if missing else 0
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from core.records import AlertRecord, SampleRecord
 from core.settings import StorageSettings
@@ -72,6 +72,25 @@ class Repository:
 
     def iter_alerts_csv(self, session_id: str) -> Iterator[str]:
         return csvrows.iter_alerts_csv(self.engine, session_id)
+
+    # ---- erasing (the teacher's delete button, the retention policy) --------------------------------
+    def delete_session(self, session_id: str) -> bool:
+        """Erase a session's samples, alerts, participants and the session itself in one transaction.
+        False when there is no such session."""
+        self.flush()   # rows of this session still queued would otherwise arrive after the delete
+        with self.engine.begin() as conn:
+            for table in (schema.samples, schema.alerts, schema.participants):
+                conn.execute(delete(table).where(table.c.session_id == session_id))
+            return conn.execute(delete(schema.sessions).where(schema.sessions.c.session_id == session_id)).rowcount > 0
+
+    def delete_sessions_before(self, cutoff: float) -> list[str]:
+        """Erase every session that ended before `cutoff` (epoch seconds), or that never ended (a crashed
+        bot) and started before it; returns their ids."""
+        s = schema.sessions
+        expired = or_(s.c.ended_at < cutoff, s.c.ended_at.is_(None) & (s.c.started_at < cutoff))
+        with self.engine.connect() as conn:
+            ids = list(conn.execute(select(s.c.session_id).where(expired)).scalars())
+        return [sid for sid in ids if self.delete_session(sid)]
 
     # ---- sessions (synchronous: the bot needs the id before anything else is written) ----------------
     def start_session(self, room_id: str) -> str:

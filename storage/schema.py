@@ -1,6 +1,6 @@
 """SQLAlchemy schema (rooms, sessions, participants, samples, alerts), the engine factory and migration.
 
-SQLite gets WAL, synchronous=NORMAL, a busy timeout and foreign keys, so that the bot's writer thread
+SQLite gets WAL, synchronous=NORMAL, a busy timeout, foreign keys and secure_delete, so that the bot's writer thread
 and the server's readers do not block each other; any other SQLAlchemy URL works too. Tables are
 created on start and columns an older file lacks are added (forward-only), recorded in schema_version.
 """
@@ -106,6 +106,7 @@ def _sqlite_pragmas(busy_timeout_ms: int):
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA secure_delete=ON")     # erased sessions are overwritten, not left in free pages
         cursor.close()
     return on_connect
 

@@ -69,6 +69,7 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
                 page = await (await browser.new_context()).new_page()
                 record_socket_messages(page, student_messages[who])
                 await page.goto(student_link)
+                await page.get_by_test_id("retention-note").filter(has_text="erased 90 days after class").wait_for(timeout=5_000)
                 await page.get_by_test_id("student-name").fill(who.capitalize())
                 if not analysis:
                     await page.get_by_test_id("analysis-toggle").uncheck()
@@ -103,6 +104,13 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await review.goto(f"{live.server}/review/{room_id}#t={token}")
             await review.get_by_test_id("review-students").filter(has_text="Asha").wait_for(timeout=30_000)
             await review.screenshot(path=str(ARTIFACTS / "review-page.png"), full_page=True)
+
+            # The teacher may delete a stored session, but not the one the assistant is still recording.
+            await review.get_by_test_id("retention").filter(has_text="erased automatically").wait_for(timeout=5_000)
+            review.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            await review.get_by_test_id("delete-session").click()
+            await review.get_by_role("alert").filter(has_text="still in the room").wait_for(timeout=10_000)
+            assert live.rows("SELECT COUNT(*) FROM sessions")[0][0] == 1
         finally:
             for browser in browsers:
                 await browser.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -588,6 +589,56 @@ async def test_review_api_is_for_the_owning_teacher_only(server):
         assert r.status == 401
     async with server.http.get(url, headers=server.auth(mine)) as r:
         assert [s["session_id"] for s in (await r.json())["sessions"]] == ["sess1"]
+
+
+async def test_only_the_owning_teacher_deletes_a_session_and_never_one_still_being_recorded(server):
+    mine, other = await server.room(), await server.room()
+    server.store.add_session("old", mine["room"], samples=["2024-01-01T00:00:00Z,1.0,p1,Asha\n"])
+    server.store.add_session("live", mine["room"])
+    url = server.url + "/api/sessions/old"
+    async with server.http.delete(url) as r:
+        assert r.status == 401
+    async with server.http.delete(url, headers=server.auth(other)) as r:
+        assert r.status == 403
+    async with server.http.delete(server.url + "/api/sessions/nosuch", headers=server.auth(mine)) as r:
+        assert r.status == 404
+    async with server.http.delete(url, headers=server.auth(mine)) as r:
+        assert r.status == 200 and await r.json() == {"deleted": "old"}
+    async with server.http.get(url + "/samples.csv", headers=server.auth(mine)) as r:
+        assert r.status == 404                                  # gone, rows and all
+    bot, _ = await server.bot(mine)
+    await bot.send_json({"v": 1, "type": "session", "session_id": "live"})
+    await asyncio.sleep(0.1)
+    async with server.http.delete(server.url + "/api/sessions/live", headers=server.auth(mine)) as r:
+        assert r.status == 409 and "still in the room" in (await r.json())["error"]
+    await bot.close()
+    await asyncio.sleep(0.1)
+    async with server.http.delete(server.url + "/api/sessions/live", headers=server.auth(mine)) as r:
+        assert r.status == 200
+    async with server.http.get(f"{server.url}/api/rooms/{mine['room']}/sessions", headers=server.auth(mine)) as r:
+        listed = await r.json()
+        assert listed["sessions"] == [] and listed["retention_days"] == Settings().storage.retention_days
+    async with server.http.get(server.url + "/api/policy") as r:      # what students read before joining
+        assert await r.json() == {"retention_days": Settings().storage.retention_days}
+
+
+async def test_the_server_erases_sessions_past_the_retention_period(tmp_path):
+    store = MemoryStore()
+    store.add_session("expired", "room1")
+    store.add_session("recent", "room1")
+    store.sessions["expired"]["ended_at"] = time.time() - 3 * 86400
+    store.add_session("crashed", "room1")                     # never ended, started long ago
+    store.sessions["crashed"]["started_at"] = time.time() - 5 * 86400
+    for days, left in ((0, {"expired", "recent", "crashed"}), (2, {"recent"})):
+        app = create_app(Settings().replace(storage={"retention_days": days}), store=store, static_dir=tmp_path)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            for _ in range(50):
+                await asyncio.sleep(0.02)
+            assert set(store.sessions) == left, days
+        finally:
+            await runner.cleanup()
 
 
 async def test_pages_carry_security_headers_and_static_files_cannot_escape(server):

@@ -79,7 +79,7 @@ def hold_exclusive_lock(db: Path) -> sqlite3.Connection:
 
 def test_repository_satisfies_the_store_protocol():
     methods = [(n, m) for n, m in inspect.getmembers(Store, inspect.isfunction) if not n.startswith("_")]
-    assert len(methods) == 7
+    assert len(methods) == 9
     for name, member in methods:
         assert list(inspect.signature(getattr(Repository, name)).parameters) == \
             list(inspect.signature(member).parameters), name
@@ -142,6 +142,7 @@ def test_sqlite_connections_use_wal_normal_sync_busy_timeout_and_foreign_keys(re
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1          # NORMAL
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1        # erased rows are overwritten
 
 
 def test_writer_survives_a_locked_database_and_loses_nothing(repo, db):
@@ -382,6 +383,60 @@ def test_export_cli_lists_sessions_and_fails_cleanly_on_unusable_databases(repo,
     assert "not a database" in capsys.readouterr().err
     assert export.main(["--db", str(db)]) == 2
     assert "--session" in capsys.readouterr().err
+
+
+def row_counts(db: Path, sid: str) -> list[int]:
+    con = sqlite3.connect(db)
+    try:
+        return [con.execute(f"SELECT COUNT(*) FROM {table} WHERE session_id = ?", (sid,)).fetchone()[0]
+                for table in ("sessions", "participants", "samples", "alerts")]
+    finally:
+        con.close()
+
+
+def test_deleting_a_session_erases_all_its_rows_and_nothing_else(repo, db):
+    gone, kept = new_session(repo, people=("p1", "p2")), new_session(repo, room="room2")
+    for sid, pid in ((gone, "p1"), (gone, "p2"), (kept, "p1")):
+        repo.add_samples(samples(sid, pid, 5, 100.0))
+        repo.add_alert(AlertRecord(f"a-{sid}-{pid}", sid, 101.0, "student", "confusion", "confused", 0.6, pid, pid))
+    # no flush: rows still queued for the session are written before it is erased, not after
+    assert repo.delete_session(gone) is True
+    assert row_counts(db, gone) == [0, 0, 0, 0] and row_counts(db, kept) == [1, 1, 5, 1]
+    assert repo.delete_session(gone) is False and repo.session_review(gone) is None
+    assert [s["session_id"] for s in repo.list_sessions(None)] == [kept]
+
+
+def test_retention_erases_sessions_ended_before_the_cutoff_and_crashed_ones_started_before_it(repo, db):
+    old, recent, crashed, live = (new_session(repo, room=f"r{i}") for i in range(4))
+    for sid in (old, recent):
+        repo.end_session(sid)
+    repo.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE sessions SET ended_at = 1000 WHERE session_id = ?", (old,))
+    con.execute("UPDATE sessions SET started_at = 1000 WHERE session_id = ?", (crashed,))
+    con.commit()
+    con.close()
+    assert sorted(repo.delete_sessions_before(5000.0)) == sorted([old, crashed])
+    assert sorted(s["session_id"] for s in repo.list_sessions(None)) == sorted([recent, live])
+
+
+def test_export_cli_deletes_sessions_and_erases_expired_ones(repo, db, capsys):
+    keep, drop, expired = (new_session(repo, room=f"r{i}") for i in range(3))
+    repo.end_session(expired)
+    repo.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE sessions SET ended_at = 1000 WHERE session_id = ?", (expired,))
+    con.commit()
+    con.close()
+    assert export.main(["--db", str(db), "--delete", drop]) == 0
+    assert capsys.readouterr().out.strip() == f"deleted {drop}"
+    assert export.main(["--db", str(db), "--delete", "nope"]) == 2
+    assert "no session 'nope'" in capsys.readouterr().err
+    assert export.main(["--db", str(db), "--erase-expired", "--storage-retention-days", "0"]) == 2
+    assert "nothing expires" in capsys.readouterr().err
+    assert export.main(["--db", str(db), "--erase-expired"]) == 0
+    assert f"erased 1 session(s) older than 90 days\n  {expired}" in capsys.readouterr().out
+    assert [s["session_id"] for s in repo.list_sessions(None)] == [keep]
 
 
 def test_a_restarted_bot_continues_the_open_session(repo):

@@ -1,4 +1,4 @@
-// Student page. testids: student-name, analysis-toggle, join, leave, status, preview, analysis-notice
+// Student page. testids: student-name, analysis-toggle, join, leave, status, preview, analysis-notice, retention-note
 "use strict";
 const room = CM.roomFromPath("/join/");
 const key = new URLSearchParams(location.search).get("k") || "";
@@ -92,3 +92,12 @@ $("analysis-toggle").addEventListener("change", async () => {
   await connectToBot();
 });
 if (!key) status("This link is incomplete: ask your teacher for the full student link.", "warn");
+
+// How long estimates are kept (the server's storage.retention_days), told before anyone joins.
+CM.api("GET", "/api/policy").then((res) => {
+  const days = res.ok && res.data ? res.data.retention_days : null;
+  if (days > 0) {
+    document.getElementById("retention-note").textContent =
+      `They are erased ${days} days after class at the latest; your teacher can delete them sooner.`;
+  }
+});

@@ -1,5 +1,5 @@
 // Review page. testids: session-select, session-info, timeline, signals, review-students, review-alerts,
-// download-samples, download-alerts
+// download-samples, download-alerts, delete-session, retention
 "use strict";
 const room = CM.roomFromPath("/review/");
 const token = CM.tokenFromHash();
@@ -14,12 +14,17 @@ for (let i = 0; i < CM.EMOTIONS.length; i++) {
 async function loadSessions() {
   const res = await CM.api("GET", "/api/rooms/" + encodeURIComponent(room) + "/sessions", token);
   if (!res.ok) { $("review-error").textContent = "Cannot load sessions (is this the teacher link?)"; return; }
+  const days = res.data.retention_days;
+  $("retention").textContent = days > 0
+    ? `Sessions are erased automatically ${days} days after they end. You can delete one now.`
+    : "Sessions are kept until you delete them.";
   const select = $("session-select"); select.replaceChildren();
   for (const s of res.data.sessions) {
     select.appendChild(CM.el("option", { value: s.session_id },
       new Date(s.started_at * 1000).toLocaleString() + ` — ${s.participants} students, ${s.samples} samples, ${s.alerts} alerts`));
   }
-  if (!res.data.sessions.length) { $("review-error").textContent = "No stored sessions yet."; return; }
+  $("delete-session").disabled = !res.data.sessions.length;
+  if (!res.data.sessions.length) { current = null; $("review-error").textContent = "No stored sessions yet."; clearReview(); return; }
   await loadReview(res.data.sessions[0].session_id);
 }
 
@@ -128,7 +133,24 @@ async function download(kind) {
   setTimeout(() => URL.revokeObjectURL(url), 5000);
 }
 
+function clearReview() {
+  $("session-info").textContent = "";
+  for (const id of ["timeline", "signals"]) { const c = $(id); c.getContext("2d").clearRect(0, 0, c.width, c.height); }
+  $("students").replaceChildren(); $("alerts").replaceChildren();
+}
+
+async function deleteSession() {
+  if (!current) return;
+  const s = current.session;
+  if (!confirm(`Delete the session of ${new Date(s.started_at * 1000).toLocaleString()}? ` +
+               "Every stored sample and alert of it is erased; this cannot be undone.")) return;
+  const res = await CM.api("DELETE", "/api/sessions/" + encodeURIComponent(s.session_id), token);
+  if (!res.ok) { $("review-error").textContent = "Not deleted: " + ((res.data && res.data.error) || res.status); return; }
+  await loadSessions();
+}
+
 $("session-select").addEventListener("change", (e) => loadReview(e.target.value));
 $("download-samples").addEventListener("click", () => download("samples"));
 $("download-alerts").addEventListener("click", () => download("alerts"));
+$("delete-session").addEventListener("click", deleteSession);
 if (!token) $("review-error").textContent = "This review link has no key (#t=…)."; else loadSessions();
