@@ -20,6 +20,7 @@ from aiortc.mediastreams import MediaStreamError
 from bot.analyzer import PendingFrame
 from bot.mailbox import FrameMailbox
 from bot.room import ClassRoom
+from core.errors import describe
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot.peer")
@@ -79,9 +80,7 @@ class BotPeer:
                 except Exception as exc:
                     # E.g. the database could not start the session (disk full, locked): the bot must not
                     # leave the class for good; it rejoins with backoff and the session resumes.
-                    log.error("room %s: joining failed (%s: %s); retrying in %.1f s",
-                              self.room_id, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
-                              backoff)
+                    log.error("room %s: joining failed (%s); retrying in %.1f s", self.room_id, describe(exc), backoff)
                 finally:
                     await self._close_peers()
                 if self._stopping.is_set():

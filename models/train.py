@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import describe
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 model.load_weights(args.init_weights)
             except Exception as exc:   # h5py/keras raise many types for a wrong or damaged file
                 print(f"error: --init-weights {args.init_weights}: not weights of this network "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})", file=sys.stderr)
+                      f"({describe(exc)})", file=sys.stderr)
                 return 2
             print(f"starting from {args.init_weights}", flush=True)
         model.compile(

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
+from core.errors import describe
 from core.settings import ServerSettings, Settings
 from signaling import protocol
 from signaling.forwarded import client_address
@@ -632,7 +633,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                         log.info("retention: erased %d session(s) older than %g days", len(erased), days)
                 except Exception as exc:      # a database outage must not end the policy for good
                     log.warning("retention: could not erase expired sessions (%s); retrying in an hour",
-                                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                                describe(exc))
                 await asyncio.sleep(RETENTION_CHECK_SECONDS)
         task = asyncio.ensure_future(loop()) if days > 0 else None
         yield

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from core import settings as settings_mod
+from core.errors import describe
 from storage.csvrows import iso_time
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo = Repository(url)
     except (SQLAlchemyError, ImportError, ValueError) as exc:   # bad file, bad URL, missing driver
-        print(f"error: cannot open database {url}: {first_line(exc)}", file=sys.stderr)
+        print(f"error: cannot open database {url}: {describe(exc)}", file=sys.stderr)
         return 2
     try:
         if args.list:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(out / name)
         return 0
     except (OSError, SQLAlchemyError) as exc:
-        print(f"error: {first_line(exc)}", file=sys.stderr)
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 2
     finally:
         repo.close()
@@ -104,11 +105,6 @@ def sqlite_path(url: str) -> Path | None:
         return None
     path = url.split("///", 1)[1].split("?", 1)[0]
     return Path(path) if path else None
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 if __name__ == "__main__":

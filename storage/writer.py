@@ -16,6 +16,7 @@ from typing import Any, Callable
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
+from core.errors import describe
 from storage.writes import ROW_KINDS, Op
 
 log = logging.getLogger("classmood.storage")
@@ -30,11 +31,6 @@ def _rejected_for_good(exc: BaseException) -> bool:
     if isinstance(exc, (IntegrityError, DataError)):
         return True
     return not isinstance(exc, (SQLAlchemyError, OSError))   # TypeError/ValueError from a malformed record
-
-
-def _describe(exc: BaseException) -> str:
-    first = (str(getattr(exc, "orig", None) or exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first[:200]}"
 
 
 class BatchWriter:
@@ -125,11 +121,11 @@ class BatchWriter:
                 self._stats["written_samples"] += n_samples
                 self._stats["lost"] += len(rejected)
                 if rejected:
-                    self._stats["last_error"] = _describe(rejected[-1][1])
+                    self._stats["last_error"] = describe(rejected[-1][1])
                 if error is not None:
                     self._ops.extendleft(reversed(batch[done:]))   # back at the head, order kept
                     self._stats["write_errors"] += 1
-                    self._stats["last_error"] = _describe(error)
+                    self._stats["last_error"] = describe(error)
                     if len(self._ops) > self.max_pending_rows:
                         self._drop_oldest_rows()
                 elif not self._ops:
@@ -139,7 +135,7 @@ class BatchWriter:
                 # missing and that the database recovered.
                 for op, exc in rejected:
                     log.error("storage: the database rejected a %s row for good (%s); dropped",
-                              op.kind, _describe(exc))
+                              op.kind, describe(exc))
                 if error is None and failing:
                     log.warning("storage: database writable again; backlog is %d operations", pending)
                 self._cond.notify_all()
@@ -148,7 +144,7 @@ class BatchWriter:
                 continue
             if not failing:
                 log.error("storage: database write failed (%s); keeping %d operations in memory and retrying",
-                          _describe(error), pending)
+                          describe(error), pending)
                 failing = True
             if self._stop.is_set():
                 return                     # closing: close() counts what is left as lost

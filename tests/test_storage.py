@@ -494,3 +494,13 @@ def test_writes_from_many_threads_all_land(repo, db):
         th.join()
     assert repo.flush()
     assert count(db, "samples") == 400 and repo.stats()["written_samples"] == 400
+
+
+def test_errors_are_described_in_one_line_with_the_drivers_message():
+    from sqlalchemy.exc import OperationalError
+
+    from core.errors import describe
+    wrapped = OperationalError("INSERT ...", {}, sqlite3.OperationalError("database or disk is full\nmore"))
+    assert describe(wrapped) == "OperationalError: database or disk is full"
+    assert describe(ValueError("x" * 500)) == "ValueError: " + "x" * 200
+    assert describe(KeyError()) == "KeyError"
