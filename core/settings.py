@@ -64,7 +64,7 @@ class BotSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     model: str = "ferplus"                 # ferplus | fer2013 | path to a .tflite file
-    detector: str = "auto"                 # auto (short range, full range where it found nobody) | short | full
+    detector: str = "auto"                 # auto (short, full range where it found nobody, then close-up) | short | full
     flip_average: bool = True              # average each face with its mirror image (+0.5 pt, 2x classifier cost)
 
 

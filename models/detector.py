@@ -249,11 +249,17 @@ def _windows(length: int, tile: int) -> int:
     return len(_starts(length, tile, int(tile * 0.75)))
 
 
+CLOSE_UP_PAD = 0.3    # border added around a frame for the close-up pass, as a share of its longer side
+
+
 class AutoDetector:
     """Short range first (fast, webcam distance); frames where it finds nobody get the full-range model
-    (small or far faces; tiled for big frames when `tiles` is given). One `detect(frames) -> Faces` like
+    (small or far faces; tiled for big frames when `tiles` is given), and frames still without a face a
+    close-up pass: short range on the frame inside a gray border, because BlazeFace misses a face that
+    fills or overflows the frame (a student leaning into the camera, a tight face crop): on 714 upscaled
+    FER2013 crops it found 667 faces without the border and 713 with it. One `detect(frames) -> Faces` like
     FaceDetector. The bot uses it untiled: a student's webcam shows one near face, and a faceless
-    640x480 frame would cost ~50 ms of tiles instead of ~5 ms."""
+    640x480 frame would cost ~50 ms of tiles instead of ~13 ms."""
 
     def __init__(self, threads: int = 1, min_score: float = 0.5, tiles: int | str | None = None) -> None:
         self.kind = "auto"
@@ -261,15 +267,41 @@ class AutoDetector:
         self.full = FaceDetector("full", threads, min_score, tiles=tiles)
 
     def detect(self, frames: list[np.ndarray]) -> Faces:
-        first = self.short.detect(frames)
-        missing = sorted(set(range(len(frames))) - set(first.frame_ids.tolist()))
-        if not missing:
-            return first
-        second = self.full.detect([frames[i] for i in missing])
-        if len(second):
-            second = Faces(second.boxes, second.scores, second.keypoints,
-                           np.asarray(missing, np.int32)[second.frame_ids], second.probs)
-        return Faces.concat([first, second])
+        found = [self.short.detect(frames)]
+        for pass_ in (self._far, self._close_up):
+            missing = sorted(set(range(len(frames))) - {int(i) for part in found for i in part.frame_ids})
+            if not missing:
+                break
+            more = pass_([frames[i] for i in missing])
+            if len(more):
+                found.append(Faces(more.boxes, more.scores, more.keypoints,
+                                   np.asarray(missing, np.int32)[more.frame_ids], more.probs))
+        return Faces.concat(found)
+
+    def _far(self, frames: list[np.ndarray]) -> Faces:
+        return self.full.detect(frames)
+
+    def _close_up(self, frames: list[np.ndarray]) -> Faces:
+        padded, offsets, sizes = [], [], []
+        for frame_id, frame in enumerate(frames):
+            image = FaceDetector._as_bgr(frame, frame_id)
+            if image is None or max(image.shape[:2]) > MAX_INPUT_SIDE:
+                image = np.zeros((1, 1, 3), np.uint8)      # nothing to find / a big photo is no close-up
+            pad = int(round(CLOSE_UP_PAD * max(image.shape[:2]))) if image.shape[0] > 1 else 0
+            padded.append(cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128)))
+            offsets.append(pad)
+            sizes.append(image.shape[:2])
+        faces = self.short.detect(padded)
+        if not len(faces):
+            return faces
+        shift = np.array([offsets[i] for i in faces.frame_ids], np.float32)
+        boxes = faces.boxes - shift[:, None]
+        hw = np.array([sizes[i] for i in faces.frame_ids], np.float32)
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, hw[:, 1:2])
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, hw[:, 0:1])
+        keep = (boxes[:, 2] - boxes[:, 0] > 2) & (boxes[:, 3] - boxes[:, 1] > 2)
+        kept = Faces(boxes, faces.scores, faces.keypoints - shift[:, None, None], faces.frame_ids, faces.probs)
+        return kept[np.flatnonzero(keep)] if not keep.all() else kept
 
 
 def make_detector(kind: str = "auto", threads: int = 1, min_score: float = 0.5, tiles: int | str | None = None):

@@ -3,6 +3,8 @@
     python -m models.evaluate --model fer2013 --data ../shared/datasets/fer2013 --split PrivateTest --labels fer2013 --json
     python -m models.evaluate --model ferplus --data ../shared/datasets/fer2013 --split PrivateTest --labels ferplus
     python -m models.evaluate --folder DIR [--detect] --json     # DIR/<class>/*.jpg, any common class spelling
+    python -m models.evaluate --model ferplus --data ../shared/datasets/fer2013 --labels ferplus --detect
+        # the bot's whole path on the benchmark faces: each 48x48 face upscaled to 192 px, detected, aligned
 
 Prints a table; with --json the last stdout line is one JSON object
 {"accuracy", "n", "per_class": {label: {"accuracy", "precision", "n"}}, "baseline_accuracy", ...}.
@@ -76,15 +78,35 @@ def draw_confusion(matrix: np.ndarray, path: str, title: str) -> None:
         raise UsageError(f"cannot write the confusion image {path} (use a .png or .jpg path in an existing folder)")
 
 
-def dataset_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
+DETECT_SIZE = 192    # --data --detect: benchmark faces are upscaled to this side, like a webcam close-up
+
+
+def dataset_faces(args: argparse.Namespace) -> tuple[np.ndarray | list, np.ndarray, dict]:
     data = load_dataset(args.data)
     part = data.split(args.split)
     if len(part) == 0:
         raise UsageError(f"{args.data}: no rows in split {args.split}")
     hard, _ = part.targets(args.labels)
     keep = hard >= 0
-    faces = (part.images[keep].astype(np.float32) / 255.0)[..., None]
-    return faces, hard[keep], {"split": args.split, "labels": args.labels, "excluded": int((~keep).sum())}
+    info = {"split": args.split, "labels": args.labels, "excluded": int((~keep).sum())}
+    if not args.detect:
+        return (part.images[keep].astype(np.float32) / 255.0)[..., None], hard[keep], info
+    detector = _detector(args)
+    faces = [detect_and_align(detector, cv2.resize(image, (DETECT_SIZE, DETECT_SIZE), interpolation=cv2.INTER_CUBIC))
+             for image in part.images[keep]]
+    return faces, hard[keep], {**info, "no_face": sum(f is None for f in faces), "detect": True}
+
+
+def _detector(args: argparse.Namespace):
+    from models.detector import make_detector
+    return make_detector("auto", threads=args.threads, tiles="auto")
+
+
+def detect_and_align(detector, image: np.ndarray) -> np.ndarray | None:
+    """The largest detected face, aligned to (48, 48, 1) in [0, 1]; None when there is no face."""
+    from models.preprocess import align_faces
+    found = detector.detect([image]).largest_per_frame()
+    return align_faces([image], found)[0] if len(found) else None
 
 
 def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -93,9 +115,7 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
         raise UsageError(f"{root}: not a folder")
     faces, truth, skipped, unreadable, no_face = [], [], 0, 0, 0
     unreadable_files: list[str] = []
-    if args.detect:
-        from models.detector import make_detector
-        detector = make_detector("auto", threads=args.threads, tiles="auto")
+    detector = _detector(args) if args.detect else None
     classes = list(iter_class_folders(root))
     for name, label, folder in classes:
         files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
@@ -111,14 +131,9 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
                 if len(unreadable_files) < 20:
                     unreadable_files.append(str(file))
                 continue
-            if args.detect:
-                from models.preprocess import align_faces
-                found = detector.detect([image]).largest_per_frame()
-                if not len(found):
-                    no_face += 1
-                    faces.append(None)
-                else:
-                    faces.append(align_faces([image], found)[0])
+            if detector is not None:
+                faces.append(detect_and_align(detector, image))
+                no_face += faces[-1] is None
             else:
                 faces.append((to_face48(image).astype(np.float32) / 255.0)[..., None])
             truth.append(EMOTIONS.index(label))
@@ -145,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="PrivateTest", choices=("PrivateTest", "PublicTest", "Training"))
     p.add_argument("--labels", default="fer2013", choices=("fer2013", "ferplus"))
     p.add_argument("--folder", help="folder with one sub-folder per class")
-    p.add_argument("--detect", action="store_true", help="with --folder: detect and align the largest face first")
+    p.add_argument("--detect", action="store_true", help="detect and align the largest face first (with --data: "
+                   f"each face upscaled to {DETECT_SIZE} px; a face not found counts as wrong, under no_face)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-flip", action="store_true", help="classify each face once, without averaging with its mirror image")

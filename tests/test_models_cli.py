@@ -110,6 +110,27 @@ def test_evaluate_with_detection_counts_images_without_a_face(tiny_model, tmp_pa
     assert summary["per_class"]["happy"]["accuracy"] == 0.0       # no face counts as wrong
 
 
+def test_evaluate_runs_benchmark_faces_through_detection_and_alignment(tiny_model, tmp_path):
+    # 48x48 face crops tighter than the face (as many FER2013 faces are) and two blank rows: with --detect
+    # each is upscaled, and the faces must be found (most only by the detector's close-up pass); the blank
+    # rows count under no_face.
+    from models.detector import make_detector
+    frames = frames_of("woman2.mp4", count=4)
+    crops = []
+    for frame, (x0, y0, x1, y1) in zip(frames, make_detector("auto").detect(frames).boxes):
+        w, h = x1 - x0, y1 - y0
+        face = frame[int(y0 + 0.2 * h):int(y1 - 0.2 * h), int(x0 + 0.2 * w):int(x1 - 0.2 * w)]
+        crops.append(cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (48, 48)))
+    crops += [np.full((48, 48), 128, np.uint8)] * 2
+    data = tmp_path / "fer2013.csv"
+    data.write_text("emotion,pixels,Usage\n" + "".join(
+        f"{6 if i < 4 else 3},{' '.join(map(str, crop.ravel()))},PrivateTest\n" for i, crop in enumerate(crops)))
+    summary = last_json(run("models.evaluate", "--model", str(tiny_model), "--data", str(data), "--labels", "fer2013",
+                            "--detect", "--json", "--no-baseline"))
+    assert summary["n"] == 6 and summary["detect"] is True and summary["no_face"] == 2
+    assert summary["per_class"]["happy"]["accuracy"] == 0.0       # the blank rows: no face counts as wrong
+
+
 def test_detect_reports_faces_with_probabilities_and_annotates(tiny_model, tmp_path):
     photo = need_media() / "images" / "faces" / "two_people.jpg"
     out = tmp_path / "annotated.png"

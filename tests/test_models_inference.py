@@ -103,6 +103,21 @@ def test_detector_finds_faces_in_the_shared_photos():
         assert len(detector.detect([image])) >= 1, path.name
 
 
+def test_a_face_that_overflows_the_frame_is_found_by_the_close_up_pass():
+    # A student leaning into the camera, or a tight face crop: the face is bigger than the frame.
+    image = cv2.imread(str(need_media() / "images" / "faces" / "justin.jpg"))
+    detector = make_detector("auto")
+    x0, y0, x1, y1 = detector.detect([image]).boxes[0]
+    w, h = x1 - x0, y1 - y0
+    crop = cv2.resize(image[int(y0 + 0.2 * h):int(y1 - 0.2 * h), int(x0 + 0.2 * w):int(x1 - 0.2 * w)], (240, 240))
+    assert len(detector.short.detect([crop])) == 0 and len(detector.full.detect([crop])) == 0
+    (fid,), box, eyes = (lambda f: (f.frame_ids, f.boxes[0], f.keypoints[0, :2]))(
+        detector.detect([np.zeros((50, 50, 3), np.uint8), crop]))
+    assert fid == 1                                                        # frame ids survive the extra pass
+    assert box[0] >= 0 and box[1] >= 0 and box[2] <= 240 and box[3] <= 240 and box[2] - box[0] > 150
+    assert ((eyes > 0) & (eyes < 240)).all() and abs(eyes[0, 1] - eyes[1, 1]) < 30   # both eyes inside, level
+
+
 def test_no_faces_in_noise_blank_or_degenerate_frames():
     rng = np.random.default_rng(0)
     detector = make_detector("auto")
