@@ -288,8 +288,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                 return web.json_response({"ok": True, "worker": worker.peer_id})
         return json_error(503, "no bot worker is available: start one with `python -m bot worker`")
 
-    async def review_access(request: web.Request, sid: str) -> web.Response | None:
-        """None when the bearer token owns the session's room; else 401 / 404 / 403."""
+    async def review_access(request: web.Request, sid: str) -> web.Response | str:
+        """The session's room id when the bearer token owns that room; else a 401 / 404 / 403 response."""
         token = bearer(request)
         if token is None:
             return json_error(401, "teacher token required (Authorization: Bearer TOKEN)")
@@ -299,7 +299,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         record = await room_record(room_id)
         if record is None or not _same(token_hash(token), record["teacher_token_hash"]):
             return json_error(403, "this token does not own that session")
-        return None
+        return room_id
 
     async def sessions(request: web.Request) -> web.Response:
         record = await authorise(request, request.match_info["room"])
@@ -310,9 +310,9 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
 
     async def review(request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
-        denied = await review_access(request, sid)
-        if denied is not None:
-            return denied
+        access = await review_access(request, sid)
+        if isinstance(access, web.Response):
+            return access
         try:
             bucket = float(request.query.get("bucket", "10"))
         except ValueError:
@@ -324,11 +324,10 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
 
     async def delete_session(request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
-        denied = await review_access(request, sid)
-        if denied is not None:
-            return denied
-        room_id = await asyncio.to_thread(store.session_room, sid)
-        room = registry.get(room_id) if room_id else None
+        room_id = await review_access(request, sid)
+        if isinstance(room_id, web.Response):
+            return room_id
+        room = registry.get(room_id)
         if room is not None and room.bot is not None and room.session_id == sid:
             return json_error(409, "the assistant is still in the room recording this session; "
                                    "end the class (or let the assistant leave) first")
@@ -340,9 +339,9 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     def csv_handler(kind: str):
         async def handler(request: web.Request) -> web.StreamResponse:
             sid = request.match_info["sid"]
-            denied = await review_access(request, sid)
-            if denied is not None:
-                return denied
+            access = await review_access(request, sid)
+            if isinstance(access, web.Response):
+                return access
             lines: Iterator[str] = getattr(store, f"iter_{kind}_csv")(sid)
             response = _with_headers(web.StreamResponse(headers={
                 "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store",
