@@ -77,20 +77,25 @@ class Repository:
     def delete_session(self, session_id: str) -> bool:
         """Erase a session's samples, alerts, participants and the session itself in one transaction.
         False when there is no such session."""
-        self.flush()   # rows of this session still queued would otherwise arrive after the delete
-        with self.engine.begin() as conn:
-            for table in (schema.samples, schema.alerts, schema.participants):
-                conn.execute(delete(table).where(table.c.session_id == session_id))
-            return conn.execute(delete(schema.sessions).where(schema.sessions.c.session_id == session_id)).rowcount > 0
+        return bool(self._erase(schema.sessions.c.session_id == session_id))
 
     def delete_sessions_before(self, cutoff: float) -> list[str]:
         """Erase every session that ended before `cutoff` (epoch seconds), or that never ended (a crashed
         bot) and started before it; returns their ids."""
         s = schema.sessions
-        expired = or_(s.c.ended_at < cutoff, s.c.ended_at.is_(None) & (s.c.started_at < cutoff))
-        with self.engine.connect() as conn:
-            ids = list(conn.execute(select(s.c.session_id).where(expired)).scalars())
-        return [sid for sid in ids if self.delete_session(sid)]
+        return self._erase(or_(s.c.ended_at < cutoff, s.c.ended_at.is_(None) & (s.c.started_at < cutoff)))
+
+    def _erase(self, which: Any) -> list[str]:
+        """Erase the sessions matching `which` and all their rows in one transaction; their ids."""
+        self.flush()   # rows of these sessions still queued would otherwise arrive after the delete
+        s = schema.sessions
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(select(s.c.session_id).where(which)).scalars())
+            chosen = select(s.c.session_id).where(which)      # a subquery: no bound on how many sessions
+            for table in (schema.samples, schema.alerts, schema.participants):
+                conn.execute(delete(table).where(table.c.session_id.in_(chosen)))
+            conn.execute(delete(s).where(which))
+        return ids
 
     # ---- sessions (synchronous: the bot needs the id before anything else is written) ----------------
     def start_session(self, room_id: str) -> str:
