@@ -28,7 +28,8 @@ class ServerSettings:
     max_message_bytes: int = 16_384        # one signaling WebSocket message (an SDP offer is ~3-6 KB)
     max_bot_message_bytes: int = 262_144   # the bot's live state for a 50-student class is ~20-40 KB
     max_rooms: int = 1000
-    max_participants_per_room: int = 200
+    max_participants_per_room: int = 200  # students per room
+    max_teachers_per_room: int = 10       # teacher connections (tabs, devices) per room, seated apart from students
     # Shared secret that bot workers present to receive room assignments.
     worker_key: str = "dev-worker-key-change-me"
     # Capture constraints the server asks student browsers for: what analysis needs, no more.

@@ -41,3 +41,16 @@ def client_address(peer: str | None, forwarded_for: Iterable[str], trusted: Sequ
             break
         current = hop
     return str(current)
+
+
+def address_block(address: str | None) -> str:
+    """The unit a per-client limit counts: an IPv4 address, or the /64 of an IPv6 one (one subscriber
+    usually holds a whole /64, so counting single IPv6 addresses would give them 2^64 allowances)."""
+    ip = _address(address or "")
+    if ip is None:
+        return address or ""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -82,8 +82,9 @@ def _bool(value: Any, field: str) -> bool:
 
 
 def _unit(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0.0 <= value <= 1.0:
+    # Range first: math.isfinite(10**400) raises OverflowError, and JSON ints have no size limit.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 \
+            or not math.isfinite(value):
         raise ProtocolError("bad_field", f"{field} must be a number in [0, 1]")
     return float(value)
 

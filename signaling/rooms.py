@@ -177,9 +177,11 @@ class Room:
 class Registry:
     """Live rooms by id and connected bot workers, with the server's limits."""
 
-    def __init__(self, max_rooms: int, max_participants_per_room: int, room_idle_seconds: float = 600.0) -> None:
+    def __init__(self, max_rooms: int, max_participants_per_room: int, room_idle_seconds: float = 600.0,
+                 max_teachers_per_room: int = 10) -> None:
         self.max_rooms = max_rooms
         self.max_participants = max_participants_per_room
+        self.max_teachers = max_teachers_per_room
         self.room_idle_seconds = room_idle_seconds
         self.rooms: dict[str, Room] = {}
         self.workers: dict[str, Peer] = {}
@@ -201,8 +203,17 @@ class Registry:
         return len(idle)
 
     def has_capacity(self) -> bool:
+        """Room for one more live room, unloading rooms nobody is connected to if needed: they are in the
+        Store, so a room created and never joined (or a flood of them) cannot lock its teacher, or
+        any other teacher whose room was unloaded, out of the server."""
         if len(self.rooms) >= self.max_rooms:
             self.prune()
+        if len(self.rooms) >= self.max_rooms:
+            now = time.monotonic()
+            idle = sorted((r for r in self.rooms.values() if r.size() == 0 and not r.invite_pending(now)),
+                          key=lambda r: r.idle_since)
+            for room in idle[:len(self.rooms) - self.max_rooms + 1]:
+                del self.rooms[room.room_id]
         return len(self.rooms) < self.max_rooms
 
     def add(self, room: Room) -> Room:
@@ -217,9 +228,13 @@ class Registry:
 
     # ---- participants ----------------------------------------------------------------------------
     def join(self, room: Room, peer: Peer) -> Peer | None:
-        """Seat a peer; returns the bot it replaces, if any. Raises RoomFull (the bot always gets in)."""
-        if peer.role != "bot" and len(room.students) + len(room.teachers) >= self.max_participants:
-            raise RoomFull(f"room {room.room_id} has {self.max_participants} participants")
+        """Seat a peer; returns the bot it replaces, if any. Raises RoomFull (the bot always gets in).
+        Students and teachers have separate seats, so students (anyone with the shared student link)
+        can never fill the room against its teacher."""
+        if peer.role == "student" and len(room.students) >= self.max_participants:
+            raise RoomFull(f"room {room.room_id} has {self.max_participants} students")
+        if peer.role == "teacher" and len(room.teachers) >= self.max_teachers:
+            raise RoomFull(f"room {room.room_id} has {self.max_teachers} teacher connections")
         if room.room_id not in self.rooms:           # unloaded while this hello was being checked
             self.rooms[room.room_id] = room
         replaced = None

@@ -23,7 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 from core.errors import describe
 from core.settings import ServerSettings, Settings
 from signaling import protocol
-from signaling.forwarded import client_address
+from signaling.forwarded import address_block, client_address
 from signaling.protocol import ProtocolError
 from signaling.rooms import Peer, RateLimit, Registry, Room, RoomFull, TooManyRooms, new_id
 from signaling.store import Store
@@ -125,7 +125,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     cfg: ServerSettings = settings.server
     ice_servers = settings.ice_servers()
     video = {"width": cfg.video_width, "height": cfg.video_height, "fps": cfg.video_fps}
-    registry = Registry(cfg.max_rooms, cfg.max_participants_per_room, cfg.room_idle_seconds)
+    registry = Registry(cfg.max_rooms, cfg.max_participants_per_room, cfg.room_idle_seconds,
+                        cfg.max_teachers_per_room)
     sockets: weakref.WeakSet = weakref.WeakSet()
     static = Path(static_dir or STATIC_DIR).resolve()
     app = web.Application(middlewares=[client_address_middleware(settings.trusted_proxy_networks()),
@@ -212,7 +213,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         if len(room_buckets) > 10_000:        # bounded memory: forget addresses whose bucket has refilled
             for key in [k for k, b in room_buckets.items() if b.full()]:
                 del room_buckets[key]
-        bucket = room_buckets.setdefault(address, RateLimit(per_minute / 60.0, per_minute))
+        bucket = room_buckets.setdefault(address_block(address), RateLimit(per_minute / 60.0, per_minute))
         return bucket.allow()
 
     async def create_room(request: web.Request) -> web.Response:
@@ -388,7 +389,9 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     async def read_hello(ws: web.WebSocketResponse, where: str) -> dict[str, Any] | None:
         """The validated hello, or None after answering/closing (or when the socket went away)."""
         try:
-            msg = await ws.receive(timeout=cfg.hello_timeout_seconds)
+            # One deadline for the whole read: ws.receive(timeout=...) restarts its timer after every
+            # ping a client sends, so a socket that pings and never says hello would stay forever.
+            msg = await asyncio.wait_for(ws.receive(), cfg.hello_timeout_seconds)
         except asyncio.TimeoutError:
             log.info("%s: no hello within %.0f s; closing", where, cfg.hello_timeout_seconds)
             await reject(ws, "timeout", f"no hello within {cfg.hello_timeout_seconds:.0f} s", CLOSE_TIMEOUT)

@@ -4,7 +4,7 @@ import ipaddress
 import pytest
 
 from core import settings as settings_module
-from signaling.forwarded import client_address
+from signaling.forwarded import address_block, client_address
 
 PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
 
@@ -42,3 +42,11 @@ def test_trusted_proxies_setting_is_validated():
     assert [str(n) for n in loaded.trusted_proxy_networks()] == ["127.0.0.1/32", "172.16.0.0/12"]
     with pytest.raises(ValueError, match="trusted_proxies.*'proxy.local'"):
         settings_module.load(env={"CLASSMOOD_SERVER_TRUSTED_PROXIES": "127.0.0.1,proxy.local"})
+
+
+def test_limits_count_an_ipv6_client_by_its_64_block():
+    assert address_block("2001:db8:1:2::5") == address_block("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert address_block("2001:db8:1:3::5") != address_block("2001:db8:1:2::5")
+    assert address_block("203.0.113.5") == "203.0.113.5" != address_block("203.0.113.6")
+    assert address_block("::ffff:203.0.113.5") == "203.0.113.5"
+    assert address_block("not-an-ip") == "not-an-ip" and address_block(None) == ""

@@ -296,6 +296,7 @@ async def test_a_late_teacher_gets_the_cached_state_and_controls_reach_the_bot(s
         got = await recv_type(bot, "control")
         assert got == {"v": 1, "type": "control", "from": welcome["peer_id"], **control}
     for bad in ({"action": "threshold", "kind": "confusion", "value": 7},
+                {"action": "threshold", "kind": "confusion", "value": 10 ** 400},   # overflows a float
                 {"action": "threshold", "kind": "happiness", "value": 0.5},
                 {"action": "threshold", "kind": "boredom", "value": True},
                 {"action": "mute", "peer_id": "bad id!"}, {"action": "explode"}):
@@ -439,6 +440,24 @@ async def test_a_silent_socket_is_closed_after_the_hello_timeout(make_server):
         assert await closed_with(ws) == 4408
 
 
+async def test_pinging_does_not_keep_a_socket_without_hello_open(make_server):
+    server = await make_server(hello_timeout_seconds=0.5)
+    ws = await server.connect()
+
+    async def keep_pinging() -> None:
+        while True:
+            await ws.ping()
+            await asyncio.sleep(0.15)
+
+    pinging = asyncio.create_task(keep_pinging())
+    try:
+        error = await recv(ws, 2.0)      # while the pings go on, well past the 0.5 s deadline
+    finally:
+        pinging.cancel()
+    assert error["code"] == "timeout"
+    assert await closed_with(ws) == 4408
+
+
 async def test_clients_that_vanish_before_or_during_hello_leave_nothing_behind(server):
     room = await server.room()
     silent = await server.connect()
@@ -461,16 +480,40 @@ async def test_clients_that_vanish_before_or_during_hello_leave_nothing_behind(s
 
 
 async def test_a_full_room_and_a_full_server_refuse_politely(make_server):
-    server = await make_server(max_participants_per_room=2, max_rooms=2)
+    server = await make_server(max_participants_per_room=2, max_rooms=2, max_teachers_per_room=1)
     room = await server.room()
-    seated = [await server.student(room, "A"), await server.teacher(room)]
+    seated = [await server.student(room, "A"), await server.student(room, "B"), await server.teacher(room)]
     ws = await server.connect({"role": "student", "room": room["room"], "key": key_of(room), "name": "C"})
     assert (await recv(ws))["code"] == "room_full"
     assert await closed_with(ws) == 4429
+    ws = await server.connect({"role": "teacher", "room": room["room"], "token": room["teacher_token"]})
+    assert (await recv(ws))["code"] == "room_full"       # teacher connections have their own cap
     seated.append(await server.bot(room))                    # the bot always gets in
-    await server.room()
+    other = await server.room()
+    seated.append(await server.teacher(other))
     async with server.http.post(server.url + "/api/rooms", json={}) as r:
         assert r.status == 503 and "error" in await r.json()
+
+
+async def test_students_filling_every_seat_cannot_lock_the_teacher_out(make_server):
+    server = await make_server(max_participants_per_room=3)
+    room = await server.room()
+    students = [await server.student(room, f"S{i}") for i in range(3)]
+    teacher, welcome = await server.teacher(room)          # seated: students never take teacher seats
+    assert welcome["type"] == "welcome" and len(students) == 3
+
+
+async def test_a_flood_of_unused_rooms_cannot_lock_out_a_teacher_whose_room_was_unloaded(make_server):
+    server = await make_server(max_rooms=3, room_idle_seconds=3600, rooms_per_minute_per_address=0.0)
+    mine = await server.room()
+    flood = [await server.room() for _ in range(10)]          # nobody joins them; each unloads an idle one
+    assert len(server.registry.rooms) == 3 and server.registry.get(mine["room"]) is None
+    teacher, welcome = await server.teacher(mine)            # reloaded from the store, not server_full
+    assert welcome["type"] == "welcome"
+    busy = [await server.teacher(room) for room in flood[-2:]]
+    async with server.http.post(server.url + "/api/rooms", json={}) as r:
+        assert r.status == 503                                   # every live room has someone in it
+    assert len(busy) == 2
 
 
 async def test_one_address_cannot_create_rooms_without_limit(make_server):
@@ -712,22 +755,29 @@ async def test_a_stalled_peer_is_dropped_without_blocking_the_sender():
 
 
 def test_registry_limits_and_cleanup():
-    registry = Registry(max_rooms=1, max_participants_per_room=1, room_idle_seconds=3600)
-    room = registry.add(Room("r1", "", "k" * 16, "h"))
-    with pytest.raises(TooManyRooms):
-        registry.add(Room("r2", "", "k" * 16, "h"))
-    assert registry.add(Room("r1", "", "other", "h")) is room           # a race to load keeps the first
+    registry = Registry(max_rooms=1, max_participants_per_room=1, room_idle_seconds=3600, max_teachers_per_room=1)
+    idle = registry.add(Room("r0", "", "k" * 16, "h"))
+    room = registry.add(Room("r1", "", "k" * 16, "h"))          # nobody was in r0: unloaded to make room
+    assert registry.get(idle.room_id) is None
     student = Peer("s1", "student", StalledSocket())
     registry.join(room, student)
+    with pytest.raises(TooManyRooms):                            # r1 is occupied
+        registry.add(Room("r2", "", "k" * 16, "h"))
+    assert registry.add(Room("r1", "", "other", "h")) is room           # a race to load keeps the first
     with pytest.raises(RoomFull):
-        registry.join(room, Peer("t1", "teacher", StalledSocket()))
+        registry.join(room, Peer("s2", "student", StalledSocket()))
+    teacher = Peer("t1", "teacher", StalledSocket())
+    registry.join(room, teacher)
+    with pytest.raises(RoomFull):
+        registry.join(room, Peer("t2", "teacher", StalledSocket()))
+    assert registry.leave(room, teacher)
     bot1, bot2 = Peer("b1", "bot", StalledSocket()), Peer("b2", "bot", StalledSocket())
     assert registry.join(room, bot1) is None and registry.join(room, bot2) is bot1
     room.last_state = {"type": "state"}
     assert registry.leave(room, bot1) is False and room.bot is bot2 and room.last_state
     assert registry.leave(room, bot2) is True and room.bot is None and room.last_state is None
     assert registry.leave(room, student) and room.size() == 0
-    assert registry.prune(now=room.idle_since + 3600) == 1 and not registry.rooms
+    assert registry.prune(now=room.idle_since + 3601) == 1 and not registry.rooms   # + 3600 can round below it
 
 
 def test_rate_limit_bucket():
