@@ -45,7 +45,7 @@ class BotPeer:
     """One bot in one room. `run()` returns when stopped or when the room refuses the bot."""
 
     def __init__(self, settings: Settings, server: str, room_id: str, token: str, repository: Any,
-                 mailbox: FrameMailbox[PendingFrame], register: Callable[[str, ClassRoom | None], None]) -> None:
+                 mailbox: FrameMailbox[PendingFrame], register: Callable[..., None]) -> None:
         self.settings = settings
         self.server = server
         self.room_id = room_id
@@ -72,7 +72,7 @@ class BotPeer:
                 try:
                     fatal = await self._session(http)
                     if fatal:
-                        return
+                        break      # not return: _finish() below ends the session and frees the room
                     backoff = 0.5
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                     log.warning("room %s: signaling connection failed (%s); retrying in %.1f s",
@@ -100,8 +100,8 @@ class BotPeer:
     async def _finish(self) -> None:
         if self.room is not None:
             self.room.close()
-            if not self.replaced:
-                self.register(self.room_id, None)
+            self.register(self.room_id, None, self.room)
+            if not self.replaced:      # a replacing bot carries the session on
                 await asyncio.to_thread(self.repository.end_session, self.room.session_id)
             self.room = None
 
@@ -264,19 +264,33 @@ class BotPeer:
         stall = self.settings.bot.stall_seconds
         next_due = 0.0
         key = (self.room_id, peer)
+        stalled = False
         if room:
             room.mark_connected(peer, True)
         try:
             while True:
+                # A stall (camera frozen, network hiccup) only marks the student not connected: the
+                # track is kept and analysis resumes with its next frame. A peer that is really gone
+                # ends through MediaStreamError, its connection failing (ICE consent) or leaving.
                 try:
-                    frame = await asyncio.wait_for(track.recv(), timeout=stall)
+                    frame = await asyncio.wait_for(track.recv(), timeout=stall)   # recv is cancel-safe
                 except asyncio.TimeoutError:
-                    log.warning("room %s: video from %s stalled for %.0f s; dropping the track",
-                                self.room_id, peer, stall)
-                    break
+                    if not stalled:
+                        stalled = True
+                        log.warning("room %s: no video from %s for %.0f s; waiting for it to resume",
+                                    self.room_id, peer, stall)
+                        self.mailbox.discard(key)
+                        if room:
+                            room.mark_connected(peer, False)
+                    continue
                 except MediaStreamError:
                     log.info("room %s: video from %s ended", self.room_id, peer)
                     break
+                if stalled:
+                    stalled = False
+                    log.info("room %s: video from %s resumed", self.room_id, peer)
+                    if room:
+                        room.mark_connected(peer, True)
                 now = time.monotonic()
                 if now < next_due or room is None or not room.wants_video(peer):
                     continue

@@ -106,11 +106,13 @@ class BotService:
                 except Exception:
                     log.exception("room %s: handling a result failed", room_id)
 
-    def _register(self, room_id: str, room: ClassRoom | None) -> None:
-        if room is None:
-            self.rooms.pop(room_id, None)
-        else:
+    def _register(self, room_id: str, room: ClassRoom | None, leaving: ClassRoom | None = None) -> None:
+        """Route results of room_id to `room`; with room None, stop routing them to `leaving` (only if it
+        is still the one registered: a bot replaced in this process must not unregister its successor)."""
+        if room is not None:
             self.rooms[room_id] = room
+        elif leaving is None or self.rooms.get(room_id) is leaving:
+            self.rooms.pop(room_id, None)
 
     def join(self, server: str, room_id: str, token: str) -> BotPeer:
         """Join (or re-join) a room; an existing bot for the room is replaced."""

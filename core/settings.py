@@ -55,7 +55,7 @@ class ServerSettings:
 class BotSettings:
     sample_hz: float = 2.0                 # analysed frames per student per second (at least; see bot/peer.py)
     queue_frames: int = 1                  # per-student pending frames; older ones are dropped
-    stall_seconds: float = 10.0            # no frame for this long -> track considered stalled
+    stall_seconds: float = 10.0            # no frame for this long -> student shown as not connected until video resumes
     inference_threads: int = 1             # TFLite interpreter threads
     max_batch: int = 64                    # frames per detector/classifier batch
     min_face_score: float = 0.5

@@ -7,6 +7,7 @@ token. docs/architecture.md is the contract; signaling/protocol.py validates eve
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -57,6 +58,15 @@ SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def bot_token_for(room_id: str, secret: str) -> str:
+    """The room's bot token (what an invite hands a worker): derived, not random, so that a bot can
+    rejoin its room after the server restarts or unloads the room. Only the server and the workers know
+    the secret (the worker key), and workers are already trusted with every invite."""
+    digest = hmac.new(secret.encode("utf-8", "surrogatepass"), b"classmood bot token\x00" + room_id.encode(),
+                      hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def _same(a: str, b: str) -> bool:
@@ -134,8 +144,15 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     app[SETTINGS_KEY] = settings
     app[REGISTRY_KEY] = registry
     app[SOCKETS_KEY] = sockets
-    if cfg.worker_key == "dev-worker-key-change-me" and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    default_key = cfg.worker_key == ServerSettings.worker_key
+    if default_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("server.worker_key is the development default on a non-loopback host: set your own")
+    # The development key is public, so tokens derived from it would be guessable: with it, bot tokens
+    # come from a secret of this process instead (they then do not survive a restart).
+    bot_token_secret = secrets.token_urlsafe(32) if default_key else cfg.worker_key
+
+    def new_room(room_id: str, title: str, join_key: str, teacher_token_hash: str) -> Room:
+        return Room(room_id, title, join_key, teacher_token_hash, bot_token=bot_token_for(room_id, bot_token_secret))
 
     # ---- rooms: memory first, then the store ---------------------------------------------------
     async def room_record(room_id: str) -> dict[str, Any] | None:
@@ -154,8 +171,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
             record = await asyncio.to_thread(store.get_room, room_id)
             if record is None:
                 return None
-            room = registry.add(Room(room_id, record.get("title") or "", record["join_key"],
-                                     record["teacher_token_hash"]))
+            room = registry.add(new_room(room_id, record.get("title") or "", record["join_key"],
+                                         record["teacher_token_hash"]))
         return room
 
     async def authorise(request: web.Request, room_id: str) -> web.Response | dict[str, Any]:
@@ -241,7 +258,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         if not registry.has_capacity():
             return json_error(503, "too many live rooms on this server; try again later")
         room_id, join_key, token = new_id(), secrets.token_urlsafe(12), secrets.token_urlsafe(24)
-        room = Room(room_id, title, join_key, token_hash(token))
+        room = new_room(room_id, title, join_key, token_hash(token))
         try:
             await asyncio.to_thread(store.create_room, room_id, title, join_key, room.teacher_token_hash)
             registry.add(room)

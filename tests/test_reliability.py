@@ -13,6 +13,9 @@ from bot.analyzer import Analyzer, PendingFrame, to_bgr
 from bot.mailbox import FrameMailbox
 from bot.service import BotService
 from core.faces import Faces
+from aiohttp import web
+
+from signaling.server import REGISTRY_KEY, create_app
 from tests.spine import VIDEOS, start_class, stop_class
 
 
@@ -136,7 +139,7 @@ async def test_a_restarted_bot_rejoins_and_continues_the_same_session(tmp_path):
 
 
 @pytest.mark.skipif(not VIDEOS.exists(), reason=f"{VIDEOS} not found: the shared media folder is absent")
-async def test_a_stalled_track_is_dropped_and_others_carry_on(tmp_path):
+async def test_a_stalled_track_pauses_that_student_and_resumes_when_video_comes_back(tmp_path):
     live = await start_class(tmp_path, bot={"stall_seconds": 1.5})
     try:
         await live.create_room()
@@ -145,19 +148,72 @@ async def test_a_stalled_track_is_dropped_and_others_carry_on(tmp_path):
         frozen = await live.add_student("Frozen", VIDEOS / "emotions.mp4")
         await asyncio.wait_for(asyncio.gather(steady.connected.wait(), frozen.connected.wait()), 30)
         await asyncio.sleep(1.5)
-        # Freeze the student's camera: the track stays open but sends nothing.
+        # Freeze the student's camera: the track stays open but sends nothing until `thawed` is set.
         track = frozen.pc.getSenders()[0].track
-        original = track.recv
+        original, thawed = track.recv, asyncio.Event()
 
-        async def never():
-            await asyncio.sleep(3600)
-        track.recv = never
+        async def frozen_until_thawed():
+            await thawed.wait()
+            return await original()
+        track.recv = frozen_until_thawed
         await asyncio.sleep(4)
         peer = live.service.peers[live.room["room"]]
-        assert frozen.peer_id not in peer.consumers, "a stalled track must be dropped"
+        assert not peer.room.students[frozen.peer_id].connected, "a stalled student is shown as not connected"
         t_check = time.time()
         await asyncio.sleep(2)
-        assert [r for r in live.samples_of(steady) if r[0] > t_check]
+        assert [r for r in live.samples_of(steady) if r[0] > t_check], "the rest of the class goes on"
+        assert not [r for r in live.samples_of(frozen) if r[0] > t_check]
         track.recv = original
+        thawed.set()
+        t_thaw = time.time()
+        await asyncio.sleep(4)
+        assert [r for r in live.samples_of(frozen) if r[0] > t_thaw], "analysis resumes with the video"
+        assert peer.room.students[frozen.peer_id].connected
+    finally:
+        await stop_class(live)
+
+
+async def test_after_a_server_restart_the_invited_bot_rejoins_its_room_and_session(tmp_path):
+    live = await start_class(tmp_path, server={"worker_key": "a-deployment-key-not-the-default"})
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        peer = live.service.peers[live.room["room"]]
+        session = peer.room.session_id
+        # The signaling server restarts on the same address and store; the bot was invited by the old one.
+        await live.runner.cleanup()
+        live.runner = web.AppRunner(create_app(live.settings, store=live.repository))
+        await live.runner.setup()
+        await web.TCPSite(live.runner, "127.0.0.1", live.settings.server.port).start()
+        registry = live.runner.app[REGISTRY_KEY]
+        for _ in range(200):      # the bot retries with backoff; once in, it tells the server its session
+            room = registry.get(live.room["room"])
+            if room is not None and room.bot is not None and room.session_id is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert room is not None and room.bot is not None, "the invited bot must be let back in"
+        assert live.service.peers[live.room["room"]] is peer and peer.room.session_id == session
+        assert room.session_id == session
+    finally:
+        await stop_class(live)
+
+
+async def test_a_bot_refused_for_good_frees_its_room_and_ends_its_session(tmp_path):
+    live = await start_class(tmp_path)
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        room_id = live.room["room"]
+        peer = live.service.peers[room_id]
+        session = peer.room.session_id
+        peer.token = "not-the-token-any-more"          # what a server that no longer knows the bot sees
+        await peer._ws.close()                        # the connection drops; the rejoin is refused
+        for _ in range(100):
+            if room_id not in live.service.peers:
+                break
+            await asyncio.sleep(0.1)
+        assert room_id not in live.service.peers and room_id not in live.service.rooms
+        assert peer.room is None, "the room's state (and its tick loop) must be released"
+        assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session)[0][0] is not None
     finally:
         await stop_class(live)
