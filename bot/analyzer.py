@@ -43,7 +43,16 @@ class FrameResult:
 
 def to_bgr(frame: Any) -> np.ndarray:
     """av.VideoFrame or ndarray -> a sane BGR uint8 image; ValueError for zero-size or odd frames."""
-    image = frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="bgr24")
+    if isinstance(frame, np.ndarray):
+        image = frame
+    else:
+        width, height = int(getattr(frame, "width", 0) or 0), int(getattr(frame, "height", 0) or 0)
+        if min(width, height) > 0 and max(width, height) > MAX_SIDE:
+            # Scale while converting: a full-size BGR copy of a 16000x16000 frame is 768 MB and 4 s.
+            scale = MAX_SIDE / max(width, height)
+            frame = frame.reformat(width=max(8, round(width * scale)), height=max(8, round(height * scale)),
+                                   format="bgr24")
+        image = frame.to_ndarray(format="bgr24")
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 8 or image.shape[1] < 8:

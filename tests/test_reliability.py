@@ -55,6 +55,27 @@ def test_huge_frames_are_downscaled_not_refused():
     assert max(to_bgr(np.zeros((4000, 7000, 3), np.uint8)).shape[:2]) == 1920
 
 
+def test_huge_decoded_frames_are_scaled_while_converting_not_after():
+    import av
+    frame = av.VideoFrame.from_ndarray(np.full((3000, 8000, 3), 128, np.uint8), format="bgr24").reformat(format="yuv420p")
+    full_size_copies = []
+    original = av.VideoFrame.to_ndarray
+
+    class Watched:                     # av.VideoFrame is a C type: wrap it to see what gets converted
+        width, height = frame.width, frame.height
+
+        def reformat(self, **kwargs):
+            return frame.reformat(**kwargs)
+
+        def to_ndarray(self, format: str):
+            full_size_copies.append(format)
+            return original(frame, format=format)
+
+    image = to_bgr(Watched())
+    assert image.shape == (720, 1920, 3) and int(image.mean()) in range(120, 137)
+    assert not full_size_copies, "the full-size frame must never be converted to BGR"
+
+
 def test_bad_frames_cost_only_their_own_sample():
     results = []
     done = threading.Event()
