@@ -123,7 +123,8 @@ class BotPeer:
                     continue
                 kind = data.get("type")
                 if kind == "error":
-                    log.error("room %s: server error %s: %s", self.room_id, data.get("code"), data.get("message"))
+                    level = logging.INFO if data.get("code") == "idle" else logging.ERROR   # idle: class over
+                    log.log(level, "room %s: server says %s: %s", self.room_id, data.get("code"), data.get("message"))
                     if data.get("code") == "replaced":
                         self.replaced = True
                         return True

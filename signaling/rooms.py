@@ -154,6 +154,7 @@ class Room:
     worker_id: str | None = None           # the worker last invited here (its load)
     invited_at: float | None = None        # monotonic time of that invite
     idle_since: float = field(default_factory=time.monotonic)
+    alone_since: float | None = None       # when the bot was last left without students or teachers
 
     def participants(self) -> list[dict[str, Any]]:
         """Students as the bot and teachers see them (never sent to students)."""
@@ -240,11 +241,14 @@ class Registry:
         replaced = None
         if peer.role == "student":
             room.students[peer.peer_id] = peer
+            room.alone_since = None
         elif peer.role == "teacher":
             room.teachers[peer.peer_id] = peer
+            room.alone_since = None
         elif peer.role == "bot":
             replaced, room.bot = room.bot, peer
             room.invited_at = None
+            room.alone_since = None if room.students or room.teachers else time.monotonic()
         else:
             raise ValueError(f"role {peer.role!r} does not sit in rooms")
         return replaced
@@ -260,7 +264,15 @@ class Registry:
             room.bot, room.last_state, room.worker_id, seated = None, None, None, True
         if room.size() == 0:
             room.idle_since = time.monotonic()
+        if seated and peer.role != "bot" and not room.students and not room.teachers:
+            room.alone_since = time.monotonic()
         return seated
+
+    def lonely_bots(self, after_seconds: float, now: float | None = None) -> list[Room]:
+        """Rooms whose bot has had no student or teacher with it for `after_seconds`."""
+        now = time.monotonic() if now is None else now
+        return [r for r in self.rooms.values() if r.bot is not None and not r.students and not r.teachers
+                and r.alone_since is not None and now - r.alone_since >= after_seconds]
 
     # ---- bot workers -----------------------------------------------------------------------------
     def add_worker(self, worker: Peer) -> None:

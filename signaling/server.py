@@ -49,7 +49,7 @@ PAGE_HEADERS = {
 }
 # WebSocket close codes (4400..4499: do not retry with the same credentials)
 CLOSE_BAD_HELLO, CLOSE_UNAUTHORIZED, CLOSE_UNKNOWN_ROOM, CLOSE_TIMEOUT = 4400, 4401, 4404, 4408
-CLOSE_REPLACED, CLOSE_LIMIT, CLOSE_SERVER_FULL = 4409, 4429, 4503
+CLOSE_REPLACED, CLOSE_IDLE, CLOSE_LIMIT, CLOSE_SERVER_FULL = 4409, 4410, 4429, 4503
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 REGISTRY_KEY = web.AppKey("registry", Registry)
@@ -659,8 +659,26 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         if task is not None:
             task.cancel()
 
+    async def dismiss_lonely_bots(_app: web.Application):
+        """A bot left alone (no student, no teacher) for server.room_idle_seconds is dismissed: its session
+        ends (reviewable and erasable) and the room, its bot and their resources are freed."""
+        idle = cfg.room_idle_seconds
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(min(60.0, max(0.2, idle / 4)))
+                for room in registry.lonely_bots(idle):
+                    log.info("room %s: nobody with the bot for %.0f s; dismissing it", room.room_id, idle)
+                    room.bot.send(protocol.error("idle", f"nobody has been in the room for {idle:.0f} s"))
+                    room.bot.close(CLOSE_IDLE)
+                    room.alone_since = None
+        task = asyncio.ensure_future(loop())
+        yield
+        task.cancel()
+
     app.on_shutdown.append(on_shutdown)
     app.cleanup_ctx.append(erase_expired_sessions)
+    app.cleanup_ctx.append(dismiss_lonely_bots)
     app.router.add_get("/", page("index.html"))
     app.router.add_get("/join/{room}", page("join.html"))
     app.router.add_get("/teach/{room}", page("teach.html"))

@@ -238,3 +238,25 @@ async def test_a_bot_refused_for_good_frees_its_room_and_ends_its_session(tmp_pa
         assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session)[0][0] is not None
     finally:
         await stop_class(live)
+
+
+async def test_a_bot_left_alone_is_dismissed_and_its_session_ends(tmp_path):
+    live = await start_class(tmp_path, server={"room_idle_seconds": 1.0})
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        room_id = live.room["room"]
+        session = live.service.peers[room_id].room.session_id
+        student = await live.add_student("Asha", None)
+        await asyncio.sleep(2.0)                               # with a student in the room the bot stays
+        assert room_id in live.service.peers
+        await student.leave()
+        live.students.remove(student)
+        for _ in range(60):
+            if room_id not in live.service.peers:
+                break
+            await asyncio.sleep(0.1)
+        assert room_id not in live.service.peers and room_id not in live.service.rooms
+        assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session)[0][0] is not None
+    finally:
+        await stop_class(live)
