@@ -8,22 +8,32 @@ the same session continues.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from bot.analyzer import PendingFrame
+from bot.ice_filter import filter_candidates
 from bot.mailbox import FrameMailbox
 from bot.room import ClassRoom
 from core.errors import describe
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot.peer")
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def ws_url(server: str) -> str:
@@ -63,6 +73,9 @@ class BotPeer:
         self.ice_servers: list[dict[str, Any]] = []
         self.joined = asyncio.Event()
         self.replaced = False             # another bot took over the room: its session is not ours to end
+        # Students' loopback candidates are only reachable (and only legitimate) on a development machine.
+        host = urlsplit(server if "://" in server else f"http://{server}").hostname or ""
+        self._server_is_loopback = host == "localhost" or _is_loopback_ip(host)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -247,6 +260,10 @@ class BotPeer:
                 await pc.close()
 
     async def _negotiate(self, pc: RTCPeerConnection, peer: str, sdp: str) -> None:
+        sdp, dropped = filter_candidates(sdp, allow_loopback=self._server_is_loopback)
+        if dropped:
+            log.warning("room %s: ignored %d ICE candidate(s) of %s pointing at addresses the bot must not "
+                        "contact (loopback, link-local, multicast, unresolvable names)", self.room_id, dropped, peer)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "video":

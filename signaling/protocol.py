@@ -24,6 +24,8 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}\Z")     # join keys, teacher and b
 MAX_NAME = 60
 MAX_TITLE = 120
 MAX_SDP = 12_000          # characters; the message size limit applies as well
+MAX_SDP_MEDIA = 4         # a student sends one video section (browsers may add audio/data ones)
+MAX_SDP_CANDIDATES = 32   # each one is an address the bot will probe; browsers gather a handful
 MAX_WORKER_KEY = 256
 ROLES = ("student", "teacher", "bot", "worker")
 CONTROL_ACTIONS = ("ack", "mute", "unmute", "threshold")
@@ -168,6 +170,11 @@ def _signal(data: dict[str, Any]) -> dict[str, Any]:
     sdp = payload.get("sdp")
     if not isinstance(sdp, str) or not 0 < len(sdp) <= MAX_SDP:
         raise ProtocolError("bad_field", f"sdp must be a string of 1 to {MAX_SDP} characters")
+    lines = sdp.splitlines()
+    if sum(line.startswith("m=") for line in lines) > MAX_SDP_MEDIA \
+            or sum(line.startswith("a=candidate:") for line in lines) > MAX_SDP_CANDIDATES:
+        raise ProtocolError("bad_field", f"sdp may carry at most {MAX_SDP_MEDIA} media sections and "
+                                         f"{MAX_SDP_CANDIDATES} ICE candidates")
     return {"type": "signal", "to": _id(data.get("to"), "to"), "data": {"type": payload["type"], "sdp": sdp}}
 
 

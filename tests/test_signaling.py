@@ -370,6 +370,8 @@ async def test_a_second_bot_replaces_the_first_and_keeps_the_session(server):
     ('{"v": 1, "type": "state", "state": {}}', "bad_type"), ('{"v": 1, "type": "hello"}', "bad_type"),
     ("[" * 5000, "bad_json"), ('{"v": 1, "type": "ping", "x": 1e999}', "bad_json"),
     (json.dumps(offer("x", "a" * 20_000)), "too_large"),
+    (json.dumps(offer("x", "v=0\r\n" + "a=candidate:1 1 udp 1 10.0.0.1 9 typ host\r\n" * 33)), "bad_field"),
+    (json.dumps(offer("x", "v=0\r\n" + "m=video 9 RTP/AVP 96\r\n" * 5)), "bad_field"),
 ])
 async def test_malformed_messages_get_an_error_and_the_room_keeps_working(server, raw, code):
     room = await server.room()
