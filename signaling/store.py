@@ -35,4 +35,5 @@ class Store(Protocol):
         """Erase a session and everything stored about it; False when there is no such session."""
 
     def delete_sessions_before(self, cutoff: float) -> list[str]:
-        """Erase sessions that ended (or, never ended, started) before `cutoff` epoch seconds; their ids."""
+        """Erase sessions that ended before `cutoff` epoch seconds, or never ended and show no activity
+        since before it (a class still being recorded is kept); their ids."""

@@ -81,9 +81,13 @@ class Repository:
 
     def delete_sessions_before(self, cutoff: float) -> list[str]:
         """Erase every session that ended before `cutoff` (epoch seconds), or that never ended (a crashed
-        bot) and started before it; returns their ids."""
-        s = schema.sessions
-        return self._erase(or_(s.c.ended_at < cutoff, s.c.ended_at.is_(None) & (s.c.started_at < cutoff)))
+        bot) and has had no sample since before it: a class still being recorded is never erased, however
+        long ago it started. Returns their ids."""
+        s, samples = schema.sessions, schema.samples
+        recent_sample = select(samples.c.session_id).where(samples.c.session_id == s.c.session_id,
+                                                           samples.c.t >= cutoff).exists()
+        return self._erase(or_(s.c.ended_at < cutoff,
+                               s.c.ended_at.is_(None) & (s.c.started_at < cutoff) & ~recent_sample))
 
     def _erase(self, which: Any) -> list[str]:
         """Erase the sessions matching `which` and all their rows in one transaction; their ids."""

@@ -407,17 +407,19 @@ def test_deleting_a_session_erases_all_its_rows_and_nothing_else(repo, db):
 
 
 def test_retention_erases_sessions_ended_before_the_cutoff_and_crashed_ones_started_before_it(repo, db):
-    old, recent, crashed, live = (new_session(repo, room=f"r{i}") for i in range(4))
+    old, recent, crashed, live, long_running = (new_session(repo, room=f"r{i}") for i in range(5))
     for sid in (old, recent):
         repo.end_session(sid)
+    repo.add_samples(samples(long_running, "p1", 3, 6000.0))      # started long ago, still recording
+    repo.add_samples(samples(crashed, "p1", 3, 1000.0))           # its last sample is before the cutoff
     repo.flush()
     con = sqlite3.connect(db)
     con.execute("UPDATE sessions SET ended_at = 1000 WHERE session_id = ?", (old,))
-    con.execute("UPDATE sessions SET started_at = 1000 WHERE session_id = ?", (crashed,))
+    con.execute("UPDATE sessions SET started_at = 1000 WHERE session_id IN (?, ?)", (crashed, long_running))
     con.commit()
     con.close()
     assert sorted(repo.delete_sessions_before(5000.0)) == sorted([old, crashed])
-    assert sorted(s["session_id"] for s in repo.list_sessions(None)) == sorted([recent, live])
+    assert sorted(s["session_id"] for s in repo.list_sessions(None)) == sorted([recent, live, long_running])
 
 
 def test_export_cli_deletes_sessions_and_erases_expired_ones(repo, db, capsys):
