@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from models.baseline import BaselineClassifier, YuNetDetector, shared_dir  # noqa: E402
 from models.classifier import ExpressionClassifier, resolve_model  # noqa: E402
+from models.cli_args import positive_int  # noqa: E402
 from models.detector import FaceDetector, make_detector  # noqa: E402
 
 
@@ -172,7 +173,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=positive_int, default=50, help="timed runs per measurement; the median is shown (default 50)")
     p.add_argument("--detectors", action="store_true", help="detector recall against YuNet instead of speed")
     p.add_argument("--model", action="append", help="ferplus | fer2013 | path to a .tflite file (repeatable, "
                    "e.g. --model ferplus --model fer2013 for both; default: ferplus, the bot's model)")

@@ -126,7 +126,7 @@ def load_fer2013_csv(path: str | os.PathLike) -> FerData:
                 images.append(pixels.astype(np.uint8).reshape(48, 48))
                 labels.append(label)
                 splits.append(_SPLIT_ALIASES.get(row[2].strip().lower(), row[2].strip()))
-    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile, ValueError, csv.Error) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile, ValueError, OverflowError, csv.Error) as exc:
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"{path}: cannot read as FER2013 CSV ({exc})") from None
@@ -187,7 +187,10 @@ def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> np
             raise DatasetError(f"{name}: cannot read ({exc.strerror or exc})") from None
     if not raw:
         raise DatasetError(f"{name}: empty file")
-    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:     # e.g. a header claiming more pixels than OpenCV's decoding limit
+        raise DatasetError(f"{name}: image too large or malformed for the decoder") from None
     if image is None:  # OpenCV has no GIF decoder; Pillow has, and knows a few more formats
         try:
             from PIL import Image

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from core.emotions import EMOTIONS  # noqa: E402
 from core.faces import KEYPOINT_NAMES  # noqa: E402
 from models.data import DatasetError, read_image  # noqa: E402
+from models.cli_args import unit_interval  # noqa: E402
 
 
 def annotate(image: np.ndarray, faces, path: str) -> None:
@@ -53,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="ferplus", help="ferplus | fer2013 | path to a .tflite file")
     p.add_argument("--detector", default="full", choices=("full", "short", "auto"),
                    help="full range, tiled (photos, groups; default) | short range (one near face, webcam) | "
-                   "auto (short range, then full range where it found nobody: what the bot runs)")
+                   "auto (short range, then full range where it found nobody, then a close-up pass: the bot's detector; the bot does not tile, so add --tiles off to see exactly what it sees)")
     p.add_argument("--tiles", default="auto", type=tiles_arg, help="auto | off | window side in px: tile big photos for the "
                    "full-range passes so that small faces (crowds, galleries) are found (default auto)")
-    p.add_argument("--min-score", type=float, default=0.5)
+    p.add_argument("--min-score", type=unit_interval, default=0.5, help="lowest face score kept, 0..1 (default 0.5)")
     p.add_argument("--annotate", metavar="OUT.png")
     p.add_argument("--no-flip", action="store_true", help="classify each face once, without averaging with its mirror image")
     p.add_argument("--json", action="store_true")

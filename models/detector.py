@@ -172,7 +172,9 @@ class FaceDetector:
             s = 1.0
             if max(image.shape[:2]) > MAX_INPUT_SIDE:
                 s = MAX_INPUT_SIDE / max(image.shape[:2])
-                image = cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+                # Explicit size, at least 1 px a side: fx/fy would round a 2x30000 strip's short side to 0.
+                size = (max(1, round(image.shape[1] * s)), max(1, round(image.shape[0] * s)))
+                image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
             if self.tile and max(image.shape[:2]) > 2 * self.tile:
                 faces = self._detect_tiled(image, frame_id)
             else:

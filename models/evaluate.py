@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from core.emotions import EMOTIONS, NUM_EMOTIONS  # noqa: E402
 from models.data import IMAGE_SUFFIXES, DatasetError, iter_class_folders, load_dataset, read_image, to_face48  # noqa: E402
+from models.cli_args import positive_int  # noqa: E402
 
 
 class UsageError(Exception):
@@ -138,6 +139,10 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
                 faces.append((to_face48(image).astype(np.float32) / 255.0)[..., None])
             truth.append(EMOTIONS.index(label))
     if not truth:
+        unknown = sorted(name for name, label, _ in classes if label is None)
+        if unknown and not any(label for _, label, _ in classes):
+            raise UsageError(f"{root}: no folder named after a class we predict (found {', '.join(unknown[:10])}; "
+                             f"use {', '.join(EMOTIONS)} or a common spelling such as anger, happiness, surprised)")
         raise UsageError(f"{root}: no readable images in class folders (expected {root}/<class>/*.jpg)")
     return faces, np.array(truth), {"folder": str(root), "skipped": skipped, "unreadable": unreadable,
                                     "unreadable_files": unreadable_files,
@@ -158,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="ferplus", help="ferplus | fer2013 | path to a .tflite file")
     p.add_argument("--data", help="fer2013.csv(.gz), its folder, an image-folder tree or archive.zip")
     p.add_argument("--split", default="PrivateTest", choices=("PrivateTest", "PublicTest", "Training"))
-    p.add_argument("--labels", default="fer2013", choices=("fer2013", "ferplus"))
+    p.add_argument("--labels", default="fer2013", choices=("fer2013", "ferplus"),
+                   help="with --data: score FER2013's own labels (default) or the FER+ majority labels")
     p.add_argument("--folder", help="folder with one sub-folder per class")
     p.add_argument("--detect", action="store_true", help="detect and align the largest face first (with --data: "
                    f"each face upscaled to {DETECT_SIZE} px; a face not found counts as wrong, under no_face)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2, help="TFLite interpreter threads (default 2)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-flip", action="store_true", help="classify each face once, without averaging with its mirror image")
     p.add_argument("--confusion", metavar="OUT.png", help="write the confusion matrix as an image")

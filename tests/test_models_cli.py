@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -151,7 +153,8 @@ def test_detect_reports_faces_with_probabilities_and_annotates(tiny_model, tmp_p
 
 @pytest.mark.parametrize("case", ["missing image", "corrupt image", "empty image", "wrong csv header",
                                   "empty folder", "missing data", "missing model", "missing shipped model",
-                                  "corrupt model", "unwritable confusion"])
+                                  "corrupt model", "unwritable confusion", "pixel value overflowing an int",
+                                  "image over the decoder's pixel limit", "only unknown class folders"])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny_model, tmp_path, case):
     model = str(tiny_model)
     (tmp_path / "empty").mkdir()
@@ -178,6 +181,21 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny_model, tmp_path, ca
         (tmp_path / "junk.tflite").write_bytes(b"junk" * 100)
         args = ["models.detect", str(tmp_path / "nope.jpg"), "--model", str(tmp_path / "junk.tflite")]
         (tmp_path / "nope.jpg").write_bytes(cv2.imencode(".jpg", np.zeros((50, 50, 3), np.uint8))[1].tobytes())
+    elif case == "pixel value overflowing an int":
+        (tmp_path / "big.csv").write_text("emotion,pixels,Usage\n0," + " ".join(["9" * 30] * 2304) + ",Training\n")
+        args = ["models.evaluate", "--model", model, "--data", str(tmp_path / "big.csv")]
+    elif case == "image over the decoder's pixel limit":
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        header = chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))   # claims 3.6 G pixels
+        (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 99))
+                                            + chunk(b"IEND", b""))
+        args = ["models.detect", str(tmp_path / "bomb.png"), "--model", model]
+    elif case == "only unknown class folders":
+        for name in ("contempt", "misc"):
+            (tmp_path / "classes" / name).mkdir(parents=True)
+            cv2.imwrite(str(tmp_path / "classes" / name / "a.png"), np.zeros((48, 48), np.uint8))
+        args = ["models.evaluate", "--model", model, "--folder", str(tmp_path / "classes")]
     else:
         write_csv(tmp_path / "data")
         args = ["models.evaluate", "--model", model, "--data", str(tmp_path / "data"), "--no-baseline",
@@ -188,6 +206,25 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny_model, tmp_path, ca
     assert lines and lines[-1].startswith("error:") and "Traceback" not in result.stderr
     if "model" in case:
         assert ".tflite" in lines[-1]
+    if case == "only unknown class folders":
+        assert "contempt, misc" in lines[-1]
+    if case == "image over the decoder's pixel limit":
+        assert "too large" in lines[-1]
+
+
+@pytest.mark.parametrize("args", [["models.bench", "--repeats", "0"], ["models.evaluate", "--threads", "0"],
+                                  ["models.detect", "x.jpg", "--min-score", "nan"],
+                                  ["models.detect", "x.jpg", "--min-score", "-1"]])
+def test_out_of_range_options_are_usage_errors(args):
+    result = run(*args)
+    assert result.returncode == 2 and "error: argument" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_thin_strip_of_an_image_has_no_faces_rather_than_an_error(tiny_model, tmp_path):
+    cv2.imwrite(str(tmp_path / "strip.png"), np.full((2, 30000, 3), 128, np.uint8))
+    result = run("models.detect", str(tmp_path / "strip.png"), "--model", str(tiny_model), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["faces"] == []
 
 
 def test_bench_measures_the_default_ferplus_model_unless_told_otherwise():
