@@ -1,8 +1,10 @@
 """A class in a real browser: Debian chromium driven by Playwright, fake cameras fed from real face videos.
 
 A teacher creates a room on the home page and invites the bot; two students join from their own
-browsers (one opts out); the bot analyses the first only; the teacher page shows live state and an
-alert; the students see neither. Screenshots of the teacher and review pages go to artifacts/.
+browsers (one opts out before joining: his camera never starts and he sends no offer); the bot
+analyses the first only; the teacher page shows live state and an alert; the students see neither;
+when the first student opts out, her camera stops. A blocked camera and a wrong link get plain
+answers. Screenshots of the teacher and review pages go to artifacts/.
 """
 from __future__ import annotations
 
@@ -32,8 +34,32 @@ async def launch(playwright, y4m: Path | None, user_data: Path):
     return await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
 
 
-def record_socket_messages(page, sink: list[str]) -> None:
-    page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: sink.append(str(payload))))
+# Every camera track a page obtains, to tell whether its camera is (still) live.
+CAMERA_PROBE = """(() => {
+  window.__cameraTracks = [];
+  const devices = navigator.mediaDevices;
+  if (!devices) return;
+  const original = devices.getUserMedia.bind(devices);
+  devices.getUserMedia = async (constraints) => {
+    const stream = await original(constraints);
+    window.__cameraTracks.push(...stream.getTracks());
+    return stream;
+  };
+})();"""
+LIVE_TRACKS = "window.__cameraTracks.filter((t) => t.readyState === 'live').length"
+# The user (or the browser's settings) refused the camera.
+BLOCK_CAMERA = """navigator.mediaDevices.getUserMedia = () =>
+  Promise.reject(new DOMException("Permission denied", "NotAllowedError"));"""
+# A 60-character name without a break must not widen the teacher page.
+LONG_NAME = "Ben" + "x" * 57
+
+
+def record_socket_messages(page, sink: list[str], sent: list[str] | None = None) -> None:
+    def on_socket(ws):
+        ws.on("framereceived", lambda payload: sink.append(str(payload)))
+        if sent is not None:
+            ws.on("framesent", lambda payload: sent.append(str(payload)))
+    page.on("websocket", on_socket)
 
 
 async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
@@ -62,18 +88,22 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await teacher.get_by_test_id("invite-bot").click()
 
             student_messages: dict[str, list[str]] = {"asha": [], "ben": []}
+            student_sent: dict[str, list[str]] = {"asha": [], "ben": []}
             pages = {}
-            for who, cam, analysis in (("asha", asha_cam, True), ("ben", ben_cam, False)):
+            for who, cam, analysis, name in (("asha", asha_cam, True, "Asha"), ("ben", ben_cam, False, LONG_NAME)):
                 browser = await launch(pw, cam, tmp_path / who)
                 browsers.append(browser)
                 page = await (await browser.new_context()).new_page()
-                record_socket_messages(page, student_messages[who])
+                await page.add_init_script(CAMERA_PROBE)
+                record_socket_messages(page, student_messages[who], student_sent[who])
                 await page.goto(student_link)
                 await page.get_by_test_id("retention-note").filter(has_text="erased 90 days after class").wait_for(timeout=5_000)
-                await page.get_by_test_id("student-name").fill(who.capitalize())
-                if not analysis:
+                await page.get_by_test_id("student-name").fill(name)
+                if analysis:
+                    await page.get_by_test_id("join").click()
+                else:
                     await page.get_by_test_id("analysis-toggle").uncheck()
-                await page.get_by_test_id("join").click()
+                    await page.get_by_test_id("student-name").press("Enter")   # the name field submits the form
                 pages[who] = page
 
             # The teacher sees Asha analysed (a face and an expression) and an alert about her.
@@ -81,7 +111,21 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await asha_row.get_by_test_id("student-face").filter(has_text="yes").wait_for(timeout=60_000)
             alert = teacher.get_by_test_id("alert-item").filter(has_text="Asha")
             await alert.first.wait_for(timeout=60_000)
+            await teacher.get_by_test_id("student-row").filter(has_text=LONG_NAME).wait_for(timeout=10_000)
             await teacher.screenshot(path=str(ARTIFACTS / "teacher-page.png"), full_page=True)
+            assert await teacher.evaluate("document.documentElement.scrollWidth") <= 1280, "a long name widened the page"
+            # Bars are meters and buttons say whom they are about, for screen readers.
+            meter = asha_row.get_by_role("meter", name="confusion of Asha")
+            assert 0 <= int(await meter.get_attribute("aria-valuenow")) <= 100
+            await asha_row.get_by_role("button", name="Mute alerts about Asha").wait_for(timeout=5_000)
+            await alert.first.get_by_role("button", name="Acknowledge the alert about Asha").wait_for(timeout=5_000)
+
+            # Ben opted out before joining: his camera never started and he offered no video.
+            ben = pages["ben"]
+            await ben.get_by_test_id("status").filter(has_text="Analysis is off").wait_for(timeout=10_000)
+            assert await ben.evaluate("window.__cameraTracks.length") == 0
+            assert not any('"offer"' in m for m in student_sent["ben"])
+            assert any('"offer"' in m for m in student_sent["asha"])
 
             room_id = teacher.url.split("/teach/", 1)[1].split("#", 1)[0]
             names = dict(live.rows("SELECT p.name, COUNT(s.id) FROM participants p LEFT JOIN samples s "
@@ -89,7 +133,7 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             faces = dict(live.rows("SELECT p.name, SUM(s.face_found) FROM participants p JOIN samples s "
                                    "ON s.participant_id = p.participant_id GROUP BY p.participant_id"))
             assert names.get("Asha", 0) >= 5 and faces.get("Asha", 0) >= 3
-            assert names.get("Ben", 0) == 0, "the student who opted out must not be analysed"
+            assert LONG_NAME in names and names[LONG_NAME] == 0, "the student who opted out must not be analysed"
 
             for who, page in pages.items():
                 text = await page.inner_text("body")
@@ -104,6 +148,17 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await review.goto(f"{live.server}/review/{room_id}#t={token}")
             await review.get_by_test_id("review-students").filter(has_text="Asha").wait_for(timeout=30_000)
             await review.screenshot(path=str(ARTIFACTS / "review-page.png"), full_page=True)
+            # Both charts show data, even for a class this short (it may fit in one 10 s bucket).
+            painted = await review.evaluate("""() => ['timeline', 'signals'].map((id) => {
+                const c = document.getElementById(id), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0;
+                for (let i = 0; i < d.length; i += 4) {
+                    const [r, g, b, a] = [d[i], d[i + 1], d[i + 2], d[i + 3]];
+                    if (a > 0 && Math.max(r, g, b) - Math.min(r, g, b) > 60) n++;   // coloured, not grid grey
+                }
+                return n;
+            })""")
+            assert painted[0] > 5000 and painted[1] > 200, painted
 
             # The teacher may delete a stored session, but not the one the assistant is still recording.
             await review.get_by_test_id("retention").filter(has_text="erased automatically").wait_for(timeout=5_000)
@@ -111,6 +166,31 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await review.get_by_test_id("delete-session").click()
             await review.get_by_role("alert").filter(has_text="still in the room").wait_for(timeout=10_000)
             assert live.rows("SELECT COUNT(*) FROM sessions")[0][0] == 1
+
+            # Asha opts out during class: her camera stops at once and the teacher sees analysis off.
+            asha = pages["asha"]
+            assert await asha.evaluate(LIVE_TRACKS) >= 1
+            await asha.get_by_test_id("analysis-toggle").uncheck()
+            await asha.wait_for_function(LIVE_TRACKS + " === 0", timeout=5_000)
+            assert await asha.evaluate("document.getElementById('preview').srcObject === null")
+            await asha_row.get_by_test_id("student-analysis").filter(has_text="off").wait_for(timeout=10_000)
+
+            # A blocked camera says what to do; a link with a wrong key says so, and does not retry.
+            blocked = await (await browsers[-1].new_context()).new_page()
+            await blocked.add_init_script(BLOCK_CAMERA)
+            await blocked.goto(student_link)
+            await blocked.get_by_test_id("student-name").fill("Cam")
+            await blocked.get_by_test_id("join").click()
+            await blocked.get_by_test_id("status").filter(has_text="Camera blocked: allow it").wait_for(timeout=10_000)
+            wrong = await (await browsers[-1].new_context()).new_page()
+            sockets = []
+            wrong.on("websocket", lambda ws: sockets.append(ws))
+            await wrong.goto(student_link.replace("k=", "k=wrong"))
+            await wrong.get_by_test_id("student-name").fill("Dee")
+            await wrong.get_by_test_id("join").click()
+            await wrong.get_by_test_id("status").filter(has_text="not valid any more").wait_for(timeout=10_000)
+            await wrong.wait_for_timeout(2_500)
+            assert len(sockets) == 1, "a refused link must not be retried"
         finally:
             for browser in browsers:
                 await browser.close()

@@ -10,7 +10,12 @@ const CM = {
     const headers = {};
     if (token) headers.Authorization = "Bearer " + token;
     if (body !== undefined) headers["Content-Type"] = "application/json";
-    const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    let res;
+    try {
+      res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    } catch (e) {   // network error: never leave a caller waiting on an exception it does not expect
+      return { ok: false, status: 0, data: { error: "cannot reach the server: check your connection and try again" } };
+    }
     let data = null;
     try { data = await res.json(); } catch (e) { data = null; }
     return { ok: res.ok, status: res.status, data };
@@ -23,13 +28,19 @@ const CM = {
     if (text !== undefined && text !== null) node.textContent = String(text);
     return node;
   },
-  bar(kind, value) {
-    const bar = CM.el("div", { class: "bar " + kind, title: value == null ? "not enough data yet" : value.toFixed(2) });
+  // A 0..1 value as a bar; a meter for assistive technology (label: what it measures, e.g. "confusion of Asha").
+  bar(kind, value, label) {
+    const known = value != null && Number.isFinite(value);
+    const percent = known ? Math.round(Math.max(0, Math.min(1, value)) * 100) : 0;
+    const text = known ? CM.pct(percent / 100) : "not enough data yet";
+    const bar = CM.el("div", { class: "bar " + kind, title: text, role: "meter", "aria-label": label || kind,
+                               "aria-valuemin": "0", "aria-valuemax": "100", "aria-valuenow": String(percent),
+                               "aria-valuetext": text });
     const fill = CM.el("span");
-    fill.style.width = value == null ? "0%" : Math.round(Math.max(0, Math.min(1, value)) * 100) + "%";
+    fill.style.width = percent + "%";
     bar.appendChild(fill);
     return bar;
   },
   clock(t) { return t ? new Date(t * 1000).toLocaleTimeString() : "—"; },
-  pct(v) { return v == null ? "—" : Math.round(v * 100) + " %"; },
+  pct(v) { return v == null ? "—" : Math.round(v * 100) + "\u00a0%"; },   // no-break space: "100 %" stays on one line
 };

@@ -1,23 +1,82 @@
-// Student page. testids: student-name, analysis-toggle, join, leave, status, preview, analysis-notice, retention-note
+// Student page. testids: join-form, student-name, analysis-toggle, join, leave, status, preview, analysis-notice,
+// retention-note
 "use strict";
 const room = CM.roomFromPath("/join/");
 const key = new URLSearchParams(location.search).get("k") || "";
 const $ = (id) => document.getElementById(id);
-let ws = null, pc = null, stream = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 5 };
-let joined = false;
+let ws = null, pc = null, stream = null, cameraPending = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 5 };
+let joined = false, myName = "", retryTimer = null, backoff = 1000, lastError = null, attempt = 0;
+
+const INVALID_LINK = "This link is not valid any more: ask your teacher for a new one.";
+const ERRORS = {
+  unauthorized: INVALID_LINK,
+  unknown_room: INVALID_LINK,
+  room_full: "The class is full: ask your teacher, then press Join to try again.",
+  rate_limited: "Too many messages came from this page: wait a minute, then press Join.",
+  server_full: "The server is busy right now.",
+  timeout: "The connection was too slow: press Join to try again.",
+  opted_out: "Analysis is off: your video is not sent to the assistant.",
+  no_bot: "The assistant is not in the room yet.",
+};
+// Close codes 4400..4499: do not retry with the same credentials (docs/architecture.md).
+const CLOSED = { 4401: INVALID_LINK, 4404: INVALID_LINK, 4408: ERRORS.timeout,
+                 4429: "The class is full or busy: wait a minute, then press Join." };
 
 function status(text, kind) { $("status").textContent = text; $("status").className = "status " + (kind || ""); }
+function errorText(code, message) { return ERRORS[code] || (message ? "Problem: " + message + "." : "Something went wrong."); }
 function analysisOn() { return $("analysis-toggle").checked; }
-function send(msg) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(Object.assign({ v: 1 }, msg))); }
+function send(msg) {
+  if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+  ws.send(JSON.stringify(Object.assign({ v: 1 }, msg)));
+  return true;
+}
+function setButtons(inClass) { $("join").disabled = inClass; $("leave").disabled = !inClass; }
 
-async function startCamera() {
-  if (stream) return stream;
-  stream = await navigator.mediaDevices.getUserMedia({ audio: false, video: {
-    width: { ideal: video.width }, height: { ideal: video.height }, frameRate: { ideal: video.fps, max: video.fps * 2 } } });
-  $("preview").srcObject = stream;
-  return stream;
+// ---- camera: live only while joined with analysis on -------------------------------------------------------
+function stopTracks(media) { if (media) media.getTracks().forEach((t) => t.stop()); }
+function stopCamera() { stopTracks(stream); stream = null; $("preview").srcObject = null; $("preview").classList.add("hidden"); }
+
+function startCamera() {
+  if (stream) return Promise.resolve(stream);
+  if (cameraPending) return cameraPending;
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    const err = new Error("the camera API is not available on this page"); err.name = "InsecureContextError";
+    return Promise.reject(err);
+  }
+  cameraPending = navigator.mediaDevices.getUserMedia({ audio: false, video: {
+    width: { ideal: video.width }, height: { ideal: video.height }, frameRate: { ideal: video.fps, max: video.fps * 2 } } })
+    .then((media) => {
+      cameraPending = null;
+      if (!joined || !analysisOn()) { stopTracks(media); return null; }  // switched off, left or disconnected meanwhile
+      stream = media; $("preview").srcObject = media; $("preview").classList.remove("hidden");
+      for (const track of media.getVideoTracks()) {
+        track.addEventListener("ended", () => {   // unplugged, or stopped by the browser or the system
+          if (stream !== media) return;
+          closePeer(); stopCamera();
+          status("Your camera stopped: switch analysis off and on to restart it.", "warn");
+        });
+      }
+      return media;
+    }, (err) => { cameraPending = null; throw err; });
+  return cameraPending;
 }
 
+function cameraProblem(err) {
+  switch (err && err.name) {
+    case "NotAllowedError": case "SecurityError":
+      return "Camera blocked: allow it in the address bar, then switch analysis off and on.";
+    case "NotFoundError": case "OverconstrainedError":
+      return "No camera found: connect one, then switch analysis off and on.";
+    case "NotReadableError": case "AbortError":
+      return "Your camera is busy (is another app using it?): close that app, then switch analysis off and on.";
+    case "InsecureContextError":
+      return "This page cannot use your camera: open the exact link your teacher sent (it starts with https).";
+    default:
+      return "Camera not available: switch analysis off and on to try again.";
+  }
+}
+
+// ---- the video connection to the assistant ----------------------------------------------------------------
 function closePeer() { if (pc) { try { pc.close(); } catch (e) { /* already closed */ } pc = null; } }
 
 function waitForIce(peer) {
@@ -30,11 +89,21 @@ function waitForIce(peer) {
 }
 
 async function connectToBot() {
+  const mine = ++attempt;   // a newer call (switch, bot arriving or leaving, reconnect) supersedes this one
   closePeer();
   if (!joined) return;
-  if (!analysisOn()) { status("Analysis is off: your video is not sent to the assistant.", ""); return; }
+  if (!analysisOn()) {
+    stopCamera();
+    status("Analysis is off: your camera is off and nothing is sent to the assistant.", "");
+    return;
+  }
+  let media;
+  try { media = await startCamera(); } catch (err) {
+    if (mine === attempt && joined) status(cameraProblem(err), "warn");
+    return;
+  }
+  if (mine !== attempt || !media || !joined || !analysisOn()) return;   // the switch may have changed meanwhile
   if (!botId) { status("Connected. Waiting for the assistant to join.", ""); return; }
-  const media = await startCamera();
   const peer = new RTCPeerConnection({ iceServers });
   pc = peer;
   for (const track of media.getVideoTracks()) peer.addTransceiver(track, { direction: "sendonly", streams: [media] });
@@ -43,51 +112,92 @@ async function connectToBot() {
     if (peer.connectionState === "connected") status("Connected — the assistant is analysing your expressions.", "ok");
     else if (peer.connectionState === "failed") status("Could not reach the assistant (network). Your teacher may need a TURN server.", "warn");
   });
-  await peer.setLocalDescription(await peer.createOffer());
-  await waitForIce(peer);
-  if (pc !== peer) return;
-  send({ type: "signal", to: botId, data: { type: "offer", sdp: peer.localDescription.sdp } });
   status("Connecting to the assistant…", "");
+  try {
+    await peer.setLocalDescription(await peer.createOffer());
+    await waitForIce(peer);
+  } catch (err) {
+    if (pc === peer) { closePeer(); status("Could not start the video connection: switch analysis off and on to try again.", "warn"); }
+    return;
+  }
+  if (pc !== peer || !joined || !analysisOn()) return;
+  send({ type: "signal", to: botId, data: { type: "offer", sdp: peer.localDescription.sdp } });
 }
 
-function join() {
-  const name = $("student-name").value.trim();
-  if (!name) { status("Please type your name first.", "warn"); return; }
-  $("join").disabled = true;
-  ws = new WebSocket(CM.wsUrl());
-  ws.addEventListener("open", () => send({ type: "hello", role: "student", room, key, name: name.slice(0, 60), analysis: analysisOn() }));
-  ws.addEventListener("message", async (event) => {
+// ---- the signaling socket, reconnected with backoff -------------------------------------------------------
+function disconnected() {
+  attempt++; joined = false; botId = null;
+  closePeer(); stopCamera();
+}
+
+function openSocket() {
+  retryTimer = null; lastError = null;
+  const sock = new WebSocket(CM.wsUrl());
+  ws = sock;
+  sock.addEventListener("open", () => {
+    if (ws === sock) send({ type: "hello", role: "student", room, key, name: myName, analysis: analysisOn() });
+  });
+  sock.addEventListener("message", async (event) => {
+    if (ws !== sock) return;
     let msg; try { msg = JSON.parse(event.data); } catch (e) { return; }
     if (msg.type === "welcome") {
-      joined = true; botId = msg.bot; iceServers = msg.ice_servers || []; video = msg.video || video;
-      $("leave").disabled = false;
-      try { await startCamera(); } catch (e) { status("Camera not available: " + e.message, "warn"); }
+      joined = true; backoff = 1000; lastError = null;
+      botId = msg.bot; iceServers = msg.ice_servers || []; video = msg.video || video;
       await connectToBot();
     } else if (msg.type === "bot") {
       botId = msg.peer_id; await connectToBot();
-    } else if (msg.type === "signal" && msg.data && msg.data.type === "answer" && pc) {
-      try { await pc.setRemoteDescription({ type: "answer", sdp: msg.data.sdp }); } catch (e) { status("Connection error: " + e.message, "warn"); }
+    } else if (msg.type === "signal" && msg.data && msg.data.type === "answer" && pc && msg.from === botId) {
+      const peer = pc;
+      try { await peer.setRemoteDescription({ type: "answer", sdp: msg.data.sdp }); } catch (e) {
+        if (pc === peer) status("The video connection failed: switch analysis off and on to try again.", "warn");
+      }
     } else if (msg.type === "error") {
-      status("The server says: " + msg.message, "warn");
+      if (!joined || msg.code === "rate_limited") lastError = msg;   // these end the connection: say why at close
+      status(errorText(msg.code, msg.message), "warn");
     }
   });
-  ws.addEventListener("close", () => {
-    closePeer(); joined = false; $("join").disabled = false; $("leave").disabled = true;
-    if (!$("status").classList.contains("warn")) status("Disconnected.", "");
+  sock.addEventListener("close", (event) => {
+    if (ws !== sock) return;   // left the class, or replaced by a newer connection
+    ws = null;
+    disconnected();
+    if (event.code >= 4400 && event.code <= 4499) {
+      status(lastError ? errorText(lastError.code, lastError.message)
+        : (CLOSED[event.code] || `You were disconnected (code ${event.code}): press Join to try again.`), "warn");
+      setButtons(false);
+      return;
+    }
+    const wait = backoff; backoff = Math.min(backoff * 2, 15000);
+    status((lastError ? errorText(lastError.code, lastError.message) + " " : "Connection lost. ") +
+           `Reconnecting in ${Math.round(wait / 1000)} s…`, "warn");
+    retryTimer = setTimeout(openSocket, wait);
   });
+}
+
+function join(event) {
+  if (event) event.preventDefault();
+  if (ws || retryTimer) return;   // already in (or rejoining) the class
+  const typed = $("student-name").value.trim();
+  if (!typed) { status("Please type your name first.", "warn"); $("student-name").focus(); return; }
+  if (!key) { status("This link is incomplete: ask your teacher for the full student link.", "warn"); return; }
+  myName = typed.slice(0, 60); backoff = 1000;
+  setButtons(true);
+  status("Connecting…", "");
+  openSocket();
 }
 
 function leave() {
-  closePeer();
-  if (ws) ws.close();
-  if (stream) { stream.getTracks().forEach((t) => t.stop()); stream = null; $("preview").srcObject = null; }
-  joined = false; status("You left the class.", "");
+  clearTimeout(retryTimer); retryTimer = null;
+  const sock = ws; ws = null;   // its close event is ignored from now on
+  disconnected();
+  if (sock) sock.close(1000);
+  setButtons(false);
+  status("You left the class.", "");
 }
 
-$("join").addEventListener("click", join);
+$("join-form").addEventListener("submit", join);
 $("leave").addEventListener("click", leave);
 $("analysis-toggle").addEventListener("change", async () => {
-  if (!joined) return;
+  if (!joined) return;   // the next hello carries the switch
   send({ type: "consent", analysis: analysisOn() });
   await connectToBot();
 });
@@ -97,7 +207,8 @@ if (!key) status("This link is incomplete: ask your teacher for the full student
 CM.api("GET", "/api/policy").then((res) => {
   const days = res.ok && res.data ? res.data.retention_days : null;
   if (days > 0) {
-    document.getElementById("retention-note").textContent =
-      `They are erased ${days} days after class at the latest; your teacher can delete them sooner.`;
+    $("retention-note").textContent = `They are erased ${days} days after class at the latest; your teacher can delete them sooner.`;
+  } else if (res.ok) {
+    $("retention-note").textContent = "They are kept until your teacher deletes them.";
   }
 });

@@ -13,7 +13,10 @@ for (let i = 0; i < CM.EMOTIONS.length; i++) {
 
 async function loadSessions() {
   const res = await CM.api("GET", "/api/rooms/" + encodeURIComponent(room) + "/sessions", token);
-  if (!res.ok) { $("review-error").textContent = "Cannot load sessions (is this the teacher link?)"; return; }
+  if (!res.ok) {
+    $("review-error").textContent = res.status === 0 ? "Cannot load sessions: " + res.data.error : "Cannot load sessions (is this the teacher link?)";
+    return;
+  }
   const days = res.data.retention_days;
   $("retention").textContent = days > 0
     ? `Sessions are erased automatically ${days} days after they end. You can delete one now.`
@@ -30,7 +33,7 @@ async function loadSessions() {
 
 async function loadReview(sid) {
   const res = await CM.api("GET", "/api/sessions/" + encodeURIComponent(sid) + "/review", token);
-  if (!res.ok) { $("review-error").textContent = "Cannot load the session: " + res.status; return; }
+  if (!res.ok) { $("review-error").textContent = "Cannot load the session: " + ((res.data && res.data.error) || res.status); return; }
   current = res.data; $("review-error").textContent = "";
   const s = current.session;
   $("session-info").textContent = (s.title ? s.title + " · " : "") + CM.clock(s.started_at) + " – " + (s.ended_at ? CM.clock(s.ended_at) : "ongoing");
@@ -61,14 +64,34 @@ function drawTimeline() {
   const canvas = $("timeline"); const ctx = canvas.getContext("2d"); const [t0, t1] = span();
   axes(ctx, canvas, t0, t1);
   const tl = current.timeline.filter((b) => b.n > 0 && b.probs[0] !== null);
-  if (!tl.length) { ctx.fillText("No faces were analysed in this session.", 60, 60); return; }
-  // Stacked areas of the seven mean probabilities.
+  const when = `from ${CM.clock(t0)} to ${CM.clock(t1)}`;
+  if (!tl.length) {
+    ctx.fillText("No faces were analysed in this session.", 60, 60);
+    canvas.setAttribute("aria-label", `Expression timeline ${when}: no faces were analysed in this session.`);
+    return;
+  }
+  // Text alternative: the session-wide mean of each expression, largest first.
+  const total = tl.reduce((sum, b) => sum + b.n, 0) || 1;
+  const means = CM.EMOTIONS.map((label, k) => [label, tl.reduce((sum, b) => sum + (b.probs[k] || 0) * b.n, 0) / total]);
+  means.sort((a, b) => b[1] - a[1]);
+  canvas.setAttribute("aria-label", `Stacked chart of the class's average expression estimates ${when}; over the session: ` +
+    means.map(([label, v]) => label + " " + CM.pct(v)).join(", ") + ".");
+  // Stacked areas of the seven mean probabilities, each bucket drawn across its whole width (a step
+  // chart): a short session that fits in one bucket is a visible block, not a zero-width line.
+  const width = current.bucket_seconds || 10;
   let lower = tl.map(() => 0);
   for (let k = 0; k < CM.EMOTIONS.length; k++) {
     const upper = tl.map((b, i) => lower[i] + (b.probs[k] || 0));
     ctx.fillStyle = CM.COLORS[k]; ctx.globalAlpha = 0.85; ctx.beginPath();
-    tl.forEach((b, i) => { const x = X(canvas, b.t, t0, t1); if (i === 0) ctx.moveTo(x, Y(canvas, upper[i])); else ctx.lineTo(x, Y(canvas, upper[i])); });
-    for (let i = tl.length - 1; i >= 0; i--) ctx.lineTo(X(canvas, tl[i].t, t0, t1), Y(canvas, lower[i]));
+    tl.forEach((b, i) => {
+      const x0 = X(canvas, b.t, t0, t1), x1 = X(canvas, b.t + width, t0, t1), y = Y(canvas, upper[i]);
+      if (i === 0) ctx.moveTo(x0, y); else ctx.lineTo(x0, y);
+      ctx.lineTo(x1, y);
+    });
+    for (let i = tl.length - 1; i >= 0; i--) {
+      const y = Y(canvas, lower[i]);
+      ctx.lineTo(X(canvas, tl[i].t + width, t0, t1), y); ctx.lineTo(X(canvas, tl[i].t, t0, t1), y);
+    }
     ctx.closePath(); ctx.fill(); lower = upper;
   }
   ctx.globalAlpha = 1;
@@ -79,10 +102,12 @@ function drawSignals() {
   axes(ctx, canvas, t0, t1);
   for (const [field, color] of [["confusion", "#d97706"], ["boredom", "#7c3aed"]]) {
     ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.beginPath(); let started = false;
-    for (const b of current.timeline) {
+    const width = current.bucket_seconds || 10;
+    for (const b of current.timeline) {        // a step per bucket, as in the expression chart
       if (b[field] === null || b[field] === undefined) continue;
-      const x = X(canvas, b.t, t0, t1), y = Y(canvas, b[field]);
-      if (!started) { ctx.moveTo(x, y); started = true; } else ctx.lineTo(x, y);
+      const x0 = X(canvas, b.t, t0, t1), x1 = X(canvas, b.t + width, t0, t1), y = Y(canvas, b[field]);
+      if (!started) { ctx.moveTo(x0, y); started = true; } else ctx.lineTo(x0, y);
+      ctx.lineTo(x1, y);
     }
     ctx.stroke();
   }
@@ -91,6 +116,14 @@ function drawSignals() {
     const x = X(canvas, a.t, t0, t1); ctx.beginPath(); ctx.moveTo(x, 10); ctx.lineTo(x, canvas.height - 20); ctx.stroke();
   }
   canvas.title = current.alerts.map((a) => CM.clock(a.t) + " " + a.message).join("\n");
+  const summary = (field) => {
+    const values = current.timeline.map((b) => b[field]).filter((v) => v !== null && v !== undefined);
+    if (!values.length) return field + ": no data";
+    return `${field} mean ${CM.pct(values.reduce((a, b) => a + b, 0) / values.length)}, peak ${CM.pct(Math.max(...values))}`;
+  };
+  const n = current.alerts.length;
+  canvas.setAttribute("aria-label", `Chart of the class's average confusion and boredom from ${CM.clock(t0)} to ${CM.clock(t1)}: ` +
+    `${summary("confusion")}; ${summary("boredom")}; ${n} alert${n === 1 ? "" : "s"} marked (listed under Alerts below).`);
 }
 
 function renderStudents() {
@@ -100,14 +133,17 @@ function renderStudents() {
     tr.appendChild(CM.el("td", {}, s.name + (s.opted_out ? " (opted out)" : "")));
     tr.appendChild(CM.el("td", {}, Math.round(s.seconds_analysed) + " s"));
     tr.appendChild(CM.el("td", {}, CM.pct(s.face_share)));
-    const shares = CM.el("td"); const strip = CM.el("div", { class: "bar" }); strip.style.width = "220px"; strip.style.display = "flex";
+    const shares = CM.el("td");
+    const strip = CM.el("div", { class: "bar", role: "img", "aria-label": "Expressions of " + s.name + ": " +
+      CM.EMOTIONS.map((label) => label + " " + CM.pct(s.share[label] || 0)).join(", ") });
+    strip.style.width = "220px"; strip.style.display = "flex";
     CM.EMOTIONS.forEach((label, i) => {
       const part = CM.el("span", { title: label + " " + CM.pct(s.share[label]) });
       part.style.width = ((s.share[label] || 0) * 100) + "%"; part.style.background = CM.COLORS[i]; strip.appendChild(part);
     });
     shares.appendChild(strip); tr.appendChild(shares);
-    tr.appendChild(CM.el("td")).appendChild(CM.bar("confusion", s.mean_confusion));
-    tr.appendChild(CM.el("td")).appendChild(CM.bar("boredom", s.mean_boredom));
+    tr.appendChild(CM.el("td")).appendChild(CM.bar("confusion", s.mean_confusion, "mean confusion of " + s.name));
+    tr.appendChild(CM.el("td")).appendChild(CM.bar("boredom", s.mean_boredom, "mean boredom of " + s.name));
     tr.appendChild(CM.el("td", {}, s.alerts));
     body.appendChild(tr);
   }
@@ -126,7 +162,10 @@ function renderAlerts() {
 async function download(kind) {
   if (!current) return;
   const sid = current.session.session_id;
-  const res = await fetch("/api/sessions/" + encodeURIComponent(sid) + "/" + kind + ".csv", { headers: { Authorization: "Bearer " + token } });
+  let res;
+  try {
+    res = await fetch("/api/sessions/" + encodeURIComponent(sid) + "/" + kind + ".csv", { headers: { Authorization: "Bearer " + token } });
+  } catch (e) { $("review-error").textContent = "Download failed: cannot reach the server."; return; }
   if (!res.ok) { $("review-error").textContent = "Download failed: " + res.status; return; }
   const url = URL.createObjectURL(await res.blob());
   const a = CM.el("a", { href: url, download: `classmood-${sid}-${kind}.csv` }); document.body.appendChild(a); a.click(); a.remove();
@@ -135,7 +174,9 @@ async function download(kind) {
 
 function clearReview() {
   $("session-info").textContent = "";
-  for (const id of ["timeline", "signals"]) { const c = $(id); c.getContext("2d").clearRect(0, 0, c.width, c.height); }
+  for (const id of ["timeline", "signals"]) {
+    const c = $(id); c.getContext("2d").clearRect(0, 0, c.width, c.height); c.setAttribute("aria-label", "No session selected.");
+  }
   $("students").replaceChildren(); $("alerts").replaceChildren();
 }
 

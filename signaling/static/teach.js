@@ -1,17 +1,45 @@
-// Teacher page. testids: invite-bot, bot-status, teacher-student-link, students, student-row, student-name,
+// Teacher page. testids: invite-bot, bot-status, teacher-error, teacher-student-link, students, student-row, student-name,
 // student-analysis, student-face, student-label, student-confusion, student-boredom, mute-button, alerts, alert-item,
-// ack-button, class-analysed, class-confusion, class-boredom, sparkline, threshold-*, review-link, connection, sound-toggle
+// ack-button, class-analysed, class-confusion, class-boredom, sparkline, threshold-*, review-link, connection,
+// sound-toggle, sound-hint
 "use strict";
 const room = CM.roomFromPath("/teach/");
 const token = CM.tokenFromHash();
 const $ = (id) => document.getElementById(id);
 let ws = null, backoff = 500, roster = new Map(), lastState = null, audio = null, thresholdsTouched = 0;
+let connected = false, lastError = null, botPresent = false, errorTimer = null;
+
+const INVALID = "This teacher link is not valid (wrong key, or the room no longer exists).";
+const ERRORS = {
+  unauthorized: INVALID,
+  unknown_room: INVALID,
+  room_full: "Too many teacher pages are open for this class: close one, then reload this page.",
+  rate_limited: "This page sent too many messages and was disconnected: reload it to reconnect.",
+  server_full: "The server is busy right now.",
+  timeout: "The connection was too slow to start: reload the page.",
+  no_bot: "The assistant is not in the room: invite it first.",
+};
+// Close codes 4400..4499: do not retry with the same credentials (docs/architecture.md).
+const CLOSED = { 4401: INVALID, 4404: INVALID, 4408: ERRORS.timeout, 4429: ERRORS.room_full };
+function errorText(code, message) { return ERRORS[code] || ("Error: " + (message || code || "unknown")); }
+
+// Errors go to their own line, so that the "live" indicator stays true; passing ones clear themselves.
+function showError(text, passing) {
+  clearTimeout(errorTimer); errorTimer = null;
+  $("teacher-error").textContent = text || "";
+  if (text && passing) errorTimer = setTimeout(() => { $("teacher-error").textContent = ""; }, 20000);
+}
 
 $("review-link").href = "/review/" + encodeURIComponent(room) + "#t=" + token;
 
 async function loadRoom() {
   const res = await CM.api("GET", "/api/rooms/" + encodeURIComponent(room), token);
-  if (!res.ok) { $("connection").textContent = "This teacher link is not valid."; return false; }
+  if (!res.ok) {
+    $("connection").textContent = "not connected";
+    showError(res.status === 401 || res.status === 404 ? INVALID
+      : "Could not load the room: " + ((res.data && res.data.error) || res.status) + ". Reload the page to try again.");
+    return false;
+  }
   $("room-title").textContent = res.data.title || "Your class";
   $("student-link").textContent = res.data.student_url || "";
   for (const p of res.data.participants || []) roster.set(p.peer_id, p);
@@ -20,31 +48,58 @@ async function loadRoom() {
   return true;
 }
 
+function setBot(text, kind) { $("bot-status").textContent = text; $("bot-status").className = "status " + (kind || ""); }
 function showBot(present) {
-  $("bot-status").textContent = present ? "The assistant is in the room." : "The assistant is not in the room.";
-  $("bot-status").className = "status " + (present ? "ok" : "");
+  const left = botPresent && !present;
+  botPresent = Boolean(present);
+  if (present) setBot("The assistant is in the room.", "ok");
+  else if (left) setBot("The assistant left the room: press “Invite the assistant” to bring it back.", "warn");
+  else setBot("The assistant is not in the room.", "");
 }
 
 $("invite-bot").addEventListener("click", async () => {
-  ensureAudio();
-  $("invite-bot").disabled = true;
-  const res = await CM.api("POST", "/api/rooms/" + encodeURIComponent(room) + "/invite", token);
-  $("invite-bot").disabled = false;
-  if (res.ok) { $("bot-status").textContent = "Invited — the assistant is joining…"; $("bot-status").className = "status"; }
-  else if (res.status === 503) { $("bot-status").textContent = "No assistant (bot worker) is available. Start one: python -m bot worker"; $("bot-status").className = "status warn"; }
-  else { $("bot-status").textContent = "Invite failed: " + ((res.data && res.data.error) || res.status); $("bot-status").className = "status warn"; }
+  ensureAudio(true);
+  const button = $("invite-bot");
+  button.disabled = true;
+  let res;
+  try {
+    res = await CM.api("POST", "/api/rooms/" + encodeURIComponent(room) + "/invite", token);
+  } catch (e) {
+    res = { ok: false, status: 0, data: { error: String((e && e.message) || e) } };
+  } finally {
+    button.disabled = false;
+  }
+  if (res.ok) setBot(res.data && res.data.already_present ? "The assistant is in the room." : "Invited — the assistant is joining…", "");
+  else if (res.status === 503) setBot("No assistant (bot worker) is available. Start one: python -m bot worker", "warn");
+  else setBot("Invite failed: " + ((res.data && res.data.error) || res.status), "warn");
 });
 
-function send(msg) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(Object.assign({ v: 1 }, msg))); }
+function send(msg) {
+  if (!ws || ws.readyState !== WebSocket.OPEN || !connected) return false;
+  ws.send(JSON.stringify(Object.assign({ v: 1 }, msg)));
+  return true;
+}
+function sendOrSay(msg, what) {
+  if (send(msg)) return true;
+  showError(`Not connected: ${what}. Try again when the page shows “live”.`, true);
+  return false;
+}
 
 function connect() {
-  ws = new WebSocket(CM.wsUrl());
-  ws.addEventListener("open", () => { send({ type: "hello", role: "teacher", room, token }); });
-  ws.addEventListener("message", (event) => {
+  const sock = new WebSocket(CM.wsUrl());
+  ws = sock; connected = false; lastError = null;
+  sock.addEventListener("open", () => {
+    if (ws === sock) sock.send(JSON.stringify({ v: 1, type: "hello", role: "teacher", room, token }));
+  });
+  sock.addEventListener("message", (event) => {
+    if (ws !== sock) return;
     let msg; try { msg = JSON.parse(event.data); } catch (e) { return; }
     if (msg.type === "welcome") {
-      backoff = 500; $("connection").textContent = "live";
-      roster = new Map((msg.participants || []).map((p) => [p.peer_id, p])); showBot(msg.bot); render();
+      connected = true; backoff = 500; lastError = null; showError("");
+      $("connection").textContent = "live";
+      roster = new Map((msg.participants || []).map((p) => [p.peer_id, p]));
+      if (!msg.bot) lastState = null;   // figures from before the reconnect are stale
+      showBot(msg.bot); render(); drawSparkline();
     } else if (msg.type === "participant") {
       if (msg.event === "left") roster.delete(msg.peer_id); else roster.set(msg.peer_id, { peer_id: msg.peer_id, name: msg.name, analysis: msg.analysis });
       render();
@@ -52,15 +107,24 @@ function connect() {
       lastState = msg.state; showBot(true); render(); drawSparkline(); showThresholds();
     } else if (msg.type === "bot") {
       showBot(msg.peer_id);
-      if (!msg.peer_id) { lastState = null; render(); }
+      if (!msg.peer_id) { lastState = null; render(); drawSparkline(); }
     } else if (msg.type === "alert") {
       addAlert(msg.alert, true);
     } else if (msg.type === "error") {
-      $("connection").textContent = "error: " + msg.message;
+      if (!connected || msg.code === "rate_limited") lastError = msg;   // these end the connection
+      showError(errorText(msg.code, msg.message), connected && msg.code !== "rate_limited");
     }
   });
-  ws.addEventListener("close", () => {
-    $("connection").textContent = "reconnecting…";
+  sock.addEventListener("close", (event) => {
+    if (ws !== sock) return;
+    connected = false;
+    if (event.code >= 4400 && event.code <= 4499) {   // retrying with the same link cannot help
+      $("connection").textContent = "disconnected";
+      showError(lastError ? errorText(lastError.code, lastError.message)
+        : (CLOSED[event.code] || `Disconnected by the server (code ${event.code}): reload the page to reconnect.`));
+      return;
+    }
+    $("connection").textContent = `reconnecting in ${Math.max(1, Math.round(backoff / 1000))} s…`;
     setTimeout(connect, backoff); backoff = Math.min(backoff * 2, 10000);
   });
 }
@@ -77,27 +141,28 @@ function render() {
     const analysis = s.analysis !== undefined ? s.analysis : p.analysis !== false;
     if (analysis && s.connected) analysed++;
     const tr = CM.el("tr", { testid: "student-row" });
-    tr.appendChild(CM.el("td", { testid: "student-name" }, s.name || p.name || "?"));
+    const name = s.name || p.name || "?";
+    tr.appendChild(CM.el("td", { testid: "student-name" }, name));
     const pill = CM.el("span", { class: "pill" + (analysis ? "" : " off"), testid: "student-analysis" }, analysis ? "on" : "off");
     tr.appendChild(CM.el("td")).appendChild(pill);
     tr.appendChild(CM.el("td", { testid: "student-face" }, !analysis ? "—" : s.face ? "yes" : (s.connected ? "no" : "—")));
     tr.appendChild(CM.el("td", { testid: "student-label" }, analysis && s.top_label ? s.top_label : "—"));
-    tr.appendChild(CM.el("td", { testid: "student-confusion" })).appendChild(CM.bar("confusion", analysis ? s.confusion : null));
-    tr.appendChild(CM.el("td", { testid: "student-boredom" })).appendChild(CM.bar("boredom", analysis ? s.boredom : null));
+    tr.appendChild(CM.el("td", { testid: "student-confusion" })).appendChild(CM.bar("confusion", analysis ? s.confusion : null, "confusion of " + name));
+    tr.appendChild(CM.el("td", { testid: "student-boredom" })).appendChild(CM.bar("boredom", analysis ? s.boredom : null, "boredom of " + name));
     tr.appendChild(CM.el("td", {}, analysis ? CM.pct(s.attention) : "—"));
     const mute = CM.el("button", { class: "secondary", testid: "mute-button" }, s.muted ? "Unmute" : "Mute");
     mute.title = s.muted ? "Alerts about this student are muted" : "Stop alerts about this student";
-    mute.addEventListener("click", () => send({ type: "control", action: s.muted ? "unmute" : "mute", peer_id: id }));
+    mute.setAttribute("aria-label", (s.muted ? "Unmute alerts about " : "Mute alerts about ") + name);
+    mute.addEventListener("click", () => sendOrSay({ type: "control", action: s.muted ? "unmute" : "mute", peer_id: id },
+      `alerts about ${name} were not ${s.muted ? "unmuted" : "muted"}`));
     tr.appendChild(CM.el("td")).appendChild(mute);
     body.appendChild(tr);
   }
   $("no-students").classList.toggle("hidden", body.children.length > 0);
   const cls = lastState && lastState.class;
   $("class-analysed").textContent = cls ? `(${cls.analysed} analysed)` : `(${analysed} analysed)`;
-  if (cls) {
-    $("class-confusion").textContent = "confused: " + CM.pct(cls.confusion_share);
-    $("class-boredom").textContent = "bored: " + CM.pct(cls.boredom_share);
-  }
+  $("class-confusion").textContent = "confused: " + (cls ? CM.pct(cls.confusion_share) : "—");
+  $("class-boredom").textContent = "bored: " + (cls ? CM.pct(cls.boredom_share) : "—");
 }
 
 function drawSparkline() {
@@ -105,8 +170,11 @@ function drawSparkline() {
   const history = (lastState && lastState.class && lastState.class.history) || [];
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   ctx.strokeStyle = "#e3e6ee"; ctx.beginPath(); ctx.moveTo(0, canvas.height / 2); ctx.lineTo(canvas.width, canvas.height / 2); ctx.stroke();
-  if (history.length < 2) return;
+  if (history.length < 2) { canvas.setAttribute("aria-label", "Chart of the share of the class confused and bored: no data yet"); return; }
   const t0 = history[0].t, t1 = history[history.length - 1].t || t0 + 1;
+  const now = history[history.length - 1];
+  canvas.setAttribute("aria-label", `Chart of the share of the class confused and bored over the last ${Math.max(1, Math.round((t1 - t0) / 60))} min; ` +
+    `now ${CM.pct(now.confusion_share)} confused and ${CM.pct(now.boredom_share)} bored`);
   for (const [field, color] of [["confusion_share", "#d97706"], ["boredom_share", "#7c3aed"]]) {
     ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.beginPath();
     history.forEach((p, i) => {
@@ -129,11 +197,25 @@ function showThresholds() {
 for (const kind of ["confusion", "boredom", "class_share"]) {
   const input = $("threshold-" + kind);
   input.addEventListener("input", () => { thresholdsTouched = Date.now(); $("threshold-" + kind + "-value").textContent = Number(input.value).toFixed(2); });
-  input.addEventListener("change", () => { thresholdsTouched = Date.now(); send({ type: "control", action: "threshold", kind, value: Number(input.value) }); });
+  input.addEventListener("change", () => { thresholdsTouched = Date.now(); sendOrSay({ type: "control", action: "threshold", kind, value: Number(input.value) }, "the threshold was not changed"); });
 }
 
-function ensureAudio() { if (!audio && window.AudioContext) { try { audio = new AudioContext(); } catch (e) { audio = null; } } }
-document.addEventListener("click", ensureAudio, { once: true });
+// Browsers keep audio suspended until the user interacts with the page: say so until it runs.
+function ensureAudio(resume) {
+  if (!audio && window.AudioContext) {
+    try { audio = new AudioContext(); audio.addEventListener("statechange", showSoundHint); } catch (e) { audio = null; }
+  }
+  if (resume && audio && audio.state === "suspended") audio.resume().then(showSoundHint, () => {});
+  showSoundHint();
+}
+function showSoundHint() {
+  const waiting = $("sound").checked && audio !== null && audio.state !== "running";
+  $("sound-hint").classList.toggle("hidden", !waiting);
+}
+document.addEventListener("click", () => ensureAudio(true));
+document.addEventListener("keydown", () => ensureAudio(true));
+$("sound").addEventListener("change", showSoundHint);
+ensureAudio(false);
 function beep() {
   if (!$("sound").checked || !audio) return;
   const osc = audio.createOscillator(); const gain = audio.createGain();
@@ -145,8 +227,12 @@ function addAlert(alert, fresh) {
   const li = CM.el("li", { testid: "alert-item", class: alert.level === "class" ? "class" : "" });
   li.appendChild(CM.el("strong", {}, alert.message));
   li.appendChild(CM.el("div", { class: "muted" }, CM.clock(alert.t) + " · " + alert.level + " · " + alert.kind));
-  const ack = CM.el("button", { class: "secondary", testid: "ack-button" }, "Acknowledge");
-  ack.addEventListener("click", () => { send({ type: "control", action: "ack", alert_id: alert.alert_id }); li.classList.add("acknowledged"); ack.disabled = true; });
+  const ack = CM.el("button", { class: "secondary", testid: "ack-button",
+    "aria-label": alert.name ? "Acknowledge the alert about " + alert.name : "Acknowledge the class alert" }, "Acknowledge");
+  ack.addEventListener("click", () => {
+    if (!sendOrSay({ type: "control", action: "ack", alert_id: alert.alert_id }, "the alert was not acknowledged")) return;
+    li.classList.add("acknowledged"); ack.disabled = true;
+  });
   li.appendChild(ack);
   $("alerts").prepend(li);
   $("no-alerts").classList.add("hidden");
@@ -154,5 +240,5 @@ function addAlert(alert, fresh) {
 }
 document.addEventListener("visibilitychange", () => { if (!document.hidden) document.title = "classmood — teacher"; });
 
-if (!token) { $("connection").textContent = "This teacher link has no key (#t=…)."; }
+if (!token) { $("connection").textContent = "not connected"; showError("This teacher link has no key (#t=…)."); }
 else { loadRoom().then((ok) => { if (ok) connect(); }); }
