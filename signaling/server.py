@@ -403,8 +403,26 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         except (ConnectionError, RuntimeError, asyncio.TimeoutError):
             pass
 
-    async def read_hello(ws: web.WebSocketResponse, where: str) -> dict[str, Any] | None:
+    pending_hellos: dict[str, int] = {}
+
+    async def read_hello(request: web.Request, ws: web.WebSocketResponse, where: str) -> dict[str, Any] | None:
         """The validated hello, or None after answering/closing (or when the socket went away)."""
+        block = address_block(client_of(request))
+        if pending_hellos.get(block, 0) >= cfg.max_pending_hellos_per_address:
+            log.warning("%s: %s has %d sockets waiting for hello; refusing another", where, block,
+                        pending_hellos[block])
+            await reject(ws, "busy", "too many connections from your address: try again shortly",
+                         WSCloseCode.TRY_AGAIN_LATER)
+            return None
+        pending_hellos[block] = pending_hellos.get(block, 0) + 1
+        try:
+            return await _read_hello(ws, where)
+        finally:
+            pending_hellos[block] -= 1
+            if pending_hellos[block] <= 0:
+                del pending_hellos[block]
+
+    async def _read_hello(ws: web.WebSocketResponse, where: str) -> dict[str, Any] | None:
         try:
             # One deadline for the whole read: ws.receive(timeout=...) restarts its timer after every
             # ping a client sends, so a socket that pings and never says hello would stay forever.
@@ -429,7 +447,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         ws = await open_socket(request, cfg.max_message_bytes)
         worker: Peer | None = None
         try:
-            hello = await read_hello(ws, "/ws/worker")
+            hello = await read_hello(request, ws, "/ws/worker")
             if hello is None:
                 return ws
             if hello["role"] != "worker" or not _same(hello["key"], cfg.worker_key):
@@ -469,7 +487,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         peer: Peer | None = None
         room: Room | None = None
         try:
-            hello = await read_hello(ws, "/ws")
+            hello = await read_hello(request, ws, "/ws")
             if hello is None:
                 return ws
             if hello["role"] == "worker":

@@ -460,6 +460,19 @@ async def test_pinging_does_not_keep_a_socket_without_hello_open(make_server):
     assert await closed_with(ws) == 4408
 
 
+async def test_one_address_cannot_hold_many_sockets_open_without_hello(make_server):
+    server = await make_server(max_pending_hellos_per_address=3, hello_timeout_seconds=5.0)
+    waiting = [await server.connect() for _ in range(3)]
+    refused = await server.connect()
+    assert (await recv(refused))["code"] == "busy"
+    assert await closed_with(refused) == 1013                  # try again later: not a 44xx "give up"
+    for ws in waiting:
+        await ws.close()
+    await asyncio.sleep(0.1)
+    room = await server.room()
+    assert (await server.student(room))[1]["type"] == "welcome"   # the slots are free again
+
+
 async def test_clients_that_vanish_before_or_during_hello_leave_nothing_behind(server):
     room = await server.room()
     silent = await server.connect()

@@ -14,6 +14,7 @@ const ERRORS = {
   room_full: "The class is full: ask your teacher, then press Join to try again.",
   rate_limited: "Too many messages came from this page: wait a minute, then press Join.",
   server_full: "The server is busy right now.",
+  busy: "The server is busy right now.",
   timeout: "The connection was too slow: press Join to try again.",
   opted_out: "Analysis is off: your video is not sent to the assistant.",
   no_bot: "The assistant is not in the room yet.",
