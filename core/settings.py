@@ -40,7 +40,7 @@ class ServerSettings:
     hello_timeout_seconds: float = 10.0    # a /ws socket that sends no hello within this is closed
     # Sockets one client address (IPv6: its /64) may have open before their hello; beyond, new ones are
     # closed at once with 1013 (try again later), so one host cannot use up the server's file descriptors.
-    max_pending_hellos_per_address: int = 32
+    max_pending_hellos_per_address: int = 128   # generous: behind NAT a whole class shares one address
     heartbeat_seconds: float = 20.0        # WebSocket ping interval; a peer that misses the pong is dropped
     messages_per_second: float = 20.0      # sustained message rate per student/teacher socket (the bot gets 10x)
     message_burst: int = 50                # messages accepted at once; beyond the rate: error + close
