@@ -14,6 +14,16 @@ import logging
 log = logging.getLogger("classmood.bot.ice")
 
 
+def is_loopback_host(host: str) -> bool:
+    """localhost or a loopback IP (the bot's server, from its URL)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _allowed(address: str, allow_loopback: bool) -> bool:
     if address.lower().endswith(".local"):     # mDNS names: what browsers put in place of host addresses
         return True

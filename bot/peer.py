@@ -8,7 +8,6 @@ the same session continues.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -20,20 +19,13 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError
 
 from bot.analyzer import PendingFrame
-from bot.ice_filter import filter_candidates
+from bot.ice_filter import filter_candidates, is_loopback_host
 from bot.mailbox import FrameMailbox
 from bot.room import ClassRoom
 from core.errors import describe
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot.peer")
-
-
-def _is_loopback_ip(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def ws_url(server: str) -> str:
@@ -75,7 +67,7 @@ class BotPeer:
         self.replaced = False             # another bot took over the room: its session is not ours to end
         # Students' loopback candidates are only reachable (and only legitimate) on a development machine.
         host = urlsplit(server if "://" in server else f"http://{server}").hostname or ""
-        self._server_is_loopback = host == "localhost" or _is_loopback_ip(host)
+        self._server_is_loopback = is_loopback_host(host)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:

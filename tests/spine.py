@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
@@ -79,6 +79,15 @@ class LiveClass:
     def samples_of(self, student: SimulatedStudent) -> list[tuple]:
         return self.rows("SELECT t, face_found, top_label FROM samples WHERE participant_id = ? ORDER BY t",
                          student.peer_id)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `condition` every 0.1 s until it holds (True) or `timeout` seconds pass (False)."""
+    for _ in range(max(1, int(timeout * 10))):
+        if condition():
+            return True
+        await asyncio.sleep(0.1)
+    return condition()
 
 
 async def start_class(tmp_path: Path, **overrides: dict[str, Any]) -> LiveClass:

@@ -1,5 +1,5 @@
 """A student's offer cannot make the bot probe addresses it must not contact."""
-from bot.ice_filter import filter_candidates
+from bot.ice_filter import filter_candidates, is_loopback_host
 
 
 def candidate(address: str, port: int = 50000) -> str:
@@ -30,3 +30,8 @@ def test_loopback_is_allowed_only_for_a_bot_on_a_loopback_server():
     sdp = OFFER_HEAD + candidate("127.0.0.1")
     assert filter_candidates(sdp, allow_loopback=True) == (sdp, 0)
     assert filter_candidates(sdp, allow_loopback=False)[1] == 1
+
+
+def test_the_bot_knows_when_its_server_is_on_loopback():
+    assert is_loopback_host("localhost") and is_loopback_host("127.0.0.1") and is_loopback_host("::1")
+    assert not is_loopback_host("class.example.org") and not is_loopback_host("10.0.0.5")

@@ -16,7 +16,7 @@ from core.faces import Faces
 from aiohttp import web
 
 from signaling.server import REGISTRY_KEY, create_app
-from tests.spine import VIDEOS, start_class, stop_class
+from tests.spine import VIDEOS, eventually, start_class, stop_class
 
 
 def one_face_per_frame(frames: list[np.ndarray]) -> Faces:
@@ -207,11 +207,10 @@ async def test_after_a_server_restart_the_invited_bot_rejoins_its_room_and_sessi
         await live.runner.setup()
         await web.TCPSite(live.runner, "127.0.0.1", live.settings.server.port).start()
         registry = live.runner.app[REGISTRY_KEY]
-        for _ in range(200):      # the bot retries with backoff; once in, it tells the server its session
-            room = registry.get(live.room["room"])
-            if room is not None and room.bot is not None and room.session_id is not None:
-                break
-            await asyncio.sleep(0.1)
+        # The bot retries with backoff; once in, it tells the server its session.
+        await eventually(lambda: (r := registry.get(live.room["room"])) is not None and r.bot is not None
+                         and r.session_id is not None, 20)
+        room = registry.get(live.room["room"])
         assert room is not None and room.bot is not None, "the invited bot must be let back in"
         assert live.service.peers[live.room["room"]] is peer and peer.room.session_id == session
         assert room.session_id == session
@@ -229,10 +228,7 @@ async def test_a_bot_refused_for_good_frees_its_room_and_ends_its_session(tmp_pa
         session = peer.room.session_id
         peer.token = "not-the-token-any-more"          # what a server that no longer knows the bot sees
         await peer._ws.close()                        # the connection drops; the rejoin is refused
-        for _ in range(100):
-            if room_id not in live.service.peers:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: room_id not in live.service.peers)
         assert room_id not in live.service.peers and room_id not in live.service.rooms
         assert peer.room is None, "the room's state (and its tick loop) must be released"
         assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session)[0][0] is not None
@@ -252,10 +248,7 @@ async def test_a_bot_left_alone_is_dismissed_and_its_session_ends(tmp_path):
         assert room_id in live.service.peers
         await student.leave()
         live.students.remove(student)
-        for _ in range(60):
-            if room_id not in live.service.peers:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: room_id not in live.service.peers, 6)
         assert room_id not in live.service.peers and room_id not in live.service.rooms
         assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session)[0][0] is not None
     finally:
