@@ -9,24 +9,20 @@ import keras
 from keras import layers
 
 from core.emotions import NUM_EMOTIONS
-
-# Stage widths and convolutions per stage: small at 48x48 where convs are costly, wide at 6x6.
-WIDTHS = {"tiny": (8, 16, 16, 32), "small": (32, 64, 128, 256), "base": (48, 96, 192, 384)}
-CONVS_PER_STAGE = (1, 2, 2, 2)
+from models.net_shape import BN_EPSILON, CONVS_PER_STAGE, DENSE_UNITS, PIXEL_MEAN, PIXEL_STD, WIDTHS
 
 
 def _conv_bn_relu(x, filters: int, name: str):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_model(width: str = "small", dropout: float = 0.4, dense: int = 256, spatial_dropout: float = 0.1) -> keras.Model:
+def build_model(width: str = "small", dropout: float = 0.4, dense: int = DENSE_UNITS, spatial_dropout: float = 0.1) -> keras.Model:
     """VGG-style: 4 stages of 3x3 conv+BN+ReLU with max-pooling 48->24->12->6->3, then a dense head."""
     widths = WIDTHS[width]
     inputs = keras.Input((48, 48, 1), name="face")
-    # FER2013 pixel statistics (mean ~0.51, std ~0.25 on [0, 1]); fixed, so no adapt() step.
-    x = layers.Rescaling(1 / 0.25, offset=-0.51 / 0.25, name="normalise")(inputs)
+    x = layers.Rescaling(1 / PIXEL_STD, offset=-PIXEL_MEAN / PIXEL_STD, name="normalise")(inputs)
     for stage, (filters, convs) in enumerate(zip(widths, CONVS_PER_STAGE), start=1):
         for i in range(convs):
             x = _conv_bn_relu(x, filters, f"s{stage}c{i + 1}")
@@ -36,7 +32,7 @@ def build_model(width: str = "small", dropout: float = 0.4, dense: int = 256, sp
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(dropout, name="head_drop1")(x)
     x = layers.Dense(dense, use_bias=False, name="head_dense")(x)
-    x = layers.BatchNormalization(name="head_bn")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, name="head_bn")(x)
     x = layers.ReLU(name="head_relu")(x)
     x = layers.Dropout(dropout, name="head_drop2")(x)
     x = layers.Dense(NUM_EMOTIONS, name="logits")(x)

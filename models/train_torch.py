@@ -1,0 +1,376 @@
+"""Train the expression CNN with PyTorch on a GPU (the lent machines have no TensorFlow).
+
+    python -m models.torch_port pack --data ../shared/datasets/fer2013 --out .gpu/fer-pack.xz
+    python -m models.train_torch --pack .gpu/fer-pack.xz --labels ferplus --out OUT/ferplus-small.npz --minutes 7
+    python -m models.torch_port import --weights OUT/ferplus-small.npz --out runs/gpu-ferplus
+    python -m models.export --run runs/gpu-ferplus --name ferplus --labels ferplus
+
+Same network as models.net (an exact PyTorch copy, Keras layer names, NHWC flatten), same data and
+targets as models.train; augmentation runs on the GPU, so one epoch takes about a second. The cosine
+learning-rate schedule runs over --epochs or --minutes, whichever ends first (a lent machine is lent
+for minutes, not epochs), so a run always ends with a fully decayed learning rate. Selection is on
+PublicTest only; the output .npz holds the best weights in PyTorch layout, the metrics log, and the
+model's outputs on probe faces, which `torch_port import` checks Keras reproduces.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from models.cli_args import positive_int, unit_interval
+    p = argparse.ArgumentParser(prog="python -m models.train_torch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pack", required=True, help="file written by `python -m models.torch_port pack`")
+    p.add_argument("--labels", choices=("ferplus", "fer2013"), default="ferplus")
+    p.add_argument("--width", choices=("tiny", "small", "base"), default="small")
+    p.add_argument("--out", required=True, help="output .npz (best weights, log, probe outputs)")
+    p.add_argument("--init", action="store_true", help="start from the pack's weights for --labels (a warm restart)")
+    p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("--minutes", type=float, default=0.0, help="also end the schedule after this many minutes (0 = no limit)")
+    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--lr", type=float, default=0.02, help="peak SGD learning rate (cosine decay after warm-up)")
+    p.add_argument("--warmup-epochs", type=float, default=3.0)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=unit_interval, default=0.0)
+    p.add_argument("--dropout", type=unit_interval, default=0.4)
+    p.add_argument("--spatial-dropout", type=unit_interval, default=0.1)
+    p.add_argument("--aug", choices=("strong", "light"), default="strong")
+    p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cuda", help="cuda | cpu (cpu for smoke tests)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training rows (smoke tests)")
+    return p.parse_args(argv)
+
+
+def build_torch_net(width: str = "small", dropout: float = 0.4, spatial_dropout: float = 0.1):
+    """models.net.build_model in PyTorch: submodules carry the Keras layer names, so weights map one to one."""
+    import torch
+    from torch import nn
+
+    from core.emotions import NUM_EMOTIONS
+    from models.net_shape import BN_EPSILON, CONVS_PER_STAGE, DENSE_UNITS, PIXEL_MEAN, PIXEL_STD, WIDTHS
+
+    class ExpressionNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: dict[str, nn.Module] = {}
+            channels = 1
+            self.plan: list[tuple[str, str]] = []   # (layer name, kind) in call order
+            for stage, (filters, convs) in enumerate(zip(WIDTHS[width], CONVS_PER_STAGE), start=1):
+                for i in range(convs):
+                    name = f"s{stage}c{i + 1}"
+                    layers[f"{name}_conv"] = nn.Conv2d(channels, filters, 3, padding=1, bias=False)
+                    layers[f"{name}_bn"] = nn.BatchNorm2d(filters, eps=BN_EPSILON, momentum=0.01)
+                    self.plan += [(f"{name}_conv", "layer"), (f"{name}_bn", "layer"), ("", "relu")]
+                    channels = filters
+                self.plan.append(("", "pool"))
+                if stage >= 2:
+                    layers[f"s{stage}_drop"] = nn.Dropout2d(spatial_dropout * (stage - 1))
+                    self.plan.append((f"s{stage}_drop", "layer"))
+            flat = channels * (48 // 2 ** len(CONVS_PER_STAGE)) ** 2
+            layers["head_drop1"] = nn.Dropout(dropout)
+            layers["head_dense"] = nn.Linear(flat, DENSE_UNITS, bias=False)
+            layers["head_bn"] = nn.BatchNorm1d(DENSE_UNITS, eps=BN_EPSILON, momentum=0.01)
+            layers["head_drop2"] = nn.Dropout(dropout)
+            layers["logits"] = nn.Linear(DENSE_UNITS, NUM_EMOTIONS)
+            self.layers = nn.ModuleDict(layers)
+            self.mean, self.std = PIXEL_MEAN, PIXEL_STD
+            self._init_like_keras()
+
+        def _init_like_keras(self) -> None:
+            # Keras' defaults (Glorot uniform, zero bias), so a fresh PyTorch run starts where a Keras one would.
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+
+        def forward(self, x):  # x: (N, 1, 48, 48) in [0, 1] -> logits (N, 7)
+            x = (x - self.mean) / self.std
+            for name, kind in self.plan:
+                if kind == "layer":
+                    x = self.layers[name](x)
+                elif kind == "relu":
+                    x = torch.relu(x)
+                else:
+                    x = torch.nn.functional.max_pool2d(x, 2)
+            x = x.permute(0, 2, 3, 1).flatten(1)     # NHWC order, as Keras' Flatten
+            x = self.layers["head_drop1"](x)
+            x = torch.relu(self.layers["head_bn"](self.layers["head_dense"](x)))
+            return self.layers["logits"](self.layers["head_drop2"](x))
+
+    return ExpressionNet()
+
+
+def state_arrays(net) -> dict[str, np.ndarray]:
+    """PyTorch state -> {"<keras layer>.<param>": float32 array}, copied (on the CPU, numpy() would share the
+    live parameters), batch-norm step counters dropped."""
+    return {k.removeprefix("layers."): v.detach().float().cpu().numpy().copy() for k, v in net.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def load_arrays(net, arrays: dict[str, np.ndarray]) -> None:
+    import torch
+    state = {f"layers.{k}": torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+class GpuAugmenter:
+    """models.train.Augmenter on whole batches on the device: random affine (rotation, scale, shift, mirror),
+    contrast/brightness and erasing; same ranges as the CPU path."""
+
+    def __init__(self, strength: str, generator) -> None:
+        strong = strength == "strong"
+        self.angle, self.shift = (15.0, 4.8) if strong else (10.0, 3.0)
+        self.scale = (0.85, 1.15) if strong else (0.9, 1.1)
+        self.contrast, self.brightness = (0.3, 0.12) if strong else (0.2, 0.08)
+        self.erase = 0.5 if strong else 0.2
+        self.g = generator
+
+    def _uniform(self, n: int, low: float, high: float, device):
+        import torch
+        return torch.rand(n, device=device, generator=self.g) * (high - low) + low
+
+    def __call__(self, x):  # (N, 1, 48, 48) float in [0, 1]
+        import torch
+        import torch.nn.functional as F
+        n, dev = len(x), x.device
+        angle = self._uniform(n, -self.angle, self.angle, dev) * math.pi / 180
+        scale = self._uniform(n, *self.scale, dev)
+        mirror = torch.where(torch.rand(n, device=dev, generator=self.g) < 0.5, -1.0, 1.0)
+        # affine_grid maps output to input coordinates: the inverse of "rotate by angle, zoom by scale".
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        shift = self._uniform(2 * n, -self.shift, self.shift, dev).view(n, 2) * (2 / 48)
+        theta = torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
+                             torch.stack([sin * mirror, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        mean = x.mean((1, 2, 3), keepdim=True)
+        contrast = self._uniform(n, 1 - self.contrast, 1 + self.contrast, dev).view(n, 1, 1, 1)
+        bright = self._uniform(n, -self.brightness, self.brightness, dev).view(n, 1, 1, 1)
+        x = (x - mean) * contrast + mean + bright
+        # Random erasing (hands, glasses, occluders): a box of 8-23 px a side, a random gray.
+        h = torch.randint(8, 24, (n, 1, 1), device=dev, generator=self.g)
+        w = torch.randint(8, 24, (n, 1, 1), device=dev, generator=self.g)
+        y0 = (torch.rand(n, 1, 1, device=dev, generator=self.g) * (48 - h)).long()
+        x0 = (torch.rand(n, 1, 1, device=dev, generator=self.g) * (48 - w)).long()
+        rows = torch.arange(48, device=dev).view(1, 48, 1)
+        cols = torch.arange(48, device=dev).view(1, 1, 48)
+        box = (rows >= y0) & (rows < y0 + h) & (cols >= x0) & (cols < x0 + w)
+        box &= (torch.rand(n, 1, 1, device=dev, generator=self.g) < self.erase)
+        fill = torch.rand(n, 1, 1, device=dev, generator=self.g).expand(n, 48, 48)
+        x = torch.where(box.unsqueeze(1), fill.unsqueeze(1), x)
+        return x.clamp(0.0, 1.0)
+
+
+@contextlib.contextmanager
+def full_precision(torch):
+    """Plain float32 (no TF32) while computing the probe outputs that Keras must reproduce on a CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def class_weights(soft: np.ndarray, mode: str) -> np.ndarray:
+    """As models.train.class_weights for soft targets (one-hot rows for FER2013's own labels)."""
+    counts = soft.sum(0)
+    freq = counts / counts.sum()
+    if mode == "none":
+        return np.ones(len(freq), np.float32)
+    weight = (1.0 / np.maximum(freq, 1e-3)) ** (0.5 if mode == "sqrt" else 1.0)
+    return (weight / (weight * freq).sum()).astype(np.float32)
+
+
+def training_targets(pack: dict[str, np.ndarray], labels: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train faces, soft targets, PublicTest faces, PublicTest labels), excluded rows dropped as in models.train."""
+    if labels == "ferplus":
+        keep = pack["train_ferplus_hard"] >= 0
+        x, y = pack["train_images"][keep], pack["train_ferplus_soft"][keep]
+    else:
+        hard = pack["train_fer2013"]
+        keep = hard >= 0
+        x, y = pack["train_images"][keep], np.eye(7, dtype=np.float32)[hard[keep]]
+    val_hard = pack[f"val_{labels}"]
+    vkeep = val_hard >= 0
+    return x, y.astype(np.float32), pack["val_images"][vkeep], val_hard[vkeep]
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(PROJECT))
+    args = parse_args(argv)
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        print("error: PyTorch is not installed (this trainer is for machines with a GPU; "
+              "models.train trains the same network with TensorFlow)", file=sys.stderr)
+        return 2
+    from models.torch_port import read_pack
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
+        return 2
+    try:
+        pack = read_pack(Path(args.pack))
+    except (OSError, EOFError, ValueError) as exc:
+        print(f"error: --pack {args.pack}: not a readable pack ({exc})", file=sys.stderr)
+        return 2
+    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # training only
+    g = torch.Generator(device=dev)
+    g.manual_seed(args.seed)
+
+    x_np, y_np, xv_np, yv_np = training_targets(pack, args.labels)
+    if args.limit:
+        x_np, y_np, xv_np, yv_np = x_np[:args.limit], y_np[:args.limit], xv_np[:args.limit], yv_np[:args.limit]
+    weights_np = class_weights(y_np, args.class_weight)
+    x_train = torch.from_numpy(x_np).to(dev).unsqueeze(1)            # uint8 on the device: 66 MB
+    y_train = torch.from_numpy(y_np).to(dev)
+    x_val = torch.from_numpy(xv_np).to(dev).unsqueeze(1)
+    y_val = torch.from_numpy(yv_np.astype(np.int64)).to(dev)
+    class_w = torch.from_numpy(weights_np).to(dev)
+
+    net = build_torch_net(args.width, args.dropout, args.spatial_dropout).to(dev)
+    probe = torch.from_numpy(pack["probe_images"]).to(dev).permute(0, 3, 1, 2)
+    meta_in = json.loads(str(pack["meta"]))
+    if args.init:
+        prefix = f"init/{args.labels}/"
+        init = {k[len(prefix):]: v for k, v in pack.items() if k.startswith(prefix) and not k.endswith("probe_probs")}
+        if not init:
+            print(f"error: --init: the pack holds no start weights for {args.labels}", file=sys.stderr)
+            return 2
+        load_arrays(net, init)
+        net.eval()
+        with torch.no_grad(), full_precision(torch):
+            gap = float((torch.softmax(net(probe), 1).cpu() - torch.from_numpy(pack[prefix + "probe_probs"])).abs().max())
+        if gap > 1e-3:  # the port is wrong: training from it would waste the lent minutes
+            print(f"error: the PyTorch copy does not reproduce Keras' outputs (largest difference {gap:.2g})",
+                  file=sys.stderr)
+            return 2
+        print(f"starting from {meta_in['init'][args.labels]['run']} (PyTorch matches Keras within {gap:.1g})",
+              flush=True)
+
+    def evaluate() -> float:
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(x_val), 1024):
+                xb = x_val[start:start + 1024].float() / 255
+                correct += int((net(xb).argmax(1) == y_val[start:start + 1024]).sum())
+        return correct / max(1, len(x_val))
+
+    start_acc = evaluate() if args.init else 0.0
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr / 10, momentum=0.9, nesterov=True,
+                          weight_decay=args.weight_decay)
+    augment = GpuAugmenter(args.aug, g)
+    steps_per_epoch = math.ceil(len(x_train) / args.batch)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = min(args.warmup_epochs * steps_per_epoch, total_steps / 5)
+    budget_s = args.minutes * 60 if args.minutes > 0 else math.inf
+    print(f"{args.labels} {args.width}: {sum(p.numel() for p in net.parameters()):,} parameters, "
+          f"{len(x_train)} training faces, {len(x_val)} PublicTest faces, {steps_per_epoch} steps per epoch, "
+          f"up to {args.epochs} epochs / {args.minutes or 'unlimited'} min on {dev}", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def probe_outputs() -> np.ndarray:
+        net.eval()
+        with torch.no_grad(), full_precision(torch):
+            return torch.softmax(net(probe), 1).cpu().numpy()
+
+    def save(final: bool) -> None:
+        """Best weights so far, with their probe outputs and the log; atomic, so a run killed at its time
+        limit still leaves its best model behind."""
+        meta = {"best_val_accuracy": best_acc, "best_epoch": best_epoch, "epochs": epoch, "final": final,
+                "elapsed_s": round(time.time() - t0, 1), "log": "\n".join(log) + "\n",
+                "trained_with": "models.train_torch on " + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
+                "args": {**{k: str(v) for k, v in vars(args).items()}, "width": args.width, "labels": args.labels}}
+        if args.init:
+            meta["args"]["init_weights"] = meta_in["init"][args.labels]["run"]
+            meta["start_val_accuracy"] = start_acc
+        tmp = out.with_name(out.stem + ".tmp.npz")
+        np.savez(tmp, **best_state, probe_images=pack["probe_images"], probe_probs=best_probe,
+                 meta=np.array(json.dumps(meta)))
+        tmp.replace(out)
+
+    best_acc, best_epoch, best_state, best_probe = start_acc, 0, state_arrays(net), probe_outputs()
+    last_save = time.time()
+    log = ["epoch,progress,lr,loss,train_accuracy,val_accuracy,elapsed_s"]
+    t0, step, epoch, progress = time.time(), 0, 0, 0.0
+
+    def schedule_progress() -> float:
+        # By steps or by the clock, whichever is further: the schedule always completes.
+        return min(1.0, max(step / total_steps, (time.time() - t0) / budget_s))
+
+    while progress < 1.0:
+        net.train()
+        order = torch.randperm(len(x_train), device=dev, generator=g)
+        loss_sum = torch.zeros((), device=dev)
+        hits = torch.zeros((), device=dev)
+        seen = 0
+        for i in range(steps_per_epoch):
+            progress = schedule_progress()
+            if progress >= 1.0:   # out of time mid-epoch
+                break
+            done = progress * total_steps
+            lr = args.lr * (0.1 + 0.9 * done / warmup) if done < warmup else \
+                args.lr * 0.5 * (1 + math.cos(math.pi * (done - warmup) / max(1.0, total_steps - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = order[i * args.batch:(i + 1) * args.batch]
+            xb = augment(x_train[idx].float() / 255)
+            yb = y_train[idx]
+            target = yb * (1 - args.label_smoothing) + args.label_smoothing / yb.shape[1]
+            logits = net(xb)
+            per_row = -(target * F.log_softmax(logits, 1)).sum(1)
+            # Class weights on soft targets: each row weighted by its target's expected class weight.
+            loss = (per_row * (yb * class_w).sum(1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(idx)
+            loss_sum += loss.detach() * len(idx)
+            hits += (logits.argmax(1) == yb.argmax(1)).sum()
+        if seen == 0:
+            break
+        epoch += 1
+        progress = schedule_progress()
+        acc = evaluate()
+        if acc > best_acc:
+            best_acc, best_epoch, best_state, best_probe = acc, epoch, state_arrays(net), probe_outputs()
+            if time.time() - last_save > 30:
+                save(final=False)
+                last_save = time.time()
+        log.append(f"{epoch},{progress:.4f},{lr:.6f},{float(loss_sum) / seen:.4f},{float(hits) / seen:.4f},"
+                   f"{acc:.4f},{time.time() - t0:.1f}")
+        if epoch % 10 == 0 or progress >= 1.0:
+            print(f"epoch {epoch} ({time.time() - t0:.0f} s, progress {progress:.2f}, lr {lr:.5f}): "
+                  f"PublicTest {acc:.4f} (best {best_acc:.4f} at {best_epoch})", flush=True)
+
+    save(final=True)
+    print(f"done: {args.labels} best PublicTest {best_acc:.4f} at epoch {best_epoch} of {epoch} "
+          f"({(time.time() - t0) / 60:.1f} min) -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
