@@ -116,6 +116,13 @@ def test_train_resume_and_export_make_a_working_tflite_model(tmp_path):
     assert export.returncode == 0, export.stderr[-2000:]
     card = json.loads(target.with_suffix(".json").read_text())
     assert card["labels"] == "ferplus" and card["epochs"] == 4
+    # Float32 and both quantisations are scored on PublicTest; a quantised file ships only within --max-drop.
+    acc = card["publictest_accuracy"]
+    assert {"tflite_float32", "tflite_dynamic", "tflite_int8"} <= set(acc)
+    if card["quantisation"] != "float32":
+        shipped = acc["tflite_dynamic"] if "dynamic range" in card["quantisation"] else acc["tflite_int8"]
+        assert acc["tflite_float32"] - shipped <= 0.005
+        assert shipped == max(a for a in (acc["tflite_dynamic"], acc["tflite_int8"]) if acc["tflite_float32"] - a <= 0.005)
 
     from models.detector import load_interpreter
     interpreter = load_interpreter(target, threads=1)
