@@ -64,16 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Augmentation ranges (degrees, pixels of 48, scale, contrast, brightness, share of faces erased), shared
+# with the GPU trainer (models.train_torch.GpuAugmenter).
+AUG_RANGES = {
+    "strong": {"angle": 15.0, "shift": 4.8, "scale": (0.85, 1.15), "contrast": 0.3, "brightness": 0.12, "erase": 0.5},
+    "light": {"angle": 10.0, "shift": 3.0, "scale": (0.9, 1.1), "contrast": 0.2, "brightness": 0.08, "erase": 0.2},
+}
+
+
 class Augmenter:
     """Random affine (rotation, scale, shift, mirror), brightness/contrast and erasing on uint8 48x48."""
 
     def __init__(self, rng: np.random.Generator, strength: str = "strong") -> None:
         self.rng = rng
-        strong = strength == "strong"
-        self.angle, self.shift = (15.0, 4.8) if strong else (10.0, 3.0)
-        self.scale = (0.85, 1.15) if strong else (0.9, 1.1)
-        self.contrast, self.brightness = (0.3, 0.12) if strong else (0.2, 0.08)
-        self.erase = 0.5 if strong else 0.2
+        self.__dict__.update(AUG_RANGES[strength])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import cv2

@@ -133,11 +133,8 @@ class GpuAugmenter:
     contrast/brightness and erasing; same ranges as the CPU path."""
 
     def __init__(self, strength: str, generator) -> None:
-        strong = strength == "strong"
-        self.angle, self.shift = (15.0, 4.8) if strong else (10.0, 3.0)
-        self.scale = (0.85, 1.15) if strong else (0.9, 1.1)
-        self.contrast, self.brightness = (0.3, 0.12) if strong else (0.2, 0.08)
-        self.erase = 0.5 if strong else 0.2
+        from models.train import AUG_RANGES
+        self.__dict__.update(AUG_RANGES[strength])
         self.g = generator
 
     def _uniform(self, n: int, low: float, high: float, device):
@@ -187,16 +184,6 @@ def full_precision(torch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def class_weights(soft: np.ndarray, mode: str) -> np.ndarray:
-    """As models.train.class_weights for soft targets (one-hot rows for FER2013's own labels)."""
-    counts = soft.sum(0)
-    freq = counts / counts.sum()
-    if mode == "none":
-        return np.ones(len(freq), np.float32)
-    weight = (1.0 / np.maximum(freq, 1e-3)) ** (0.5 if mode == "sqrt" else 1.0)
-    return (weight / (weight * freq).sum()).astype(np.float32)
-
-
 def training_targets(pack: dict[str, np.ndarray], labels: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train faces, soft targets, PublicTest faces, PublicTest labels), excluded rows dropped as in models.train."""
     if labels == "ferplus":
@@ -222,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
               "models.train trains the same network with TensorFlow)", file=sys.stderr)
         return 2
     from models.torch_port import read_pack
+    from models.train import class_weights   # numpy only at import time, like this module
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
         return 2
@@ -240,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     x_np, y_np, xv_np, yv_np = training_targets(pack, args.labels)
     if args.limit:
         x_np, y_np, xv_np, yv_np = x_np[:args.limit], y_np[:args.limit], xv_np[:args.limit], yv_np[:args.limit]
-    weights_np = class_weights(y_np, args.class_weight)
+    weights_np = class_weights(None, y_np, args.class_weight)
     x_train = torch.from_numpy(x_np).to(dev).unsqueeze(1)            # uint8 on the device: 66 MB
     y_train = torch.from_numpy(y_np).to(dev)
     x_val = torch.from_numpy(xv_np).to(dev).unsqueeze(1)
