@@ -17,6 +17,7 @@ import json
 import lzma
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,8 @@ def write_pack(out: Path, data, init: dict[str, np.ndarray] | None = None, meta:
         "train_ferplus_soft": plus_soft,
         "val_fer2013": val.targets("fer2013")[0], "val_ferplus": val.targets("ferplus")[0],
         "meta": np.array(json.dumps(meta or {})),
+        # Probe: the first PublicTest faces; the PyTorch side checks it reproduces Keras' outputs on them.
+        "probe_images": (val.images[:64].astype(np.float32) / 255.0)[..., None],
     }
     arrays.update(init or {})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,10 +89,22 @@ def write_pack(out: Path, data, init: dict[str, np.ndarray] | None = None, meta:
     tmp.replace(out)
 
 
+PACK_KEYS = ("train_images", "val_images", "train_fer2013", "train_ferplus_hard", "train_ferplus_soft",
+             "val_fer2013", "val_ferplus", "meta", "probe_images")
+
+
 def read_pack(path: Path) -> dict[str, np.ndarray]:
-    with lzma.open(path, "rb") as handle:
-        z = np.load(handle, allow_pickle=False)
-        return {key: z[key] for key in z.files}
+    """The arrays of a pack; ValueError if the file is not one (or is cut short), OSError if unreadable."""
+    try:
+        with lzma.open(path, "rb") as handle:
+            z = np.load(handle, allow_pickle=False)
+            arrays = {key: z[key] for key in z.files}
+    except (lzma.LZMAError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"not a data pack written by `models.torch_port pack` ({exc})") from None
+    missing = [key for key in PACK_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"not a data pack written by `models.torch_port pack` (missing {', '.join(missing)})")
+    return arrays
 
 
 def _pack(args: argparse.Namespace) -> int:
@@ -103,9 +118,7 @@ def _pack(args: argparse.Namespace) -> int:
         return 2
     init: dict[str, np.ndarray] = {}
     meta: dict = {"init": {}}
-    val_images = data.split("PublicTest").images
-    # Probe: the first PublicTest faces; the PyTorch side checks it reproduces Keras' outputs on them.
-    init["probe_images"] = (val_images[:64].astype(np.float32) / 255.0)[..., None]
+    probe = (data.split("PublicTest").images[:64].astype(np.float32) / 255.0)[..., None]   # as write_pack's
     for spec in args.init or []:
         labels, _, run_dir = spec.partition("=")
         if labels not in ("ferplus", "fer2013") or not run_dir:
@@ -118,7 +131,7 @@ def _pack(args: argparse.Namespace) -> int:
         model = build_model(width)
         model.load_weights(run / "best.weights.h5")
         init.update({f"init/{labels}/{k}": v for k, v in keras_to_torch(model, width).items()})
-        init[f"init/{labels}/probe_probs"] = model.predict(init["probe_images"], verbose=0).astype(np.float32)
+        init[f"init/{labels}/probe_probs"] = model.predict(probe, verbose=0).astype(np.float32)
         meta["init"][labels] = {"run": str(run), "width": width,
                                 "publictest_accuracy": state.get("best_val_accuracy")}
     write_pack(Path(args.out), data, init, meta)
@@ -130,13 +143,18 @@ def _import(args: argparse.Namespace) -> int:
     os.environ["KERAS_BACKEND"] = "tensorflow"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from models.net import build_model
-    z = np.load(args.weights, allow_pickle=False)
-    meta = json.loads(str(z["meta"]))
-    width = meta["args"]["width"]
-    model = build_model(width)
-    torch_to_keras({k: z[k] for k in z.files}, model, width)
-    probs = model.predict(z["probe_images"], verbose=0)
-    gap = float(np.abs(probs - z["probe_probs"]).max())
+    try:
+        z = np.load(args.weights, allow_pickle=False)
+        arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays["meta"]))
+        width = meta["args"]["width"]
+        model = build_model(width)
+        torch_to_keras(arrays, model, width)
+        gap = float(np.abs(model.predict(arrays["probe_images"], verbose=0) - arrays["probe_probs"]).max())
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        print(f"error: --weights {args.weights}: not the output of models.train_torch ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
     if gap > 1e-3:
         print(f"error: Keras does not reproduce the PyTorch outputs (largest difference {gap:.2g})", file=sys.stderr)
         return 2

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pack = read_pack(Path(args.pack))
     except (OSError, EOFError, ValueError) as exc:
-        print(f"error: --pack {args.pack}: not a readable pack ({exc})", file=sys.stderr)
+        print(f"error: --pack {args.pack}: {exc}", file=sys.stderr)
         return 2
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)

@@ -95,3 +95,22 @@ def test_a_pytorch_run_imports_into_keras_and_exports_a_working_tflite_model(tmp
     assert export.returncode == 0, export.stderr[-2000:]
     card = json.loads(target.with_suffix(".json").read_text())
     assert card["epochs"] == 6 and card["publictest_accuracy"]["keras"] > 0.3
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pack", b"\xfd7zXZ\x00\x00cut short"])
+def test_import_and_the_trainer_refuse_files_that_are_not_theirs_without_a_traceback(tmp_path, content):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(content)
+    result = run_module("models.torch_port", "import", "--weights", str(bad), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "not the output of models.train_torch" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ValueError, match="not a data pack"):
+        read_pack(bad)
+
+
+def test_a_pack_missing_arrays_is_not_a_pack(tmp_path):
+    import lzma
+    with lzma.open(tmp_path / "p.xz", "wb") as handle:
+        np.savez(handle, train_images=np.zeros((1, 48, 48), np.uint8))
+    with pytest.raises(ValueError, match="missing val_images"):
+        read_pack(tmp_path / "p.xz")
