@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cuda", help="cuda | cpu (cpu for smoke tests)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training rows (smoke tests)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training rows (smoke tests; 0 = all)")
     return p.parse_args(argv)
 
 
@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     x_np, y_np, xv_np, yv_np = training_targets(pack, args.labels)
     if args.limit:
         x_np, y_np, xv_np, yv_np = x_np[:args.limit], y_np[:args.limit], xv_np[:args.limit], yv_np[:args.limit]
+    if len(x_np) == 0 or len(xv_np) == 0:
+        print("error: the pack holds no usable Training or PublicTest faces for these labels", file=sys.stderr)
+        return 2
     weights_np = class_weights(None, y_np, args.class_weight)
     x_train = torch.from_numpy(x_np).to(dev).unsqueeze(1)            # uint8 on the device: 66 MB
     y_train = torch.from_numpy(y_np).to(dev)
