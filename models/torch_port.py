@@ -67,30 +67,31 @@ def torch_to_keras(arrays: dict[str, np.ndarray], model, width: str) -> None:
         layer.set_weights([np.asarray(w, np.float32) for w in weights])
 
 
+LABEL_SETS = ("ferplus", "fer2013")
+PACK_KEYS = ("train_images", "val_images", "meta", "probe_images",
+             *(f"{kind}_{labels}" for labels in LABEL_SETS for kind in ("train_hard", "train_soft", "val")))
+
+
+def probe_faces(val_images: np.ndarray) -> np.ndarray:
+    """The first PublicTest faces, as models take them: the PyTorch side checks it reproduces Keras' outputs on them."""
+    return (val_images[:64].astype(np.float32) / 255.0)[..., None]
+
+
 def write_pack(out: Path, data, init: dict[str, np.ndarray] | None = None, meta: dict | None = None) -> None:
-    """One file with Training and PublicTest faces and both label sets (LZMA: the faces compress to ~57 MB,
-    small enough to travel to a lent machine)."""
+    """One file with Training and PublicTest faces and both label sets (FerData.targets: hard labels, -1 =
+    excluded, and soft targets); LZMA, so the faces compress to ~57 MB, small enough to travel to a lent machine."""
     train, val = data.split("Training"), data.split("PublicTest")
-    plus_hard, plus_soft = train.targets("ferplus")
-    arrays = {
-        "train_images": train.images, "val_images": val.images,
-        "train_fer2013": train.targets("fer2013")[0], "train_ferplus_hard": plus_hard,
-        "train_ferplus_soft": plus_soft,
-        "val_fer2013": val.targets("fer2013")[0], "val_ferplus": val.targets("ferplus")[0],
-        "meta": np.array(json.dumps(meta or {})),
-        # Probe: the first PublicTest faces; the PyTorch side checks it reproduces Keras' outputs on them.
-        "probe_images": (val.images[:64].astype(np.float32) / 255.0)[..., None],
-    }
+    arrays = {"train_images": train.images, "val_images": val.images, "probe_images": probe_faces(val.images),
+              "meta": np.array(json.dumps(meta or {}))}
+    for labels in LABEL_SETS:
+        arrays[f"train_hard_{labels}"], arrays[f"train_soft_{labels}"] = train.targets(labels)
+        arrays[f"val_{labels}"] = val.targets(labels)[0]
     arrays.update(init or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with lzma.open(tmp, "wb", preset=6) as handle:
         np.savez(handle, **arrays)
     tmp.replace(out)
-
-
-PACK_KEYS = ("train_images", "val_images", "train_fer2013", "train_ferplus_hard", "train_ferplus_soft",
-             "val_fer2013", "val_ferplus", "meta", "probe_images")
 
 
 def read_pack(path: Path) -> dict[str, np.ndarray]:
@@ -118,10 +119,10 @@ def _pack(args: argparse.Namespace) -> int:
         return 2
     init: dict[str, np.ndarray] = {}
     meta: dict = {"init": {}}
-    probe = (data.split("PublicTest").images[:64].astype(np.float32) / 255.0)[..., None]   # as write_pack's
+    probe = probe_faces(data.split("PublicTest").images)
     for spec in args.init or []:
         labels, _, run_dir = spec.partition("=")
-        if labels not in ("ferplus", "fer2013") or not run_dir:
+        if labels not in LABEL_SETS or not run_dir:
             print(f"error: --init {spec!r}: expected ferplus=RUN or fer2013=RUN", file=sys.stderr)
             return 2
         from models.net import build_model

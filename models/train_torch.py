@@ -186,16 +186,11 @@ def full_precision(torch):
 
 def training_targets(pack: dict[str, np.ndarray], labels: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train faces, soft targets, PublicTest faces, PublicTest labels), excluded rows dropped as in models.train."""
-    if labels == "ferplus":
-        keep = pack["train_ferplus_hard"] >= 0
-        x, y = pack["train_images"][keep], pack["train_ferplus_soft"][keep]
-    else:
-        hard = pack["train_fer2013"]
-        keep = hard >= 0
-        x, y = pack["train_images"][keep], np.eye(7, dtype=np.float32)[hard[keep]]
+    keep = pack[f"train_hard_{labels}"] >= 0
     val_hard = pack[f"val_{labels}"]
     vkeep = val_hard >= 0
-    return x, y.astype(np.float32), pack["val_images"][vkeep], val_hard[vkeep]
+    return (pack["train_images"][keep], pack[f"train_soft_{labels}"][keep].astype(np.float32),
+            pack["val_images"][vkeep], val_hard[vkeep])
 
 
 def main(argv: list[str] | None = None) -> int:

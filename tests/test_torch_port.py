@@ -38,8 +38,9 @@ def test_the_pack_holds_training_and_publictest_faces_with_both_label_sets_and_n
     assert pack["train_images"].shape == (60, 48, 48) and pack["val_images"].shape == (20, 48, 48)
     assert np.array_equal(pack["train_images"], data.split("Training").images)
     assert np.array_equal(pack["val_fer2013"], data.split("PublicTest").labels)
-    assert pack["train_ferplus_soft"].shape == (60, 7)
-    assert np.allclose(pack["train_ferplus_soft"].sum(1), 1.0)
+    assert pack["train_soft_ferplus"].shape == (60, 7)
+    assert np.allclose(pack["train_soft_ferplus"].sum(1), 1.0)
+    assert np.array_equal(pack["train_soft_fer2013"].argmax(1), pack["train_hard_fer2013"])
 
 
 def test_keras_weights_survive_the_round_trip_through_the_pytorch_layout():
