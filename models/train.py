@@ -56,6 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (smoke tests)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for training (0 = all)")
+    p.add_argument("--teacher", action="append", default=[], metavar="RUN",
+                   help="distil from these trained runs (run folders or .weights.h5, repeatable): their "
+                        "mirror-averaged mean prediction on each training face is blended into its target")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="share of the target that comes from the teachers (with --teacher)")
+    p.add_argument("--swa", action="store_true",
+                   help="fine-tuning: the LR runs one cosine cycle per epoch and the weights at the end of each "
+                        "cycle are averaged (stochastic weight averaging, BN statistics recomputed); the average "
+                        "is a selection candidate beside each epoch's weights")
     p.add_argument("--export", metavar="NAME", default=None,
                    help="after training, export best weights to models/weights/NAME.tflite (or a path ending .tflite)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -110,6 +119,54 @@ def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
     return (weight / (weight * freq).sum()).astype(np.float32)
 
 
+def mirror_averaged(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Predictions averaged with the mirrored faces: how models.classifier runs the shipped models."""
+    return (model.predict(x, batch_size=batch, verbose=0) + model.predict(x[:, :, ::-1], batch_size=batch, verbose=0)) / 2
+
+
+def teacher_targets(teachers: list[str], x: np.ndarray, default_width: str, cache: Path) -> np.ndarray:
+    """Mean mirror-averaged prediction of the teacher runs on faces x (uint8 (N, 48, 48)); cached in the run
+    folder because six passes over 28k faces take minutes on a CPU."""
+    from models.net import build_model
+    files = [Path(t) / "best.weights.h5" if Path(t).is_dir() else Path(t) for t in teachers]
+    digest = hashlib.sha256(x.tobytes())
+    for f in files:
+        st = f.stat()
+        digest.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    if cache.exists():
+        z = np.load(cache)
+        if str(z["stamp"]) == digest.hexdigest():
+            return z["targets"]
+    faces = (x.astype(np.float32) / 255.0)[..., None]
+    total = np.zeros((len(x), 7), np.float32)
+    for f in files:
+        state = f.parent / "state.json"
+        width = json.loads(state.read_text()).get("args", {}).get("width", default_width) if state.is_file() else default_width
+        teacher = build_model(width)
+        teacher.load_weights(f)
+        total += mirror_averaged(teacher, faces)
+        print(f"teacher {f}: done", flush=True)
+    targets = total / len(files)
+    np.savez(cache, targets=targets, stamp=np.array(digest.hexdigest()))
+    return targets
+
+
+def recompute_batch_norm(model, x: np.ndarray, batch: int = 256, batches: int = 16) -> None:
+    """Set every BN layer's moving statistics to the cumulative average over `batches` training batches,
+    as averaged weights need their own statistics (Izmailov et al., 2018)."""
+    import keras
+    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in bn]
+    rng = np.random.default_rng(0)
+    for k in range(1, batches + 1):
+        idx = rng.choice(len(x), size=min(batch, len(x)), replace=False)
+        for layer in bn:
+            layer.momentum = (k - 1) / k   # k-th batch gets weight 1/k: a plain running mean
+        model(x[idx], training=True)
+    for layer, momentum in zip(bn, saved):
+        layer.momentum = momentum
+
+
 def dataset_fingerprint(source: Path) -> str:
     """Changes whenever any file the dataset is read from changes: for a folder every file under it (an
     image tree gains or loses images), for a CSV the file and the FER+ votes beside it."""
@@ -162,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_weights and not Path(args.init_weights).is_file():
         print(f"error: --init-weights {args.init_weights}: no such weights file", file=sys.stderr)
         return 2
+    for teacher in args.teacher:
+        f = Path(teacher) / "best.weights.h5" if Path(teacher).is_dir() else Path(teacher)
+        if not f.is_file():
+            print(f"error: --teacher {teacher}: no such run folder or weights file", file=sys.stderr)
+            return 2
+    if not 0.0 <= args.distill <= 1.0:
+        print(f"error: --distill {args.distill}: must be between 0 and 1", file=sys.stderr)
+        return 2
     if args.resume and (args.out / "last.keras").exists() and not (args.out / "state.json").is_file():
         print(f"error: --resume: {args.out / 'state.json'} is missing", file=sys.stderr)
         return 2
@@ -211,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     from models.net import build_model
 
     weights = class_weights(h_train, y_train, args.class_weight)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.teacher:
+        try:
+            taught = teacher_targets(args.teacher, x_train, args.width, args.out / "teacher-targets.npz")
+        except Exception as exc:   # h5py/keras raise many types for a wrong or damaged file
+            print(f"error: --teacher: not weights of this network ({describe(exc)})", file=sys.stderr)
+            return 2
+        y_train = (1 - args.distill) * y_train + args.distill * taught
+        print(f"distilling from {len(args.teacher)} teacher(s): they agree with the training labels on "
+              f"{(taught.argmax(1) == h_train).mean():.1%} of faces; {args.distill:.0%} of each target is theirs",
+              flush=True)
     rng = np.random.default_rng(args.seed)
     augment = Augmenter(rng, args.aug)
 
@@ -235,10 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     batches = Batches()
     steps = len(batches) * args.epochs
     warmup = min(len(batches) * 2, steps // 5)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=args.lr / 10, decay_steps=max(1, steps - warmup), alpha=0.0,
-        warmup_target=args.lr, warmup_steps=warmup)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.swa:   # one cycle per epoch, each ending near zero where its weights are averaged
+        schedule = keras.optimizers.schedules.CosineDecayRestarts(
+            initial_learning_rate=args.lr, first_decay_steps=len(batches), t_mul=1.0, m_mul=1.0, alpha=0.02)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=args.lr / 10, decay_steps=max(1, steps - warmup), alpha=0.0,
+            warmup_target=args.lr, warmup_steps=warmup)
     last, best = args.out / "last.keras", args.out / "best.weights.h5"
     state_file = args.out / "state.json"
     initial_epoch = 0
@@ -271,22 +350,47 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.labels} labels), {len(x_val)} {selection} faces for selection; class weights "
           f"{np.round(weights, 2).tolist()}", flush=True)
 
+    x_bn = (x_train[:4096].astype(np.float32) / 255.0)[..., None]
+    swa_file = args.out / "swa.weights.h5"
+
+    def mirror_accuracy(model) -> float:
+        return float((mirror_averaged(model, x_val).argmax(1) == y_val.argmax(1)).mean())
+
     class Checkpoint(keras.callbacks.Callback):
+        swa_sum, swa_n = None, 0
+
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            val_acc = float(logs.get("val_accuracy", 0.0))
+            logs = logs if logs is not None else {}
+            # Selection on mirror-averaged accuracy: that is how models.classifier runs the shipped file.
+            val_acc = logs["val_accuracy_mirror"] = mirror_accuracy(self.model)
             if val_acc > state["best_val_accuracy"]:
                 state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1)
                 self.model.save_weights(best)
+            if args.swa:
+                self.average(epoch + 1, logs)
             self.model.save(last.with_suffix(".tmp.keras"))
             last.with_suffix(".tmp.keras").replace(last)  # atomic: a crash never leaves a torn checkpoint
             state.update(epoch=epoch + 1, elapsed_s=state.get("elapsed_s", 0.0) + time.time() - self.t0)
             state_file.write_text(json.dumps(state, indent=2))
-            print(f"epoch {epoch + 1}: val_accuracy {val_acc:.4f} (best {state['best_val_accuracy']:.4f} "
+            print(f"epoch {epoch + 1}: mirror-averaged val_accuracy {val_acc:.4f} (best {state['best_val_accuracy']:.4f} "
                   f"at {state['best_epoch']})", flush=True)
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.time()
+
+        def average(self, epoch: int, logs: dict) -> None:
+            current = self.model.get_weights()
+            self.swa_sum = current if self.swa_sum is None else [a + b for a, b in zip(self.swa_sum, current)]
+            self.swa_n += 1
+            self.model.set_weights([w / self.swa_n for w in self.swa_sum])
+            recompute_batch_norm(self.model, x_bn)
+            swa_acc = logs["val_accuracy_swa"] = mirror_accuracy(self.model)
+            self.model.save_weights(swa_file)
+            if swa_acc > state["best_val_accuracy"]:
+                state.update(best_val_accuracy=swa_acc, best_epoch=f"swa of epochs {epoch - self.swa_n + 1}-{epoch}")
+                self.model.save_weights(best)
+            print(f"epoch {epoch}: average of {self.swa_n} epochs scores {swa_acc:.4f}", flush=True)
+            self.model.set_weights(current)
 
     model.fit(batches, validation_data=(x_val, y_val), epochs=args.epochs, initial_epoch=initial_epoch,
               verbose=2 if args.quiet else 1,

@@ -226,3 +226,61 @@ def test_train_refuses_a_missing_weights_file_or_a_file_as_run_folder(tmp_path, 
     result = run_module(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert ("no such weights file" if flag == "--init-weights" else "is a file, not a run folder") in result.stderr
+
+
+def test_distillation_and_weight_averaging_select_the_best_candidate_on_publictest(tmp_path):
+    data_dir = tmp_path / "data"
+    write_fer_csv(data_dir)
+    common = ["models.train", "--data", str(data_dir), "--labels", "fer2013", "--width", "tiny", "--batch", "32",
+              "--quiet", "--no-jit", "--threads", "1"]
+    teacher = tmp_path / "teacher"
+    assert run_module(*common, "--out", str(teacher), "--epochs", "2", "--lr", "0.05").returncode == 0
+    student = tmp_path / "student"
+    args = [*common, "--out", str(student), "--epochs", "2", "--lr", "0.01", "--swa", "--teacher", str(teacher),
+            "--init-weights", str(teacher / "best.weights.h5")]
+    result = run_module(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "distilling from 1 teacher(s)" in result.stdout and "teacher " in result.stdout
+    assert (student / "swa.weights.h5").exists() and (student / "teacher-targets.npz").exists()
+    with open(student / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    scores = [float(r[k]) for r in rows for k in ("val_accuracy_mirror", "val_accuracy_swa")]
+    assert json.loads((student / "state.json").read_text())["best_val_accuracy"] == pytest.approx(max(scores))
+    # The teachers' predictions are cached: a second run over the same faces does not recompute them.
+    again = run_module(*args[:-2])
+    assert again.returncode == 0 and "teacher " not in again.stdout.replace("teacher(s)", "")
+
+
+def test_teacher_targets_are_the_mirror_averaged_teacher_predictions(tmp_path):
+    import keras
+    from models.net import build_model
+    from models.train import mirror_averaged, teacher_targets
+    keras.utils.set_random_seed(0)
+    model = build_model("tiny")
+    weights = tmp_path / "t.weights.h5"
+    model.save_weights(weights)
+    faces = np.random.default_rng(0).integers(0, 255, (20, 48, 48), dtype=np.uint8)
+    targets = teacher_targets([str(weights)], faces, "tiny", tmp_path / "cache.npz")
+    expected = mirror_averaged(model, (faces.astype(np.float32) / 255)[..., None])
+    assert np.allclose(targets, expected, atol=1e-5)
+    assert not np.allclose(expected, model.predict((faces.astype(np.float32) / 255)[..., None], verbose=0), atol=1e-4)
+
+
+def test_recomputed_batch_norm_statistics_are_those_of_the_given_faces():
+    import keras
+    from models.net import build_model
+    from models.train import recompute_batch_norm
+    model = build_model("tiny")
+    x = np.random.default_rng(1).random((64, 48, 48, 1), dtype=np.float32)
+    recompute_batch_norm(model, x, batch=64, batches=3)
+    conv = keras.Model(model.input, model.get_layer("s1c1_conv").output)(x).numpy()
+    bn = model.get_layer("s1c1_bn")
+    assert np.allclose(bn.moving_mean.numpy(), conv.mean((0, 1, 2)), atol=1e-5)
+    assert np.allclose(bn.moving_variance.numpy(), conv.var((0, 1, 2)), rtol=1e-3, atol=1e-6)
+
+
+def test_train_refuses_a_missing_teacher(tmp_path):
+    result = run_module("models.train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
+                        "--teacher", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--teacher" in result.stderr and "no such run folder" in result.stderr
