@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swa", action="store_true",
                    help="fine-tuning: the LR runs one cosine cycle per epoch and the weights at the end of each "
                         "cycle are averaged (stochastic weight averaging, BN statistics recomputed); the average "
-                        "is a selection candidate beside each epoch's weights")
+                        "is a selection candidate beside each epoch's weights (--resume starts a new average)")
     p.add_argument("--export", metavar="NAME", default=None,
                    help="after training, export best weights to models/weights/NAME.tflite (or a path ending .tflite)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
