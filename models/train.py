@@ -7,7 +7,8 @@ and `--precision bf16` exist; on this 2-core CPU they measured no faster for thi
 `models.export` converts the best weights to an int8 TFLite file under the tensorflow backend. Selection uses PublicTest
 only (a seeded tenth of Training where the data has no PublicTest); PrivateTest is never looked at here.
 Checkpoints (last.keras every epoch, best.weights.h5 on PublicTest accuracy) and metrics.csv live in
---out; `--resume` continues from last.keras.
+--out; `--resume` continues from last.keras. `--teacher RUN ... --swa --init-weights ...` fine-tunes a trained
+run by distilling several runs into it and averaging its weights (how the shipped `fer2013` was made).
 """
 from __future__ import annotations
 
