@@ -23,20 +23,15 @@ PROJECT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = PROJECT / "models" / "weights"
 
 
-def tflite_predict(content: bytes, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    from models.detector import load_interpreter
-    interpreter = load_interpreter(content, threads=2)
-    index = interpreter.get_input_details()[0]["index"]
-    out_index = interpreter.get_output_details()[0]["index"]
-    outputs = []
-    for start in range(0, len(x), batch):
-        chunk = x[start:start + batch]
-        interpreter.resize_tensor_input(index, chunk.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(index, chunk)
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(out_index).copy())
-    return np.concatenate(outputs)
+def classifier_accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of a TFLite file run exactly as the bot runs it: through models.classifier (mirror averaging on)."""
+    import tempfile
+    from models.classifier import ExpressionClassifier
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "candidate.tflite"
+        path.write_bytes(content)
+        classifier = ExpressionClassifier(str(path), threads=2, max_batch=256)   # reads the file once, here
+    return float((classifier.predict(x).argmax(1) == y).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
     variants["int8"] = converter.convert()
-    accuracy = {name: float(((tflite_predict(content, x_val) + tflite_predict(content, x_val[:, :, ::-1])).argmax(1)
-                              == y_val).mean()) for name, content in variants.items()}
+    accuracy = {name: classifier_accuracy(content, x_val, y_val) for name, content in variants.items()}
     # The most accurate quantised file within --max-drop of float32 (quantised files are 2-5x faster); else float32.
     quantised = [name for name in ("dynamic", "int8") if accuracy["float32"] - accuracy[name] <= args.max_drop]
     chosen = max(quantised, key=lambda name: accuracy[name]) if quantised else "float32"

@@ -125,11 +125,16 @@ def mirror_averaged(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return (model.predict(x, batch_size=batch, verbose=0) + model.predict(x[:, :, ::-1], batch_size=batch, verbose=0)) / 2
 
 
+def teacher_weights(teacher: str) -> Path:
+    """--teacher names a run folder (its best.weights.h5) or a weights file."""
+    return Path(teacher) / "best.weights.h5" if Path(teacher).is_dir() else Path(teacher)
+
+
 def teacher_targets(teachers: list[str], x: np.ndarray, default_width: str, cache: Path) -> np.ndarray:
     """Mean mirror-averaged prediction of the teacher runs on faces x (uint8 (N, 48, 48)); cached in the run
     folder because six passes over 28k faces take minutes on a CPU."""
     from models.net import build_model
-    files = [Path(t) / "best.weights.h5" if Path(t).is_dir() else Path(t) for t in teachers]
+    files = [teacher_weights(t) for t in teachers]
     digest = hashlib.sha256(x.tobytes())
     for f in files:
         st = f.stat()
@@ -221,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --init-weights {args.init_weights}: no such weights file", file=sys.stderr)
         return 2
     for teacher in args.teacher:
-        f = Path(teacher) / "best.weights.h5" if Path(teacher).is_dir() else Path(teacher)
-        if not f.is_file():
+        if not teacher_weights(teacher).is_file():
             print(f"error: --teacher {teacher}: no such run folder or weights file", file=sys.stderr)
             return 2
     if not 0.0 <= args.distill <= 1.0:
@@ -351,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.labels} labels), {len(x_val)} {selection} faces for selection; class weights "
           f"{np.round(weights, 2).tolist()}", flush=True)
 
-    x_bn = (x_train[:4096].astype(np.float32) / 255.0)[..., None]
+    # Faces whose batch-norm statistics the weight average gets (only --swa needs them).
+    x_bn = (x_train[:4096].astype(np.float32) / 255.0)[..., None] if args.swa else None
     swa_file = args.out / "swa.weights.h5"
 
     def mirror_accuracy(model) -> float:
