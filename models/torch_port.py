@@ -2,12 +2,15 @@
 
     python -m models.torch_port pack --data ../shared/datasets/fer2013 --out .gpu/fer-pack.xz [--init ferplus=runs/ferplus]
     python -m models.torch_port import --weights ferplus-small.npz --out runs/gpu-ferplus
+    python -m models.torch_port teacher --weights ferplus-small.npz --out .gpu/teacher-ferplus.npz
 
 The lent GPU machines have PyTorch but no TensorFlow, so GPU training (models.train_torch) runs on a
 PyTorch copy of the network. `pack` writes what it needs into one file that can travel (Training and
 PublicTest faces, both label sets; never PrivateTest), optionally with a Keras run's weights to start
 from; `import` turns the trained arrays back into a Keras run folder (best.weights.h5 + state.json) that
 models.export converts to TFLite as usual, after checking that Keras reproduces the PyTorch outputs.
+`teacher` shrinks a trained run to int8 weights (one scale per output channel) so that several fit
+beside the pack in what may travel, for models.train_torch --teacher to distil from.
 Arrays travel in PyTorch's layout, keyed by the Keras layer names; this module needs numpy only.
 """
 from __future__ import annotations
@@ -108,6 +111,59 @@ def read_pack(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def quantize_teacher(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weight matrices and kernels -> int8 with one float scale per output channel ('<key>.scale'); the
+    rest (biases, batch-norm) stays float32. A quarter of the size, and the outputs barely move."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        value = np.asarray(value, np.float32)
+        if key.endswith(".weight") and value.ndim >= 2:
+            scale = np.abs(value.reshape(len(value), -1)).max(1) / 127
+            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            out[key] = np.round(value / scale.reshape(-1, *[1] * (value.ndim - 1))).astype(np.int8)
+            out[key + ".scale"] = scale
+        else:
+            out[key] = value
+    return out
+
+
+def read_teacher(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """(float32 weights in PyTorch layout, width) of a models.train_torch output or a `teacher` file;
+    ValueError if the file is neither."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        width = json.loads(str(arrays.pop("meta")))["args"]["width"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a models.train_torch output or teacher file ({type(exc).__name__}: {exc})") from None
+    weights: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if key.startswith("probe_") or key.endswith(".scale"):
+            continue
+        if value.dtype == np.int8:
+            scale = arrays[key + ".scale"]
+            value = value.astype(np.float32) * scale.reshape(-1, *[1] * (value.ndim - 1))
+        weights[key] = value.astype(np.float32)
+    return weights, width
+
+
+def _teacher(args: argparse.Namespace) -> int:
+    try:
+        weights, width = read_teacher(Path(args.weights))
+        with np.load(args.weights, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except ValueError as exc:
+        print(f"error: --weights {exc}", file=sys.stderr)
+        return 2
+    keep = {"args": {"width": width, "labels": meta["args"].get("labels")}, "source": str(args.weights),
+            "best_val_accuracy": meta.get("best_val_accuracy")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **quantize_teacher(weights), meta=np.array(json.dumps(keep)))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, int8 weights, {width})")
+    return 0
+
+
 def _pack(args: argparse.Namespace) -> int:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -185,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import", help="trained PyTorch arrays (.npz) -> Keras run folder for models.export")
     imp.add_argument("--weights", required=True)
     imp.add_argument("--out", required=True)
+    teach = sub.add_parser("teacher", help="trained PyTorch arrays (.npz) -> int8 teacher file for train_torch --teacher")
+    teach.add_argument("--weights", required=True)
+    teach.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    return _pack(args) if args.command == "pack" else _import(args)
+    return {"pack": _pack, "import": _import, "teacher": _teacher}[args.command](args)
 
 
 if __name__ == "__main__":

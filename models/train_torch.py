@@ -4,12 +4,15 @@
     python -m models.train_torch --pack .gpu/fer-pack.xz --labels ferplus --out OUT/ferplus-small.npz --minutes 7
     python -m models.torch_port import --weights OUT/ferplus-small.npz --out runs/gpu-ferplus
     python -m models.export --run runs/gpu-ferplus --name ferplus --labels ferplus
+    # distillation: trained runs (shrunk by `torch_port teacher`) teach a new one on every augmented batch
+    python -m models.train_torch --pack .gpu/fer-pack.xz --teacher .gpu/teacher-a.npz --teacher .gpu/teacher-b.npz \
+        --distill 0.7 --out OUT/ferplus-kd.npz --minutes 7
 
 Same network as models.net (an exact PyTorch copy, Keras layer names, NHWC flatten), same data and
 targets as models.train; augmentation runs on the GPU, so one epoch takes about a second. The cosine
 learning-rate schedule runs over --epochs or --minutes, whichever ends first (a lent machine is lent
 for minutes, not epochs), so a run always ends with a fully decayed learning rate. Selection is on
-PublicTest only; the output .npz holds the best weights in PyTorch layout, the metrics log, and the
+PublicTest only, mirror-averaged as models.classifier runs the shipped file; the output .npz holds the best weights in PyTorch layout, the metrics log, and the
 model's outputs on probe faces, which `torch_port import` checks Keras reproduces.
 """
 from __future__ import annotations
@@ -46,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spatial-dropout", type=unit_interval, default=0.1)
     p.add_argument("--aug", choices=("strong", "light"), default="strong")
     p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt")
+    p.add_argument("--teacher", action="append", default=[], metavar="NPZ",
+                   help="a trained run (models.train_torch output or `torch_port teacher` file) whose prediction on "
+                        "each augmented batch is blended into the targets (repeatable: the teachers' mean)")
+    p.add_argument("--distill", type=unit_interval, default=0.5,
+                   help="with --teacher: the teachers' share of each target (the rest: the labels)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cuda", help="cuda | cpu (cpu for smoke tests)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training rows (smoke tests; 0 = all)")
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: PyTorch is not installed (this trainer is for machines with a GPU; "
               "models.train trains the same network with TensorFlow)", file=sys.stderr)
         return 2
-    from models.torch_port import read_pack
+    from models.torch_port import read_pack, read_teacher
     from models.train import class_weights   # numpy only at import time, like this module
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
@@ -253,14 +261,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting from {meta_in['init'][args.labels]['run']} (PyTorch matches Keras within {gap:.1g})",
               flush=True)
 
-    def evaluate() -> float:
-        net.eval()
+    teachers = []
+    for path in args.teacher:
+        try:
+            arrays, width = read_teacher(Path(path))
+            teacher = build_torch_net(width).to(dev)
+            load_arrays(teacher, arrays)
+        except ValueError as exc:
+            print(f"error: --teacher {exc}", file=sys.stderr)
+            return 2
+        teachers.append(teacher.eval().requires_grad_(False))
+
+    def mirror_averaged(model, xb):
+        # Softmax averaged with the mirrored faces: how models.classifier runs the shipped file.
+        return (torch.softmax(model(xb), 1) + torch.softmax(model(xb.flip(3)), 1)) / 2
+
+    def evaluate(models_=None) -> float:
+        """Mirror-averaged PublicTest accuracy of the student, or of the given models' mean prediction."""
+        models_ = models_ or [net]
+        for m in models_:
+            m.eval()
         correct = 0
         with torch.no_grad():
             for start in range(0, len(x_val), 1024):
                 xb = x_val[start:start + 1024].float() / 255
-                correct += int((net(xb).argmax(1) == y_val[start:start + 1024]).sum())
+                probs = sum(mirror_averaged(m, xb) for m in models_)
+                correct += int((probs.argmax(1) == y_val[start:start + 1024]).sum())
         return correct / max(1, len(x_val))
+
+    def teachers_predict(xb):
+        # The teachers see the very batch the student sees ("consistent" distillation); bf16 for speed.
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            return sum(torch.softmax(t(xb).float(), 1) for t in teachers) / len(teachers)
+
+    if teachers:
+        scores = ", ".join(f"{evaluate([t]):.4f}" for t in teachers)
+        print(f"{len(teachers)} teachers, distill {args.distill}: PublicTest {scores}; together {evaluate(teachers):.4f}",
+              flush=True)
 
     start_acc = evaluate() if args.init else 0.0
     opt = torch.optim.SGD(net.parameters(), lr=args.lr / 10, momentum=0.9, nesterov=True,
@@ -325,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             xb = augment(x_train[idx].float() / 255)
             yb = y_train[idx]
             target = yb * (1 - args.label_smoothing) + args.label_smoothing / yb.shape[1]
+            if teachers:
+                target = (1 - args.distill) * target + args.distill * teachers_predict(xb)
             logits = net(xb)
             per_row = -(target * F.log_softmax(logits, 1)).sum(1)
             # Class weights on soft targets: each row weighted by its target's expected class weight.

@@ -4,9 +4,13 @@
 # first. Selection is on PublicTest only. Two rounds ran on an NVIDIA H200 (see models/MODEL_CARD.md):
 #   ROUND=1 MINUTES=7.5: four settings at once, ~150 epochs each (the shipped `ferplus` is ferplus-light);
 #   ROUND=2 MINUTES=3.9: two runs at once, ~150 epochs each (fer2013-light6 is the start of the shipped
-#   `fer2013`, which is then distilled on the CPU from fer2013-light, fer2013-strong and fer2013-light6).
+#   `fer2013`, which is then distilled on the CPU from fer2013-light, fer2013-strong and fer2013-light6);
+#   ROUND=3 MINUTES=6.8: four ferplus runs at once, each taught on every batch by the three ferplus runs of
+#   rounds 1-2 (shrunk to int8 by `torch_port teacher`, so they travel beside the pack), distill 0.5-0.9.
 #
 #   python -m models.torch_port pack --out .gpu/fer-pack.xz                         # here: faces + labels, 57 MB
+#   for r in ferplus-light ferplus-strong ferplus-light5; do                       # here, for ROUND=3
+#       python -m models.torch_port teacher --weights runs/gpu/$r.npz --out .gpu/teacher-$r.npz; done
 #   PACK=.gpu/fer-pack.xz OUT=runs/gpu ROUND=1 MINUTES=7.5 scripts/train_gpu.sh      # there
 #   python -m models.torch_port import --weights runs/gpu/ferplus-light.npz --out runs/gpu-ferplus-light   # here
 #   python -m models.export --run runs/gpu-ferplus-light --name ferplus --labels ferplus
@@ -31,7 +35,16 @@ run() {  # run NAME ARGS...: one training in the background, its log beside its 
     local name=$1; shift
     "$PYTHON" -m models.train_torch "${common[@]}" "$@" --out "$OUT/$name.npz" >"$OUT/$name.log" 2>&1 &
 }
-if [ "$ROUND" = 1 ]; then
+teach=()
+for t in .gpu/teacher-ferplus-light.npz .gpu/teacher-ferplus-strong.npz .gpu/teacher-ferplus-light5.npz; do
+    teach+=(--teacher "$t")
+done
+if [ "$ROUND" = 3 ]; then
+    run ferplus-kd5 --labels ferplus "${light[@]}" "${teach[@]}" --distill 0.5 --seed 21
+    run ferplus-kd7 --labels ferplus "${light[@]}" "${teach[@]}" --distill 0.7 --seed 22
+    run ferplus-kd7s --labels ferplus "${strong[@]}" "${teach[@]}" --distill 0.7 --seed 23
+    run ferplus-kd9 --labels ferplus "${light[@]}" "${teach[@]}" --distill 0.9 --seed 24
+elif [ "$ROUND" = 1 ]; then
     run ferplus-strong --labels ferplus "${strong[@]}" --seed 1
     run ferplus-light --labels ferplus "${light[@]}" --seed 2
     run fer2013-strong --labels fer2013 --label-smoothing 0.1 "${strong[@]}" --seed 3

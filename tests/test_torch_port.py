@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from models.data import load_dataset
-from models.torch_port import keras_to_torch, read_pack, torch_to_keras, write_pack
+from models.torch_port import keras_to_torch, quantize_teacher, read_pack, read_teacher, torch_to_keras, write_pack
 from tests.test_models_train import PROJECT, run_module, write_fer_csv
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -71,6 +71,52 @@ def test_import_refuses_weights_whose_outputs_keras_cannot_reproduce(tmp_path):
     assert not (tmp_path / "run" / "best.weights.h5").exists()
 
 
+def _trainer_output(path, width="tiny"):
+    """A file shaped like models.train_torch's output, with a tiny net's (non-trivial) weights."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from models.net import build_model
+    arrays = keras_to_torch(build_model(width), width)
+    arrays = {k: v + np.random.default_rng(len(k)).normal(0, 0.05, v.shape).astype(np.float32) for k, v in arrays.items()}
+    meta = {"best_val_accuracy": 0.5, "best_epoch": 1, "epochs": 1, "elapsed_s": 1.0,
+            "args": {"width": width, "labels": "ferplus"}}
+    np.savez(path, **arrays, probe_images=np.zeros((1, 48, 48, 1), np.float32),
+             probe_probs=np.full((1, 7), 1 / 7, np.float32), meta=np.array(json.dumps(meta)))
+    return arrays
+
+
+def test_a_teacher_file_keeps_each_weight_within_half_a_step_of_its_channels_int8_scale(tmp_path):
+    original = _trainer_output(tmp_path / "run.npz")
+    result = run_module("models.torch_port", "teacher", "--weights", str(tmp_path / "run.npz"), "--out", str(tmp_path / "t.npz"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "t.npz").stat().st_size < (tmp_path / "run.npz").stat().st_size / 3
+    restored, width = read_teacher(tmp_path / "t.npz")
+    assert width == "tiny" and restored.keys() == original.keys()
+    for key, value in original.items():
+        if key.endswith(".weight") and value.ndim >= 2:
+            step = np.abs(value.reshape(len(value), -1)).max(1) / 127
+            error = np.abs(restored[key] - value).reshape(len(value), -1).max(1)
+            assert np.all(error <= step / 2 + 1e-7), key
+        else:   # biases and batch-norm statistics travel exactly
+            assert np.array_equal(restored[key], value), key
+    assert read_teacher(tmp_path / "run.npz")[0].keys() == original.keys()   # a trainer output teaches as it is
+
+
+def test_an_all_zero_channel_survives_quantisation():
+    weights = {"w.weight": np.zeros((2, 3), np.float32), "w.bias": np.ones(2, np.float32)}
+    weights["w.weight"][1] = [0.5, -1.0, 0.25]
+    q = quantize_teacher(weights)
+    assert q["w.weight"].dtype == np.int8 and np.all(np.isfinite(q["w.weight.scale"]))
+    assert np.array_equal(q["w.weight"][0], [0, 0, 0]) and q["w.weight"][1, 1] == -127
+
+
+@pytest.mark.parametrize("content", [b"", b"not an npz"])
+def test_the_teacher_command_refuses_files_that_are_not_trained_runs(tmp_path, content):
+    (tmp_path / "bad.npz").write_bytes(content)
+    result = run_module("models.torch_port", "teacher", "--weights", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "t.npz"))
+    assert result.returncode == 2 and "not a models.train_torch output" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "t.npz").exists()
+
+
 def test_the_gpu_trainer_says_plainly_when_pytorch_is_missing(tmp_path):
     if HAS_TORCH:
         pytest.skip("PyTorch is installed here; the message is for machines without it")
@@ -96,6 +142,32 @@ def test_a_pytorch_run_imports_into_keras_and_exports_a_working_tflite_model(tmp
     assert export.returncode == 0, export.stderr[-2000:]
     card = json.loads(target.with_suffix(".json").read_text())
     assert card["epochs"] == 6 and card["publictest_accuracy"]["keras"] > 0.3
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (CI installs TensorFlow only); "
+                    "the GPU trainer is run where PyTorch is, see models/MODEL_CARD.md")
+def test_a_run_taught_by_a_teacher_file_reports_the_teacher_and_a_broken_teacher_is_a_clear_error(tmp_path):
+    data_dir = tmp_path / "data"
+    write_fer_csv(data_dir, n_train=96, n_public=32)
+    pack = tmp_path / "pack.xz"
+    assert run_module("models.torch_port", "pack", "--data", str(data_dir), "--out", str(pack)).returncode == 0
+    _trainer_output(tmp_path / "teacher-run.npz")
+    assert run_module("models.torch_port", "teacher", "--weights", str(tmp_path / "teacher-run.npz"),
+                      "--out", str(tmp_path / "teacher.npz")).returncode == 0
+    (tmp_path / "broken.npz").write_bytes(b"garbage")
+
+    def train(teacher):
+        return subprocess.run([sys.executable, "-m", "models.train_torch", "--pack", str(pack), "--width", "tiny",
+                               "--device", "cpu", "--epochs", "2", "--batch", "32", "--teacher", str(teacher),
+                               "--distill", "0.7", "--out", str(tmp_path / "w.npz")],
+                              cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    taught = train(tmp_path / "teacher.npz")
+    assert taught.returncode == 0, taught.stderr[-2000:]
+    assert "1 teachers, distill 0.7: PublicTest" in taught.stdout
+    assert run_module("models.torch_port", "import", "--weights", str(tmp_path / "w.npz"),
+                      "--out", str(tmp_path / "run")).returncode == 0
+    broken = train(tmp_path / "broken.npz")
+    assert broken.returncode == 2 and "--teacher" in broken.stderr and "Traceback" not in broken.stderr
 
 
 @pytest.mark.parametrize("content", [b"", b"not a pack", b"\xfd7zXZ\x00\x00cut short"])
