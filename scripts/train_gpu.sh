@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Train the expression models on a machine with an NVIDIA GPU and PyTorch (no TensorFlow needed), several at
 # once on the one GPU, each with a cosine schedule of up to EPOCHS epochs or MINUTES minutes, whichever ends
-# first. Selection is on PublicTest only. Two rounds ran on an NVIDIA H200 (see models/MODEL_CARD.md):
-#   ROUND=1 MINUTES=7.5: four settings at once, ~150 epochs each (the shipped `ferplus` is ferplus-light);
+# first. Selection is on PublicTest only. Four rounds ran on an NVIDIA H200 (see models/MODEL_CARD.md):
+#   ROUND=1 MINUTES=7.5: four settings at once, ~150 epochs each (ferplus-light shipped until round 4);
 #   ROUND=2 MINUTES=3.9: two runs at once, ~150 epochs each (fer2013-light6 is the start of the shipped
 #   `fer2013`, which is then distilled on the CPU from fer2013-light, fer2013-strong and fer2013-light6);
 #   ROUND=3 MINUTES=6.8: four ferplus runs at once, each taught on every batch by the three ferplus runs of
-#   rounds 1-2 (shrunk to int8 by `torch_port teacher`, so they travel beside the pack), distill 0.5-0.9.
+#   rounds 1-2 (shrunk to int8 by `torch_port teacher`, so they travel beside the pack), distill 0.5-0.9;
+#   ROUND=4 MINUTES=4.1: two ferplus runs at once as round 2, new seeds, ~155 epochs each (the shipped
+#   `ferplus` is ferplus-p31).
 #
 #   python -m models.torch_port pack --out .gpu/fer-pack.xz                         # here: faces + labels, 57 MB
 #   for r in ferplus-light ferplus-strong ferplus-light5; do                       # here, for ROUND=3
 #       python -m models.torch_port teacher --weights runs/gpu/$r.npz --out .gpu/teacher-$r.npz; done
-#   PACK=.gpu/fer-pack.xz OUT=runs/gpu ROUND=1 MINUTES=7.5 scripts/train_gpu.sh      # there
-#   python -m models.torch_port import --weights runs/gpu/ferplus-light.npz --out runs/gpu-ferplus-light   # here
-#   python -m models.export --run runs/gpu-ferplus-light --name ferplus --labels ferplus
+#   PACK=.gpu/fer-pack.xz OUT=runs/gpu ROUND=4 MINUTES=4.1 scripts/train_gpu.sh      # there
+#   python -m models.torch_port import --weights runs/gpu/ferplus-p31.npz --out runs/gpu-ferplus-p31   # here
+#   python -m models.export --run runs/gpu-ferplus-p31 --name ferplus --labels ferplus
 set -u
 PACK=${PACK:-.gpu/fer-pack.xz}
 OUT=${OUT:-runs/gpu}
@@ -39,7 +41,10 @@ teach=()
 for t in .gpu/teacher-ferplus-light.npz .gpu/teacher-ferplus-strong.npz .gpu/teacher-ferplus-light5.npz; do
     teach+=(--teacher "$t")
 done
-if [ "$ROUND" = 3 ]; then
+if [ "$ROUND" = 4 ]; then
+    run ferplus-p31 --labels ferplus "${light[@]}" --seed 31
+    run ferplus-p32 --labels ferplus "${light[@]}" --seed 32
+elif [ "$ROUND" = 3 ]; then
     run ferplus-kd5 --labels ferplus "${light[@]}" "${teach[@]}" --distill 0.5 --seed 21
     run ferplus-kd7 --labels ferplus "${light[@]}" "${teach[@]}" --distill 0.7 --seed 22
     run ferplus-kd7s --labels ferplus "${strong[@]}" "${teach[@]}" --distill 0.7 --seed 23
