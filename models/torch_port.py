@@ -127,34 +127,35 @@ def quantize_teacher(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def read_teacher(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    """(float32 weights in PyTorch layout, width) of a models.train_torch output or a `teacher` file;
-    ValueError if the file is neither."""
+def read_teacher(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(float32 weights in PyTorch layout, meta with at least args.width) of a models.train_torch output or a
+    `teacher` file; ValueError if the file is neither."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        width = json.loads(str(arrays.pop("meta")))["args"]["width"]
+        meta = json.loads(str(arrays.pop("meta")))
+        if "width" not in meta["args"]:
+            raise KeyError("args.width")
+        weights: dict[str, np.ndarray] = {}
+        for key, value in arrays.items():
+            if key.startswith("probe_") or key.endswith(".scale"):
+                continue
+            if value.dtype == np.int8:
+                scale = arrays[key + ".scale"]
+                value = value.astype(np.float32) * scale.reshape(-1, *[1] * (value.ndim - 1))
+            weights[key] = value.astype(np.float32)
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a models.train_torch output or teacher file ({type(exc).__name__}: {exc})") from None
-    weights: dict[str, np.ndarray] = {}
-    for key, value in arrays.items():
-        if key.startswith("probe_") or key.endswith(".scale"):
-            continue
-        if value.dtype == np.int8:
-            scale = arrays[key + ".scale"]
-            value = value.astype(np.float32) * scale.reshape(-1, *[1] * (value.ndim - 1))
-        weights[key] = value.astype(np.float32)
-    return weights, width
+    return weights, meta
 
 
 def _teacher(args: argparse.Namespace) -> int:
     try:
-        weights, width = read_teacher(Path(args.weights))
-        with np.load(args.weights, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
+        weights, meta = read_teacher(Path(args.weights))
     except ValueError as exc:
         print(f"error: --weights {exc}", file=sys.stderr)
         return 2
+    width = meta["args"]["width"]
     keep = {"args": {"width": width, "labels": meta["args"].get("labels")}, "source": str(args.weights),
             "best_val_accuracy": meta.get("best_val_accuracy")}
     out = Path(args.out)

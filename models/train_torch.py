@@ -12,8 +12,9 @@ Same network as models.net (an exact PyTorch copy, Keras layer names, NHWC flatt
 targets as models.train; augmentation runs on the GPU, so one epoch takes about a second. The cosine
 learning-rate schedule runs over --epochs or --minutes, whichever ends first (a lent machine is lent
 for minutes, not epochs), so a run always ends with a fully decayed learning rate. Selection is on
-PublicTest only, mirror-averaged as models.classifier runs the shipped file; the output .npz holds the best weights in PyTorch layout, the metrics log, and the
-model's outputs on probe faces, which `torch_port import` checks Keras reproduces.
+PublicTest only, mirror averaged as models.classifier runs the shipped file; the output .npz holds the
+best weights in PyTorch layout, the metrics log, and the model's outputs on probe faces, which
+`torch_port import` checks Keras reproduces.
 """
 from __future__ import annotations
 
@@ -264,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     teachers = []
     for path in args.teacher:
         try:
-            arrays, width = read_teacher(Path(path))
-            teacher = build_torch_net(width).to(dev)
+            arrays, meta = read_teacher(Path(path))
+            teacher = build_torch_net(meta["args"]["width"]).to(dev)
             load_arrays(teacher, arrays)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:   # RuntimeError: arrays of another shape than the width says
             print(f"error: --teacher {exc}", file=sys.stderr)
             return 2
         teachers.append(teacher.eval().requires_grad_(False))

@@ -89,8 +89,8 @@ def test_a_teacher_file_keeps_each_weight_within_half_a_step_of_its_channels_int
     result = run_module("models.torch_port", "teacher", "--weights", str(tmp_path / "run.npz"), "--out", str(tmp_path / "t.npz"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "t.npz").stat().st_size < (tmp_path / "run.npz").stat().st_size / 3
-    restored, width = read_teacher(tmp_path / "t.npz")
-    assert width == "tiny" and restored.keys() == original.keys()
+    restored, meta = read_teacher(tmp_path / "t.npz")
+    assert meta["args"]["width"] == "tiny" and restored.keys() == original.keys()
     for key, value in original.items():
         if key.endswith(".weight") and value.ndim >= 2:
             step = np.abs(value.reshape(len(value), -1)).max(1) / 127
@@ -99,6 +99,11 @@ def test_a_teacher_file_keeps_each_weight_within_half_a_step_of_its_channels_int
         else:   # biases and batch-norm statistics travel exactly
             assert np.array_equal(restored[key], value), key
     assert read_teacher(tmp_path / "run.npz")[0].keys() == original.keys()   # a trainer output teaches as it is
+    with np.load(tmp_path / "t.npz") as z:   # an int8 kernel without its scale is not a teacher file
+        cut = {k: z[k] for k in z.files if k != "s1c1_conv.weight.scale"}
+    np.savez(tmp_path / "cut.npz", **cut)
+    with pytest.raises(ValueError, match="not a models.train_torch output"):
+        read_teacher(tmp_path / "cut.npz")
 
 
 def test_an_all_zero_channel_survives_quantisation():
