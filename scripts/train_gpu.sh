@@ -7,8 +7,8 @@
 #   `fer2013`, which is then distilled on the CPU from fer2013-light, fer2013-strong and fer2013-light6);
 #   ROUND=3 MINUTES=6.8: four ferplus runs at once, each taught on every batch by the three ferplus runs of
 #   rounds 1-2 (shrunk to int8 by `torch_port teacher`, so they travel beside the pack), distill 0.5-0.9;
-#   ROUND=4 MINUTES=4.1: two ferplus runs at once as round 2, new seeds, ~155 epochs each (the shipped
-#   `ferplus` is ferplus-p31).
+#   ROUND=4 MINUTES=4.1: two ferplus runs at once as round 2, new seeds, ~155 epochs each (ferplus-p31 is the
+#   start of the shipped `ferplus`, which then gets one more cosine cycle on the CPU; the card has the command).
 #
 #   python -m models.torch_port pack --out .gpu/fer-pack.xz                         # here: faces + labels, 57 MB
 #   for r in ferplus-light ferplus-strong ferplus-light5; do                       # here, for ROUND=3
