@@ -6,17 +6,26 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from models.data import load_dataset
 from models.torch_port import keras_to_torch, quantize_teacher, read_pack, read_teacher, torch_to_keras, write_pack
-from tests.test_models_train import PROJECT, run_module, write_fer_csv
+from tests.test_models_train import run_module, write_fer_csv
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (CI installs TensorFlow only); "
+                                    "the GPU trainer is run where PyTorch is, see models/MODEL_CARD.md")
+
+
+def _synthetic_pack(folder, n_train, n_public):
+    """(data folder, pack file) of a synthetic FER2013 CSV, packed by the CLI as a GPU run's data would be."""
+    data_dir = folder / "data"
+    write_fer_csv(data_dir, n_train=n_train, n_public=n_public)
+    pack = folder / "pack.xz"
+    assert run_module("models.torch_port", "pack", "--data", str(data_dir), "--out", str(pack)).returncode == 0
+    return data_dir, pack
 
 
 def _csv_with_private_rows(folder):
@@ -129,16 +138,11 @@ def test_the_gpu_trainer_says_plainly_when_pytorch_is_missing(tmp_path):
     assert result.returncode == 2 and "PyTorch is not installed" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (CI installs TensorFlow only); "
-                    "the GPU trainer is run where PyTorch is, see models/MODEL_CARD.md")
+@requires_torch
 def test_a_pytorch_run_imports_into_keras_and_exports_a_working_tflite_model(tmp_path):
-    data_dir = tmp_path / "data"
-    write_fer_csv(data_dir, n_train=160, n_public=48)
-    pack = tmp_path / "pack.xz"
-    assert run_module("models.torch_port", "pack", "--data", str(data_dir), "--out", str(pack)).returncode == 0
-    trained = subprocess.run([sys.executable, "-m", "models.train_torch", "--pack", str(pack), "--labels", "ferplus",
-                              "--width", "tiny", "--device", "cpu", "--epochs", "6", "--batch", "32", "--lr", "0.05",
-                              "--out", str(tmp_path / "w.npz")], cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    data_dir, pack = _synthetic_pack(tmp_path, n_train=160, n_public=48)
+    trained = run_module("models.train_torch", "--pack", str(pack), "--labels", "ferplus", "--width", "tiny",
+                         "--device", "cpu", "--epochs", "6", "--batch", "32", "--lr", "0.05", "--out", str(tmp_path / "w.npz"))
     assert trained.returncode == 0, trained.stderr[-2000:]
     imported = run_module("models.torch_port", "import", "--weights", str(tmp_path / "w.npz"), "--out", str(tmp_path / "run"))
     assert imported.returncode == 0, imported.stderr[-2000:]
@@ -149,23 +153,18 @@ def test_a_pytorch_run_imports_into_keras_and_exports_a_working_tflite_model(tmp
     assert card["epochs"] == 6 and card["publictest_accuracy"]["keras"] > 0.3
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (CI installs TensorFlow only); "
-                    "the GPU trainer is run where PyTorch is, see models/MODEL_CARD.md")
+@requires_torch
 def test_a_run_taught_by_a_teacher_file_reports_the_teacher_and_a_broken_teacher_is_a_clear_error(tmp_path):
-    data_dir = tmp_path / "data"
-    write_fer_csv(data_dir, n_train=96, n_public=32)
-    pack = tmp_path / "pack.xz"
-    assert run_module("models.torch_port", "pack", "--data", str(data_dir), "--out", str(pack)).returncode == 0
+    _, pack = _synthetic_pack(tmp_path, n_train=96, n_public=32)
     _trainer_output(tmp_path / "teacher-run.npz")
     assert run_module("models.torch_port", "teacher", "--weights", str(tmp_path / "teacher-run.npz"),
                       "--out", str(tmp_path / "teacher.npz")).returncode == 0
     (tmp_path / "broken.npz").write_bytes(b"garbage")
 
     def train(teacher):
-        return subprocess.run([sys.executable, "-m", "models.train_torch", "--pack", str(pack), "--width", "tiny",
-                               "--device", "cpu", "--epochs", "2", "--batch", "32", "--teacher", str(teacher),
-                               "--distill", "0.7", "--out", str(tmp_path / "w.npz")],
-                              cwd=PROJECT, capture_output=True, text=True, timeout=600)
+        return run_module("models.train_torch", "--pack", str(pack), "--width", "tiny", "--device", "cpu",
+                          "--epochs", "2", "--batch", "32", "--teacher", str(teacher), "--distill", "0.7",
+                          "--out", str(tmp_path / "w.npz"))
     taught = train(tmp_path / "teacher.npz")
     assert taught.returncode == 0, taught.stderr[-2000:]
     assert "1 teachers, distill 0.7: PublicTest" in taught.stdout
