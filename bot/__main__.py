@@ -58,20 +58,36 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
     from storage import Repository
 
     repository = Repository.from_settings(settings.storage)
+    media = None
+    if args.command in ("run", "serve"):
+        # The meeting's media server first: a Janus that is down is a clear message, not a half-started class.
+        from bot.media_server import MediaServerError, open_media_server
+        try:
+            media = await open_media_server(settings)
+        except MediaServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            await asyncio.to_thread(repository.close)
+            return 2
     if args.command == "serve":
-        return await serve_only(settings, repository)
+        try:
+            return await serve_only(settings, repository, media.sfu if media else None)
+        finally:
+            if media is not None:
+                await media.close()
     try:
         service = BotService(settings, repository)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         repository.close()
+        if media is not None:
+            await media.close()
         return 2
     await service.start()
     runner = None
     try:
         if args.command == "run":
             from signaling.server import create_app
-            app = create_app(settings, store=repository)
+            app = create_app(settings, store=repository, sfu=media.sfu if media else None)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, settings.server.host, settings.server.port)
@@ -90,6 +106,8 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
             if not args.no_room:
                 links.update(await _create_room(local, base))
             print(f"classmood is running at {base}/  (Ctrl+C to stop)", flush=True)
+            print(f"  meetings: {'on Janus at ' + media.url if media else 'off (video goes to the assistant only)'}",
+                  flush=True)
             if "teacher_url" in links:
                 print(f"  teacher page (keep it secret): {links['teacher_url']}", flush=True)
                 print(f"  student link (share it):       {links['student_url']}", flush=True)
@@ -116,6 +134,8 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
         await service.stop()
         if runner is not None:
             await runner.cleanup()
+        if media is not None:
+            await media.close()
         await asyncio.to_thread(repository.close)
         stats = repository.stats()
         logging.getLogger("classmood.bot").info("stopped; storage %s; bot %s", stats, service.stats())
@@ -126,12 +146,12 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
     return 0
 
 
-async def serve_only(settings: settings_mod.Settings, repository) -> int:
+async def serve_only(settings: settings_mod.Settings, repository, sfu=None) -> int:
     """The signaling server with the real database; bot workers connect from elsewhere."""
     from aiohttp import web
 
     from signaling.server import create_app
-    runner = web.AppRunner(create_app(settings, store=repository), access_log=None)
+    runner = web.AppRunner(create_app(settings, store=repository, sfu=sfu), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.server.host, settings.server.port).start()

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-hz", type=float, default=None, help="bot sampling rate (default: the bot's setting)")
     p.add_argument("--bot-arg", action="append", default=[], help="extra flag for the bot process, e.g. --bot-arg=--signals-student-min-seconds=5")
     p.add_argument("--keep-log", default=None, help="write the bot's log here")
+    p.add_argument("--via", choices=("direct", "janus"), default="direct",
+                   help="direct: students send video to the bot (default); janus: a meeting on an embedded Janus "
+                        "(students publish to it, the bot subscribes; Janus's own CPU is reported too)")
     return p.parse_args(argv)
 
 
@@ -116,7 +119,8 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
            "--stats-file", str(stats_file), "--server-port", str(port), "--server-host", "127.0.0.1",
            "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
            "--server-video-width", str(args.width), "--server-video-height", str(args.height),
-           "--server-video-fps", str(int(args.fps))]
+           "--server-video-fps", str(int(args.fps)),
+           "--janus-mode", "embedded" if args.via == "janus" else "off"]
     if args.pattern:
         cmd += ["--model-model", f"scripted:{args.pattern}"]
     if args.sample_hz:
@@ -126,6 +130,8 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     bot = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     monitor = ProcessMonitor(bot.pid)
     monitor_task = asyncio.ensure_future(monitor.run())
+    janus_monitor: ProcessMonitor | None = None
+    janus_task: asyncio.Task | None = None
     students: list[SimulatedStudent] = []
     teacher_alerts: list[dict[str, Any]] = []
     teacher_states = 0
@@ -139,6 +145,9 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError("bot did not start within 120 s")
             await asyncio.sleep(0.2)
+        if args.via == "janus":
+            janus_monitor = ProcessMonitor(janus_child(bot.pid))
+            janus_task = asyncio.ensure_future(janus_monitor.run())
         async with aiohttp.ClientSession() as http:
             async with http.post(server + "/api/rooms", json={"title": "simulated class"}) as r:
                 room = await r.json()
@@ -178,6 +187,8 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 errors.append(f"{sum(not s.connected.is_set() for s in analysed)} students did not connect in 60 s")
             started = time.time()
             monitor.reset()
+            if janus_monitor is not None:
+                janus_monitor.reset()
             churn_task = asyncio.ensure_future(churn(students, make_student)) if args.churn else None
             await asyncio.sleep(args.seconds)
             ended = time.time()
@@ -202,6 +213,8 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 bot.kill()
                 errors.append("bot did not stop within 30 s of SIGTERM")
         monitor_task.cancel()
+        if janus_task is not None:
+            janus_task.cancel()
         log_file.close()
     if bot.returncode not in (0, -signal.SIGTERM):
         errors.append(f"bot exited with code {bot.returncode}")
@@ -218,10 +231,22 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_alerts": [{k: a.get(k) for k in ("level", "kind", "name", "message")} for a in teacher_alerts][:50],
         "students_received_teacher_data": sorted(leaked),
         "bot_cpu_percent": round(monitor.cpu_percent(), 1), "bot_peak_rss_mb": round(monitor.peak_rss / 2**20, 1),
+        "via": args.via,
+        "janus_cpu_percent": round(janus_monitor.cpu_percent(), 1) if janus_monitor else None,
+        "janus_peak_rss_mb": round(janus_monitor.peak_rss / 2**20, 1) if janus_monitor else None,
         "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),
         "error_messages": (errors + error_lines)[:20], "db": str(db), "bot_log": str(log_path),
     })
     return summary
+
+
+def janus_child(bot_pid: int) -> int:
+    """The embedded Janus that the bot process started (its child)."""
+    import psutil
+    for child in psutil.Process(bot_pid).children(recursive=True):
+        if child.name().startswith("janus"):
+            return int(child.pid)
+    raise RuntimeError("--via janus: the bot runs no Janus child process (is janus installed?)")
 
 
 async def churn(students: list[SimulatedStudent], make_student) -> None:

@@ -1,7 +1,9 @@
 """Simulated students: real aiortc peers that join through signaling and stream a real video file.
 
 Used by `python -m bot.simulate` and by the tests. A student behaves like the browser page does:
-hello -> (bot present and analysis on) -> vanilla-ICE offer to the bot -> answer.
+direct rooms: hello -> (bot present and analysis on) -> vanilla-ICE offer to the bot -> answer;
+meetings (welcome.media.mode == "sfu"): hello -> publish the camera to the SFU (whatever the consent:
+the class sees them; the server decides what the bot receives) -> publish again after a media reset.
 """
 from __future__ import annotations
 
@@ -161,7 +163,9 @@ class SimulatedStudent:
         self.ice_servers: list[dict[str, Any]] = []
         self.pc: RTCPeerConnection | None = None
         self.received: list[dict[str, Any]] = []     # every message the server sent this student
-        self.connected = asyncio.Event()             # media connection to the bot established
+        self.connected = asyncio.Event()             # media connection to the bot (or the SFU) established
+        self.sfu = False                             # the room is a meeting: publish to the SFU
+        self.publishes = 0                           # publish requests sent (one more after each media reset)
         self.welcomed = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -188,13 +192,18 @@ class SimulatedStudent:
                     self.peer_id = data.get("peer_id")
                     self.ice_servers = data.get("ice_servers") or []
                     self.bot_id = data.get("bot")
+                    self.sfu = (data.get("media") or {}).get("mode") == "sfu"
                     self.welcomed.set()
-                    await self._connect_to_bot()
-                elif kind == "bot":
+                    await (self._publish() if self.sfu else self._connect_to_bot())
+                elif kind == "bot" and not self.sfu:
                     self.bot_id = data.get("peer_id")
                     await self._connect_to_bot()
                 elif kind == "signal" and (data.get("data") or {}).get("type") == "answer" and self.pc:
                     await self.pc.setRemoteDescription(RTCSessionDescription(sdp=data["data"]["sdp"], type="answer"))
+                elif kind == "published" and self.pc and isinstance(data.get("sdp"), str):
+                    await self.pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type="answer"))
+                elif kind == "media" and data.get("event") == "reset":
+                    await self._publish()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -204,6 +213,19 @@ class SimulatedStudent:
         await self._close_pc()
         if not self.bot_id or not self.analysis:
             return
+        pc = self._sending_pc()
+        await pc.setLocalDescription(await pc.createOffer())
+        await self.send({"type": "signal", "to": self.bot_id, "data": {"type": "offer", "sdp": pc.localDescription.sdp}})
+
+    async def _publish(self) -> None:
+        """Meeting: the camera goes to the SFU; consent only decides what the bot gets (server-side)."""
+        await self._close_pc()
+        pc = self._sending_pc()
+        await pc.setLocalDescription(await pc.createOffer())
+        self.publishes += 1
+        await self.send({"type": "publish", "sdp": pc.localDescription.sdp})
+
+    def _sending_pc(self) -> RTCPeerConnection:
         pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
         self.pc = pc
 
@@ -215,8 +237,7 @@ class SimulatedStudent:
         track = LoopingPacketTrack(self.frames, self.offset) if isinstance(self.frames, EncodedClip) \
             else LoopingVideoTrack(self.frames, self.fps, self.offset)
         pc.addTransceiver(track, direction="sendonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        await self.send({"type": "signal", "to": self.bot_id, "data": {"type": "offer", "sdp": pc.localDescription.sdp}})
+        return pc
 
     async def send(self, message: dict[str, Any]) -> None:
         if self._ws is not None and not self._ws.closed:
@@ -226,6 +247,8 @@ class SimulatedStudent:
         """The opt-out switch: off closes the media connection to the bot at once."""
         self.analysis = analysis
         await self.send({"type": "consent", "analysis": analysis})
+        if self.sfu:
+            return          # still in class: the teacher keeps seeing them, the server stops the bot's copy
         if analysis:
             await self._connect_to_bot()
         else:

@@ -52,6 +52,25 @@ class ServerSettings:
     # Only a request from one of them has its client address (rate limit, logs) taken from
     # X-Forwarded-For; anyone else's header is ignored. Empty = no proxy trusted.
     trusted_proxies: str = ""
+    # --- meetings on the SFU (janus.mode != off) ---
+    students_see_students: bool = False   # students watch each other too (the teacher always sees everyone)
+    meeting_video_width: int = 640        # camera constraints in a meeting: for people; the bot subscribes
+    meeting_video_height: int = 480       # to the lowest simulcast layer, which is all 2 Hz analysis needs
+    meeting_video_fps: int = 15
+
+
+@dataclass(frozen=True)
+class JanusSettings:
+    # embedded: `python -m bot run` starts Debian's Janus as a child process on loopback (secrets made up
+    # per run); external: use the Janus at `url` with these secrets; off: no meeting, students send video
+    # to the bot directly.
+    mode: str = "embedded"
+    url: str = ""                          # ws://host:8188/ of an external Janus (WebSocket transport)
+    api_secret: str = ""                   # Janus's general.api_secret
+    admin_key: str = ""                    # the VideoRoom plugin's admin_key (room creation)
+    port: int = 0                          # embedded: WebSocket API port on 127.0.0.1 (0 = any free port)
+    rtp_ports: str = "20000-40000"         # embedded: UDP ports for media
+    connect_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     signals: SignalSettings = field(default_factory=SignalSettings)
+    janus: JanusSettings = field(default_factory=JanusSettings)
 
     def base_url(self) -> str:
         return self.server.public_url.rstrip("/") or f"http://{self.server.host}:{self.server.port}"

@@ -3,5 +3,5 @@
 # Extra flags go to `python -m bot run` (see --help), e.g. scripts/run.sh --server-port 9000
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --with-janus
 exec .venv/bin/python -m bot run "$@"

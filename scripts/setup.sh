@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install classmood with its test tools. Idempotent: a second run is quick.
-# Usage: scripts/setup.sh [--with-browser]   (--with-browser also installs Debian's chromium for e2e tests)
+# Usage: scripts/setup.sh [--with-browser] [--with-janus]   (Debian's chromium for e2e tests; Debian's janus for meetings)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -22,7 +22,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet -e ".[dev]"
     touch "$stamp"
 fi
-if [ "${1:-}" = "--with-browser" ] && ! /usr/bin/chromium --version >/dev/null 2>&1; then
-    # Checks that it runs, not that it exists (Ubuntu's `chromium` package is a stub for a snap).
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
-fi
+apt_updated=""
+apt_install() {
+    [ -n "$apt_updated" ] || { $SUDO apt-get update -qq; apt_updated=1; }
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+for flag in "$@"; do
+    case "$flag" in
+        --with-browser)
+            # Checks that it runs, not that it exists (Ubuntu's `chromium` package is a stub for a snap).
+            /usr/bin/chromium --version >/dev/null 2>&1 || apt_install chromium ;;
+        --with-janus)
+            # The meeting's media server (Janus VideoRoom), started by `bot run` with its own config; the
+            # package's own service is not used (Debian enables it, containers have no systemd).
+            [ -x /usr/bin/janus ] || apt_install janus ;;
+    esac
+done

@@ -8,7 +8,7 @@ bytes input (tests/test_signaling_fuzz.py fuzzes them).
 
 Error codes: too_large, bad_json, bad_message, bad_version, expected_hello, bad_field, bad_type
 (from here), and unauthorized, unknown_room, room_full, server_full, timeout, rate_limited,
-bad_target, no_bot, replaced, internal (from the server).
+bad_target, no_bot, replaced, internal, media_unavailable, media_failed (from the server).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ ROLES = ("student", "teacher", "bot", "worker")
 CONTROL_ACTIONS = ("ack", "mute", "unmute", "threshold")
 THRESHOLD_KINDS = ("confusion", "boredom", "class_share")
 SDP_TYPES = ("offer", "answer")
+MEDIA_TYPES = ("publish", "unpublish", "subscribe", "unsubscribe", "answer")   # meetings through the SFU
 
 
 class ProtocolError(Exception):
@@ -167,7 +168,23 @@ def _signal(data: dict[str, Any]) -> dict[str, Any]:
     payload = data.get("data")
     if not isinstance(payload, dict) or payload.get("type") not in SDP_TYPES:
         raise ProtocolError("bad_field", "signal data must be an offer or an answer")
-    sdp = payload.get("sdp")
+    return {"type": "signal", "to": _id(data.get("to"), "to"), "data": {"type": payload["type"],
+                                                                        "sdp": _sdp(payload.get("sdp"))}}
+
+
+def _media(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Meeting messages of students and teachers (media through the SFU)."""
+    if kind == "publish":
+        return {"type": kind, "sdp": _sdp(data.get("sdp"))}
+    if kind == "unpublish":
+        return {"type": kind}
+    out = {"type": kind, "feed": _id(data.get("feed"), "feed")}
+    if kind == "answer":
+        out["sdp"] = _sdp(data.get("sdp"))
+    return out
+
+
+def _sdp(sdp: Any) -> str:
     if not isinstance(sdp, str) or not 0 < len(sdp) <= MAX_SDP:
         raise ProtocolError("bad_field", f"sdp must be a string of 1 to {MAX_SDP} characters")
     lines = sdp.splitlines()
@@ -175,7 +192,7 @@ def _signal(data: dict[str, Any]) -> dict[str, Any]:
             or sum(line.startswith("a=candidate:") for line in lines) > MAX_SDP_CANDIDATES:
         raise ProtocolError("bad_field", f"sdp may carry at most {MAX_SDP_MEDIA} media sections and "
                                          f"{MAX_SDP_CANDIDATES} ICE candidates")
-    return {"type": "signal", "to": _id(data.get("to"), "to"), "data": {"type": payload["type"], "sdp": sdp}}
+    return sdp
 
 
 def _control(data: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +240,8 @@ def parse(raw: str | bytes, role: str, max_bytes: int) -> dict[str, Any]:
         return {"type": "consent", "analysis": _bool(data.get("analysis"), "analysis")}
     if kind == "control" and role == "teacher":
         return _control(data)
+    if kind in MEDIA_TYPES and role in ("student", "teacher"):
+        return _media(kind, data)
     if role == "bot":
         out = _bot_message(kind, data)
         if out is not None:
@@ -241,11 +260,13 @@ def error(code: str, text: str) -> dict[str, Any]:
 
 def welcome(peer_id: str, role: str, *, ice_servers: list[dict[str, Any]] | None = None,
             video: dict[str, int] | None = None, bot: str | None = None, session_id: str | None = None,
-            participants: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Students get no participant list (pass None); teachers and the bot get one."""
+            participants: list[dict[str, Any]] | None = None, media: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Students get no participant list (pass None); teachers and the bot get one. `media`: how the room's
+    audio/video flows ({"mode": "sfu", ...} in a meeting; direct to the bot when absent)."""
     out = message("welcome", peer_id=peer_id, role=role)
     if role != "worker":
-        out.update(ice_servers=ice_servers or [], video=video or {}, bot=bot, session_id=session_id)
+        out.update(ice_servers=ice_servers or [], video=video or {}, bot=bot, session_id=session_id,
+                   media=media or {"mode": "direct"})
     if participants is not None and role in ("teacher", "bot"):
         out["participants"] = participants
     return out

@@ -307,6 +307,10 @@ class RateLimit:
         self.tokens = min(self.burst, self.tokens + (now - self.t) * self.per_second)
         self.t = now
 
+    def refund(self) -> None:
+        """Give back the token of a message that another budget pays for."""
+        self.tokens = min(self.burst, self.tokens + 1)
+
     def allow(self) -> bool:
         self._refill()
         if self.tokens >= 1:

@@ -25,8 +25,10 @@ from core.errors import describe
 from core.settings import ServerSettings, Settings
 from signaling import protocol
 from signaling.forwarded import address_block, client_address
+from signaling.meeting import Meeting
 from signaling.protocol import ProtocolError
 from signaling.rooms import Peer, RateLimit, Registry, Room, RoomFull, TooManyRooms, new_id
+from signaling.sfu import Sfu
 from signaling.store import Store
 
 __all__ = ["create_app", "AccessLogger", "Store", "token_hash", "CSP"]
@@ -127,8 +129,11 @@ def _with_headers(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-def create_app(settings: Settings, store: Store | None = None, static_dir: Path | None = None) -> web.Application:
-    """The signaling server. `store` defaults to an in-memory MemoryStore; `static_dir` to signaling/static."""
+def create_app(settings: Settings, store: Store | None = None, static_dir: Path | None = None,
+               sfu: Sfu | None = None) -> web.Application:
+    """The signaling server. `store` defaults to an in-memory MemoryStore; `static_dir` to signaling/static.
+    With `sfu` (a connected signaling.sfu.Sfu), every room is a meeting on Janus (signaling/meeting.py);
+    without it, students send their video straight to the bot."""
     if store is None:
         from signaling.memory_store import MemoryStore
         store = MemoryStore()
@@ -138,6 +143,11 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     registry = Registry(cfg.max_rooms, cfg.max_participants_per_room, cfg.room_idle_seconds,
                         cfg.max_teachers_per_room)
     sockets: weakref.WeakSet = weakref.WeakSet()
+    meeting = None if sfu is None else Meeting(
+        sfu, lambda: list(registry.rooms.values()), students_see_students=cfg.students_see_students,
+        publish={"width": cfg.meeting_video_width, "height": cfg.meeting_video_height,
+                 "fps": cfg.meeting_video_fps, "simulcast": True})
+    media = meeting.welcome_media() if meeting else None
     static = Path(static_dir or STATIC_DIR).resolve()
     app = web.Application(middlewares=[client_address_middleware(settings.trusted_proxy_networks()),
                                        security_headers], client_max_size=64 * 1024)
@@ -548,11 +558,11 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         bot_id = room.bot.peer_id if room.bot else None
         if role == "student":
             peer.send(protocol.welcome(peer.peer_id, role, ice_servers=ice_servers, video=video, bot=bot_id,
-                                       session_id=room.session_id))
+                                       session_id=room.session_id, media=media))
             to_watchers(room, protocol.participant("joined", peer.peer_id, peer.name, peer.analysis))
         elif role == "teacher":
             peer.send(protocol.welcome(peer.peer_id, role, ice_servers=ice_servers, video=video, bot=bot_id,
-                                       session_id=room.session_id, participants=room.participants()))
+                                       session_id=room.session_id, participants=room.participants(), media=media))
             if room.last_state is not None:
                 peer.send(room.last_state)
         else:
@@ -561,10 +571,12 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                 replaced.send(protocol.error("replaced", "another bot joined this room"))
                 replaced.close(CLOSE_REPLACED)
             peer.send(protocol.welcome(peer.peer_id, role, ice_servers=ice_servers, video=video, bot=bot_id,
-                                       session_id=room.session_id, participants=room.participants()))
+                                       session_id=room.session_id, participants=room.participants(), media=media))
             presence = protocol.bot_presence(peer.peer_id)
             for other in [*room.students.values(), *room.teachers.values()]:
                 other.send(presence)
+        if meeting is not None:
+            meeting.joined(room, peer)
         log.info("room %s: %s %s joined (%d connected)", room.room_id, role, peer.peer_id, room.size())
         return room, peer
 
@@ -581,6 +593,9 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         limit = cfg.max_bot_message_bytes if is_bot else cfg.max_message_bytes
         factor = 10 if is_bot else 1
         rate = RateLimit(cfg.messages_per_second * factor, cfg.message_burst * factor)
+        # A teacher joining a class of N subscribes N times and answers N offers at once: media messages
+        # have their own budget, sized by the room, so they neither trip nor widen the general limit.
+        media_rate = RateLimit(cfg.messages_per_second, 2 * cfg.max_participants_per_room + cfg.message_burst)
         async for msg in ws:
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 if msg.type == WSMsgType.ERROR:
@@ -594,7 +609,12 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                 peer.close(CLOSE_LIMIT)
                 break
             try:
-                handle(room, peer, protocol.parse(msg.data, peer.role, limit))
+                data = protocol.parse(msg.data, peer.role, limit)
+                if data["type"] in protocol.MEDIA_TYPES:
+                    rate.refund()
+                    if not media_rate.allow():
+                        raise ProtocolError("rate_limited", "too many audio/video requests; slow down")
+                handle(room, peer, data)
             except ProtocolError as exc:
                 peer.send(protocol.error(exc.code, exc.message))
             except Exception:  # a bug must cost one message, not the connection or the room
@@ -605,6 +625,15 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         kind = data["type"]
         if kind == "ping":
             peer.send(protocol.message("pong"))
+        elif kind in protocol.MEDIA_TYPES:
+            if meeting is None:
+                raise ProtocolError("bad_type", "this server has no media server: video goes to the bot directly")
+            meeting.handle(room, peer, data)
+        elif kind == "signal" and meeting is not None:
+            # In a meeting, video reaches the bot through the SFU: the bot answers the SFU's offers.
+            if peer.role != "bot" or room.bot is not peer or data["data"]["type"] != "answer":
+                raise ProtocolError("bad_target", "in a meeting, video goes through the media server: publish it")
+            asyncio.ensure_future(meeting.bot_answer(room, data["to"], data["data"]["sdp"]))
         elif kind == "signal":
             target: Peer | None = None
             if peer.role == "student" and not peer.analysis:
@@ -622,6 +651,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                 peer.analysis = data["analysis"]
                 log.info("room %s: student %s analysis %s", room.room_id, peer.peer_id, "on" if peer.analysis else "off")
             to_watchers(room, protocol.participant("consent", peer.peer_id, peer.name, peer.analysis))
+            if meeting is not None:
+                meeting.consent_changed(room, peer)
         elif kind == "control":
             if room.bot is None:
                 raise ProtocolError("no_bot", "the assistant is not in the room")
@@ -643,6 +674,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         if not registry.leave(room, peer):
             log.info("room %s: %s %s disconnected (no longer seated)", room.room_id, peer.role, peer.peer_id)
             return
+        if meeting is not None:
+            meeting.left(room, peer)
         if peer.role == "student":
             to_watchers(room, protocol.participant("left", peer.peer_id, peer.name, peer.analysis))
         elif peer.role == "bot":
@@ -695,6 +728,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         task.cancel()
 
     app.on_shutdown.append(on_shutdown)
+    if meeting is not None:
+        app.on_cleanup.append(lambda _app: meeting.stop_tasks())
     app.cleanup_ctx.append(erase_expired_sessions)
     app.cleanup_ctx.append(dismiss_lonely_bots)
     app.router.add_get("/", page("index.html"))

@@ -3,14 +3,18 @@ inference thread), a real SQLite file, and simulated students as real aiortc pee
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from bot.media_server import MediaServer, open_media_server
 from bot.service import BotService
 from bot.simulate import free_port
 from bot.students import SimulatedStudent, load_video_frames, no_face_frames
@@ -35,6 +39,7 @@ class LiveClass:
     http: aiohttp.ClientSession
     room: dict[str, Any] = field(default_factory=dict)
     students: list[SimulatedStudent] = field(default_factory=list)
+    media: MediaServer | None = None     # the embedded Janus of a meeting (start_class(janus=True))
 
     @property
     def key(self) -> str:
@@ -90,14 +95,19 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bo
     return condition()
 
 
-async def start_class(tmp_path: Path, **overrides: dict[str, Any]) -> LiveClass:
+async def start_class(tmp_path: Path, janus: bool = False, **overrides: dict[str, Any]) -> LiveClass:
+    """janus=True: the room is a meeting on a real Janus from the Debian package (started here)."""
     port = free_port()
     db = tmp_path / "classmood.sqlite"
     settings = Settings().replace(server={"port": port, **overrides.get("server", {})},
                                   storage={"url": f"sqlite:///{db}", **overrides.get("storage", {})},
                                   **{k: v for k, v in overrides.items() if k not in ("server", "storage")})
     repository = Repository.from_settings(settings.storage)
-    runner = web.AppRunner(create_app(settings, store=repository))
+    media = None
+    if janus:
+        require_janus()
+        media = await open_media_server(settings.replace(janus={"mode": "embedded"}))
+    runner = web.AppRunner(create_app(settings, store=repository, sfu=media.sfu if media else None))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     server = f"http://127.0.0.1:{port}"
@@ -106,7 +116,16 @@ async def start_class(tmp_path: Path, **overrides: dict[str, Any]) -> LiveClass:
     ready = asyncio.Event()
     worker = asyncio.ensure_future(service.serve_worker(server, settings.server.worker_key, ready))
     await asyncio.wait_for(ready.wait(), 10)
-    return LiveClass(settings, repository, service, server, db, runner, worker, aiohttp.ClientSession())
+    return LiveClass(settings, repository, service, server, db, runner, worker, aiohttp.ClientSession(), media=media)
+
+
+def require_janus() -> None:
+    """Skip where Janus is not installed; in CI (where scripts/test.sh installs it) that is a failure."""
+    if shutil.which("janus") or Path("/usr/bin/janus").exists():
+        return
+    if os.environ.get("CI"):
+        raise AssertionError("janus is not installed although scripts/setup.sh --with-janus should have installed it")
+    pytest.skip("Janus is not installed (scripts/test.sh installs it with apt)")
 
 
 async def stop_class(live: LiveClass) -> None:
@@ -116,4 +135,6 @@ async def stop_class(live: LiveClass) -> None:
     live.worker.cancel()
     await live.http.close()
     await live.runner.cleanup()
+    if live.media is not None:
+        await live.media.close()
     live.repository.close()
