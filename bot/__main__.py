@@ -4,6 +4,7 @@
     python -m bot serve                # the server with the database only (deployments)
     python -m bot worker --server URL  # a bot worker that joins rooms when teachers invite it
     python -m bot join --room R --server URL --token TEACHER_TOKEN   # + the server's worker key (settings)
+    python -m bot join --room R --token T --janus ws://HOST:8188/ --janus-room ID [--pin P]   # another app's room
 All settings: `--help` (flags) or CLASSMOOD_* environment variables.
 """
 from __future__ import annotations
@@ -34,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--server", default=None)
     join.add_argument("--token", default=os.environ.get("CLASSMOOD_ROOM_TOKEN"),
                       help="the room's teacher token or bot token (env CLASSMOOD_ROOM_TOKEN)")
+    byo = join.add_argument_group("bring your own Janus room: analyse the publishers of another app's VideoRoom "
+                                  "(alerts and review stay on the classmood room --room)")
+    byo.add_argument("--janus", default=None, metavar="URL", help="that Janus's WebSocket API, e.g. ws://host:8188/ "
+                     "(its API secret, if any: --janus-api-secret)")
+    byo.add_argument("--janus-room", default=None, metavar="ID", help="the VideoRoom id (digits = a numeric id)")
+    byo.add_argument("--pin", default="", help="the VideoRoom's PIN, if it has one")
+    byo.add_argument("--janus-teacher", default="", metavar="NAME",
+                     help="the teacher's display name there (never analysed)")
     for p in (run, serve, worker, join):
         p.add_argument("--log-level", default=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO"))
         settings_mod.add_arguments(p)
@@ -126,7 +135,12 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
                 print("error: --token (the room's teacher token) is required", file=sys.stderr)
                 return 2
             server = args.server or f"http://{settings.server.host}:{settings.server.port}"
-            peer = service.join(server, args.room, args.token)
+            external = None
+            if args.janus or args.janus_room:
+                external = await _external_room(args, settings)
+                if external is None:
+                    return 2
+            peer = service.join(server, args.room, args.token, external=external)
             done = asyncio.ensure_future(_until_signalled())
             await asyncio.wait([done, service.tasks[args.room]], return_when=asyncio.FIRST_COMPLETED)
             await peer.stop()
@@ -165,6 +179,23 @@ async def serve_only(settings: settings_mod.Settings, repository, sfu=None) -> i
         await runner.cleanup()
         await asyncio.to_thread(repository.close)
     return 0
+
+
+async def _external_room(args: argparse.Namespace, settings: settings_mod.Settings):
+    """Join the external VideoRoom first: no such room, a wrong PIN or a Janus that is down is one clear line."""
+    from bot.janus_room import JanusRoomError, JanusRoomFeeds
+    if not (args.janus and args.janus_room):
+        print("error: --janus URL and --janus-room ID go together", file=sys.stderr)
+        return None
+    room = int(args.janus_room) if args.janus_room.isdigit() else args.janus_room
+    feeds = JanusRoomFeeds(args.janus, room, pin=args.pin, api_secret=settings.janus.api_secret,
+                           teacher=args.janus_teacher)
+    try:
+        await feeds.connect()
+    except JanusRoomError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return feeds
 
 
 async def _create_room(local: str, base: str) -> dict[str, str]:

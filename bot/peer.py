@@ -20,6 +20,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from bot.analyzer import PendingFrame
 from bot.ice_filter import filter_candidates, is_loopback_host
+from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
 from bot.room import ClassRoom
 from core.errors import describe
@@ -47,7 +48,8 @@ class BotPeer:
     """One bot in one room. `run()` returns when stopped or when the room refuses the bot."""
 
     def __init__(self, settings: Settings, server: str, room_id: str, token: str, repository: Any,
-                 mailbox: FrameMailbox[PendingFrame], register: Callable[..., None]) -> None:
+                 mailbox: FrameMailbox[PendingFrame], register: Callable[..., None],
+                 external: JanusRoomFeeds | None = None) -> None:
         self.settings = settings
         self.server = server
         self.room_id = room_id
@@ -65,6 +67,9 @@ class BotPeer:
         self.ice_servers: list[dict[str, Any]] = []
         self.joined = asyncio.Event()
         self.replaced = False             # another bot took over the room: its session is not ours to end
+        # Students from another app's Janus room (python -m bot join --janus): the classmood room's own
+        # roster and offers are then not the bot's students.
+        self.external = external
         # Students' loopback candidates are only reachable (and only legitimate) on a development machine.
         host = urlsplit(server if "://" in server else f"http://{server}").hostname or ""
         self._server_is_loopback = is_loopback_host(host)
@@ -96,6 +101,8 @@ class BotPeer:
                     pass
                 backoff = min(backoff * 2, 10.0)
         await self._finish()
+        if self.external is not None:
+            await self.external.close()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -158,6 +165,16 @@ class BotPeer:
     def send_soon(self, message: dict[str, Any]) -> None:
         self._spawn(self.send(message))
 
+    # The media side used by other sources of student video (bot/janus_room.py).
+    def spawn(self, coro) -> asyncio.Task:
+        return self._spawn(coro)
+
+    async def consume(self, peer: str, track) -> None:
+        await self._consume(peer, track)
+
+    async def drop_peer(self, peer: str) -> None:
+        await self._drop_peer(peer)
+
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -168,6 +185,8 @@ class BotPeer:
     async def _handle(self, kind: str | None, data: dict[str, Any]) -> None:
         if kind == "welcome":
             await self._welcome(data)
+        elif self.external is not None and kind in ("participant", "signal"):
+            return      # this bot's students are the external room's publishers
         elif kind == "participant" and self.room is not None:
             peer, event = str(data.get("peer_id")), data.get("event")
             if event == "joined":
@@ -201,6 +220,12 @@ class BotPeer:
             self.register(self.room_id, self.room)
             self._spawn(self._tick_loop(self.room))
         await self.send({"type": "session", "session_id": self.room.session_id})
+        if self.external is not None:
+            await self.external.attach(self)
+            self.joined.set()
+            log.info("room %s: bot joined as %s, session %s, students from Janus room %s", self.room_id,
+                     self.peer_id, self.room.session_id, self.external.room)
+            return
         roster = {str(p["peer_id"]): (str(p.get("name") or "?"), bool(p.get("analysis", True)))
                   for p in data.get("participants") or [] if isinstance(p, dict) and p.get("peer_id")}
         # After a reconnect the welcome is the truth: students who left or opted out meanwhile are updated.

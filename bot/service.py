@@ -14,6 +14,7 @@ import aiohttp
 import numpy as np
 
 from bot.analyzer import Analyzer, FrameResult, PendingFrame
+from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
 from bot.peer import BotPeer
 from bot.room import ClassRoom
@@ -114,12 +115,14 @@ class BotService:
         elif leaving is None or self.rooms.get(room_id) is leaving:
             self.rooms.pop(room_id, None)
 
-    def join(self, server: str, room_id: str, token: str) -> BotPeer:
-        """Join (or re-join) a room; an existing bot for the room is replaced."""
+    def join(self, server: str, room_id: str, token: str, external: JanusRoomFeeds | None = None) -> BotPeer:
+        """Join (or re-join) a room; an existing bot for the room is replaced. `external`: the students
+        come from another app's Janus room instead of the classmood room's own."""
         old = self.peers.get(room_id)
         if old is not None and not self.tasks[room_id].done():
             return old
-        peer = BotPeer(self.settings, server, room_id, token, self.repository, self.mailbox, self._register)
+        peer = BotPeer(self.settings, server, room_id, token, self.repository, self.mailbox, self._register,
+                       external=external)
         self.peers[room_id] = peer
         task = asyncio.ensure_future(peer.run())
         self.tasks[room_id] = task

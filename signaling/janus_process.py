@@ -43,6 +43,7 @@ class JanusConfig:
     rtp_ports: str = "20000-40000"
     ice_ignore: str = "vmnet,ifb"          # interfaces never used for media candidates
     nat_1_1: str = ""                     # public address of a NATed host (docker), empty on loopback
+    string_ids: bool = True               # room and feed ids are strings (classmood's ids); False: numbers
 
     @property
     def url(self) -> str:
@@ -128,7 +129,7 @@ admin: {{
     (folder / "janus.plugin.videoroom.jcfg").write_text(f"""general: {{
 \tadmin_key = "{config.admin_key}"
 \tlock_rtp_forward = true
-\tstring_ids = true
+\tstring_ids = {str(config.string_ids).lower()}
 }}
 """)
     return folder / "janus.jcfg"

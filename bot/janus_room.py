@@ -1,0 +1,223 @@
+"""Bring your own Janus room: the bot's students come from a VideoRoom that another app created.
+
+    python -m bot join --room R --token TEACHER_TOKEN --janus ws://HOST:8188/ --janus-room 1234 [--pin P]
+
+The bot still joins classmood room R (its teacher page gets the live state and the alerts, the session is
+stored and reviewable), but its video comes from the given Janus VideoRoom: it joins that room as a
+participant named "classmood assistant (expression analysis)", never publishes, and subscribes to the
+VIDEO of every publisher except
+- the teacher (`--janus-teacher NAME`, the publisher with that display name, case-insensitive),
+- anyone whose display name contains an opt-out tag (`[no-analysis]`, `(no analysis)`, `#optout`),
+- other bots (display names starting with "classmood").
+Publishers that appear, leave, rename or opt out are followed from Janus's own events.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from signaling.janus import JanusClient, JanusError, Message
+
+if TYPE_CHECKING:
+    from bot.peer import BotPeer
+
+log = logging.getLogger("classmood.bot.janus_room")
+
+DISPLAY = "classmood assistant (expression analysis)"
+OPT_OUT = re.compile(r"\[no[- ]analysis\]|\(no[- ]analysis\)|#optout", re.I)
+NO_SUCH_ROOM, UNAUTHORIZED = 426, 433
+
+
+class JanusRoomError(RuntimeError):
+    """The external room cannot be joined (no such room, wrong PIN or secret, Janus down)."""
+
+
+def analysable(display: str, teacher: str) -> bool:
+    name = display.strip()
+    return not (OPT_OUT.search(name) or (teacher and name.lower() == teacher.strip().lower())
+                or name.lower().startswith("classmood"))
+
+
+def student_name(display: str) -> str:
+    return " ".join(display.split())[:60] or "?"
+
+
+class JanusRoomFeeds:
+    """Follows the publishers of one external VideoRoom and hands their video to a BotPeer."""
+
+    def __init__(self, url: str, room: str | int, *, pin: str = "", api_secret: str = "",
+                 teacher: str = "") -> None:
+        self.bot: BotPeer | None = None       # set by the BotPeer that uses these feeds, once it has its room
+        self.url = url
+        self.room = room
+        self.pin = pin
+        self.api_secret = api_secret
+        self.teacher = teacher
+        self.client: JanusClient | None = None
+        self.handle: int | None = None
+        self.private_id: Any = None
+        self.feeds: dict[str, dict[str, Any]] = {}        # feed id -> publisher (display, streams)
+        self.subscriptions: dict[str, int] = {}            # feed id -> subscriber handle
+        self._lost = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    async def attach(self, bot: BotPeer) -> None:
+        """The bot has its ClassRoom: analyse the publishers already there, then follow the room."""
+        self.bot = bot
+        for publisher in list(self.feeds.values()):
+            await self._publisher(publisher)
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self.run())
+
+    async def connect(self) -> None:
+        """Join the room; raises JanusRoomError with the reason (room, PIN, secret, Janus down)."""
+        self._lost.clear()
+        client = JanusClient(self.url, self.api_secret, on_event=self._on_event, on_lost=self._lost.set)
+        try:
+            await client.connect()
+            handle = await client.attach()
+            join: Message = {"request": "join", "ptype": "publisher", "room": self.room, "display": DISPLAY}
+            if self.pin:
+                join["pin"] = self.pin
+            data, _ = await client.request(handle, join)
+        except JanusError as exc:
+            await client.close()
+            if exc.code == NO_SUCH_ROOM:
+                raise JanusRoomError(f"Janus at {self.url} has no VideoRoom {self.room!r}") from None
+            if exc.code == UNAUTHORIZED:
+                raise JanusRoomError(f"VideoRoom {self.room!r} refused the bot: wrong or missing PIN (--pin)") from None
+            if exc.code == 403:
+                raise JanusRoomError(f"Janus at {self.url} needs an API secret: --janus-api-secret") from None
+            raise JanusRoomError(f"joining VideoRoom {self.room!r} at {self.url} failed: {exc.reason}") from None
+        self.client, self.handle = client, handle
+        self.private_id = data.get("private_id")
+        log.info("joined Janus VideoRoom %s at %s as %r", self.room, self.url, DISPLAY)
+        for publisher in data.get("publishers") or []:
+            await self._publisher(publisher)
+
+    async def run(self) -> None:
+        """Stay in the room; rejoin with backoff when Janus goes away (its restart loses all handles)."""
+        backoff = 0.5
+        while True:
+            await self._lost.wait()
+            log.warning("lost Janus at %s; rejoining VideoRoom %s", self.url, self.room)
+            for feed in list(self.feeds):
+                await self._gone(feed)
+            while True:
+                await asyncio.sleep(backoff)
+                try:
+                    await self.connect()
+                    backoff = 0.5
+                    break
+                except JanusRoomError as exc:
+                    log.warning("%s; retrying", exc)
+                    backoff = min(backoff * 2, 10.0)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+        for feed in list(self.feeds):
+            await self._gone(feed)
+        if self.client is not None:
+            if self.handle is not None and self.client.connected:
+                try:
+                    await self.client.request(self.handle, {"request": "leave"}, timeout=3)
+                except JanusError:
+                    pass
+            await self.client.close()
+
+    # ---- Janus events ----------------------------------------------------------------------------------
+    def _on_event(self, handle: int, message: Message) -> None:
+        if handle != self.handle:
+            return
+        data = ((message.get("plugindata") or {}).get("data")) or {}
+        for publisher in data.get("publishers") or []:
+            asyncio.ensure_future(self._publisher(publisher))
+        for key in ("unpublished", "leaving"):
+            feed = data.get(key)
+            if feed is not None and feed != "ok":
+                asyncio.ensure_future(self._gone(str(feed)))
+        if data.get("videoroom") == "event" and isinstance(data.get("display"), str) and data.get("id") is not None:
+            # A rename (e.g. a student adds the opt-out tag): re-evaluate that publisher.
+            feed = str(data["id"])
+            if feed in self.feeds:
+                asyncio.ensure_future(self._publisher({**self.feeds[feed], "display": data["display"]}))
+
+    async def _publisher(self, publisher: dict[str, Any]) -> None:
+        feed = str(publisher.get("id"))
+        display = str(publisher.get("display") or "")
+        previous = self.feeds.get(feed)
+        self.feeds[feed] = {**publisher, "id": publisher.get("id"), "display": display}
+        bot = self.bot
+        room = bot.room if bot is not None else None
+        if room is None:
+            return      # analysed once the bot has its room (attach)
+        wanted = analysable(display, self.teacher)
+        videos = [s for s in publisher.get("streams") or [] if s.get("type") == "video" and not s.get("disabled")]
+        if feed not in room.students:
+            room.add_student(feed, student_name(display), wanted)
+        elif previous is not None and previous.get("display") != display:
+            room.set_consent(feed, wanted)
+        if not wanted:
+            await self._unsubscribe(feed)
+            log.info("VideoRoom %s: %r is not analysed (teacher, opted out or a bot)", self.room, display)
+            return
+        if feed in self.subscriptions or not videos:
+            return
+        await self._subscribe(feed, [str(s["mid"]) for s in videos if s.get("mid") is not None])
+
+    async def _subscribe(self, feed: str, mids: list[str]) -> None:
+        client, bot = self.client, self.bot
+        if client is None or bot is None:
+            return
+        feed_id = self.feeds[feed]["id"]
+        streams: list[Message] = [{"feed": feed_id, "mid": mid, "substream": 0, "temporal": 0} for mid in mids] \
+            or [{"feed": feed_id}]
+        join: Message = {"request": "join", "ptype": "subscriber", "room": self.room, "streams": streams}
+        if self.private_id is not None:
+            join["private_id"] = self.private_id     # rooms with require_pvtid accept only members' subscribers
+        if self.pin:
+            join["pin"] = self.pin
+        handle = await client.attach()
+        try:
+            _, jsep = await client.request(handle, join)
+            if not jsep:
+                raise JanusError(500, "no offer")
+            pc = RTCPeerConnection()
+            await bot.drop_peer(feed)
+            bot.pcs[feed] = pc
+
+            @pc.on("track")
+            def on_track(track: Any) -> None:
+                if track.kind == "video":     # (the bot asked for video only; anything else is ignored)
+                    bot.consumers[feed] = bot.spawn(bot.consume(feed, track))
+
+            await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            await client.request(handle, {"request": "start"}, jsep={"type": "answer", "sdp": pc.localDescription.sdp})
+            self.subscriptions[feed] = handle
+            log.info("VideoRoom %s: analysing %r", self.room, self.feeds[feed]["display"])
+        except JanusError as exc:
+            log.warning("VideoRoom %s: subscribing to %s failed: %s", self.room, feed, exc)
+            await client.detach(handle)
+            await bot.drop_peer(feed)
+
+    async def _unsubscribe(self, feed: str) -> None:
+        handle = self.subscriptions.pop(feed, None)
+        if self.bot is not None:
+            await self.bot.drop_peer(feed)
+        if handle is not None and self.client is not None and self.client.connected:
+            try:
+                await self.client.detach(handle)
+            except JanusError:
+                pass
+
+    async def _gone(self, feed: str) -> None:
+        self.feeds.pop(feed, None)
+        await self._unsubscribe(feed)
+        if self.bot is not None and self.bot.room is not None:
+            self.bot.room.remove_student(feed)
