@@ -1,7 +1,9 @@
 """Run Debian's Janus (VideoRoom only) as a child process with a minimal loopback configuration.
 
 `scripts/run.sh` and the tests use this; operators who run their own Janus point `janus.url` at it
-instead. The configuration written here exposes only the WebSocket API, on the given address, behind an
+instead. The compose file's `janus` service runs this file as a script (stdlib only):
+    JANUS_API_SECRET=... JANUS_ADMIN_KEY=... python3 janus_process.py --host 0.0.0.0 --nat-1-1 PUBLIC_IP
+writes the same configuration and replaces itself with Janus. The configuration written here exposes only the WebSocket API, on the given address, behind an
 API secret (every request must carry it), with the admin API off and the VideoRoom's `admin_key` set, so
 only classmood (which holds both secrets) can create rooms, join them or subscribe to anyone.
 """
@@ -76,7 +78,9 @@ def write_config(folder: Path, config: JanusConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     disabled_plugins = ",".join(f"libjanus_{name}.so" for name in DISABLED_PLUGINS)
     disabled_transports = ",".join(f"libjanus_{name}.so" for name in DISABLED_TRANSPORTS)
-    nat = f'\tnat_1_1_mapping = "{config.nat_1_1}"\n' if config.nat_1_1 else ""
+    # Behind NAT (a container): advertise the public address, and keep the private one for peers on the
+    # same network (the bot worker).
+    nat = f'\tnat_1_1_mapping = "{config.nat_1_1}"\n\tkeep_private_host = true\n' if config.nat_1_1 else ""
     (folder / "janus.jcfg").write_text(f"""general: {{
 \tconfigs_folder = "{folder}"
 \tplugins_folder = "{libs / 'plugins'}"
@@ -203,3 +207,26 @@ class JanusProcess:
     def cleanup(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Container entry point: write the configuration from flags and environment, then exec Janus."""
+    import argparse
+    parser = argparse.ArgumentParser(description="Janus configured for classmood (VideoRoom + WebSocket API)")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the WebSocket API")
+    parser.add_argument("--port", type=int, default=8188)
+    parser.add_argument("--rtp-ports", default="20000-40000", help="UDP port range for media")
+    parser.add_argument("--nat-1-1", default="", help="public IP to advertise (Janus behind NAT)")
+    parser.add_argument("--config-dir", default=os.path.join(tempfile.gettempdir(), "classmood-janus"))
+    args = parser.parse_args(argv)
+    api_secret, admin_key = os.environ.get("JANUS_API_SECRET", ""), os.environ.get("JANUS_ADMIN_KEY", "")
+    if len(api_secret) < 16 or len(admin_key) < 16:
+        raise SystemExit("error: set JANUS_API_SECRET and JANUS_ADMIN_KEY (16+ characters each)")
+    config = JanusConfig(args.host, args.port, api_secret, admin_key, args.rtp_ports, nat_1_1=args.nat_1_1)
+    main_config = write_config(Path(args.config_dir), config)
+    binary = janus_binary()
+    os.execv(binary, [binary, "-C", str(main_config), "-F", args.config_dir, "-o"])
+
+
+if __name__ == "__main__":
+    main()

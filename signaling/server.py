@@ -228,7 +228,10 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         return web.json_response({"retention_days": settings.storage.retention_days})
 
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "rooms": len(registry.rooms), "workers": len(registry.workers)})
+        # media: the meeting's media server as this server sees it (sfu_connected false while Janus is away).
+        media_state = {"mode": "sfu", "sfu_connected": sfu.ready} if sfu is not None else {"mode": "direct"}
+        return web.json_response({"ok": True, "rooms": len(registry.rooms), "workers": len(registry.workers),
+                                  "media": media_state})
 
     # ---- HTTP API --------------------------------------------------------------------------------
     room_buckets: dict[str, RateLimit] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from bot.simulate import free_port
+from tests.spine import require_janus
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +27,7 @@ def compose() -> dict:
 
 def test_compose_file_has_server_bot_and_turn_with_a_named_volume():
     spec = compose()
-    assert set(spec["services"]) == {"server", "bot", "turn"}
+    assert set(spec["services"]) == {"server", "bot", "turn", "janus"}
     assert "classmood-data" in spec["volumes"]
     for name in ("server", "bot"):
         service = spec["services"][name]
@@ -35,6 +37,10 @@ def test_compose_file_has_server_bot_and_turn_with_a_named_volume():
     ice = spec["services"]["server"]["environment"]["CLASSMOOD_SERVER_ICE_SERVERS"]
     assert "turn:" in ice and "stun:" in ice
     assert any(arg.startswith("--user=classmood:") for arg in spec["services"]["turn"]["command"])
+    # The server uses the compose file's Janus, whose API is reachable only on the compose network.
+    server_env, janus = spec["services"]["server"]["environment"], spec["services"]["janus"]
+    assert server_env["CLASSMOOD_JANUS_MODE"] == "external" and server_env["CLASSMOOD_JANUS_URL"] == "ws://janus:8188/"
+    assert "8188" not in " ".join(janus.get("ports", [])) and (PROJECT / janus["build"]["dockerfile"]).exists()
 
 
 @pytest.mark.skipif(shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
@@ -45,11 +51,36 @@ def test_docker_compose_accepts_the_file():
     assert result.returncode == 0, result.stderr
 
 
+def janus_command(spec: dict, janus_port: int) -> list[str]:
+    """The janus service's command with this checkout's script, loopback addresses and a free port."""
+    cmd = list(spec["services"]["janus"]["command"])
+    cmd[0] = sys.executable
+    cmd[cmd.index("/opt/classmood/janus_process.py")] = str(PROJECT / "signaling" / "janus_process.py")
+    cmd[cmd.index("--host") + 1] = "127.0.0.1"
+    cmd[cmd.index("--port") + 1] = str(janus_port)
+    cmd[cmd.index("--nat-1-1") + 1] = ""
+    return cmd
+
+
 def test_the_compose_commands_run_as_plain_processes(tmp_path):
+    require_janus()
     spec = compose()
-    port = free_port()
+    port, janus_port = free_port(), free_port()
+    secrets = {"JANUS_API_SECRET": "compose-test-janus-secret", "JANUS_ADMIN_KEY": "compose-test-janus-admin"}
+    janus = subprocess.Popen(janus_command(spec, janus_port), cwd=tmp_path, env=dict(os.environ, **secrets),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server_env = spec["services"]["server"]["environment"]
     env = dict(os.environ, CLASSMOOD_SERVER_PORT=str(port), CLASSMOOD_SERVER_HOST="127.0.0.1",
-               CLASSMOOD_SERVER_WORKER_KEY="compose-test-key", CLASSMOOD_STORAGE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
+               CLASSMOOD_SERVER_WORKER_KEY="compose-test-key", CLASSMOOD_STORAGE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}",
+               CLASSMOOD_JANUS_MODE=server_env["CLASSMOOD_JANUS_MODE"],
+               CLASSMOOD_JANUS_URL=f"ws://127.0.0.1:{janus_port}/", CLASSMOOD_JANUS_API_SECRET=secrets["JANUS_API_SECRET"],
+               CLASSMOOD_JANUS_ADMIN_KEY=secrets["JANUS_ADMIN_KEY"])
+    for _ in range(100):    # the janus service is up before the server starts (depends_on)
+        try:
+            socket.create_connection(("127.0.0.1", janus_port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
     server_cmd = [sys.executable if c == "python" else c for c in spec["services"]["server"]["command"]]
     bot_cmd = [sys.executable if c == "python" else c for c in spec["services"]["bot"]["command"]]
     bot_cmd[bot_cmd.index("http://server:8765")] = f"http://127.0.0.1:{port}"
@@ -63,6 +94,7 @@ def test_the_compose_commands_run_as_plain_processes(tmp_path):
                 break
             except OSError:
                 time.sleep(0.2)
+        assert json.load(urllib.request.urlopen(base + "/healthz"))["media"] == {"mode": "sfu", "sfu_connected": True}
         bot = subprocess.Popen(bot_cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(150):
             health = json.load(urllib.request.urlopen(base + "/healthz", timeout=1))
@@ -82,7 +114,7 @@ def test_the_compose_commands_run_as_plain_processes(tmp_path):
             time.sleep(0.2)
         assert json.load(urllib.request.urlopen(info))["bot"], "the invited bot did not join the room"
     finally:
-        for process in (bot, server):
+        for process in (bot, server, janus):
             if process is not None:
                 process.terminate()
                 try:
