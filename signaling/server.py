@@ -46,7 +46,7 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
-    "Permissions-Policy": "camera=(self), microphone=(), geolocation=()",
+    "Permissions-Policy": "camera=(self), microphone=(self), geolocation=()",   # a meeting needs both
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 # WebSocket close codes (4400..4499: do not retry with the same credentials)
