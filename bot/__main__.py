@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     byo.add_argument("--pin", default="", help="the VideoRoom's PIN, if it has one")
     byo.add_argument("--janus-teacher", default="", metavar="NAME",
                      help="the teacher's display name there (never analysed)")
+    byo.add_argument("--janus-textroom", default=None, metavar="ID",
+                     help="the TextRoom where the bot posts its consent notice (default: the same id as "
+                          "--janus-room, if that Janus has one; 'none': post nothing)")
     for p in (run, serve, worker, join):
         p.add_argument("--log-level", default=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO"))
         settings_mod.add_arguments(p)
@@ -188,8 +191,10 @@ async def _external_room(args: argparse.Namespace, settings: settings_mod.Settin
         print("error: --janus URL and --janus-room ID go together", file=sys.stderr)
         return None
     room = int(args.janus_room) if args.janus_room.isdigit() else args.janus_room
+    chat = args.janus_textroom
+    textroom = None if chat is None else "" if chat.lower() == "none" else int(chat) if chat.isdigit() else chat
     feeds = JanusRoomFeeds(args.janus, room, pin=args.pin, api_secret=settings.janus.api_secret,
-                           teacher=args.janus_teacher)
+                           teacher=args.janus_teacher, textroom=textroom)
     try:
         await feeds.connect()
     except JanusRoomError as exc:

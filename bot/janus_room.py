@@ -10,6 +10,8 @@ VIDEO of every publisher except
 - anyone whose display name contains an opt-out tag (`[no-analysis]`, `(no analysis)`, `#optout`),
 - other bots (display names starting with "classmood").
 Publishers that appear, leave, rename or opt out are followed from Janus's own events.
+Consent: where the room has a text channel (a TextRoom of the same id on that Janus, or --janus-textroom
+ID), the bot posts a notice there when it joins and greets each newcomer with how to opt out.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import asyncio
 import logging
 import re
 from typing import TYPE_CHECKING, Any
+
+import json
+import secrets
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
@@ -30,6 +35,12 @@ log = logging.getLogger("classmood.bot.janus_room")
 DISPLAY = "classmood assistant (expression analysis)"
 OPT_OUT = re.compile(r"\[no[- ]analysis\]|\(no[- ]analysis\)|#optout", re.I)
 NO_SUCH_ROOM, UNAUTHORIZED = 426, 433
+TEXTROOM = "janus.plugin.textroom"
+NOTICE = ("An expression-analysis assistant (classmood) has joined this class. It estimates facial expressions "
+          "from students' video (never audio, never recordings), stores only those estimates, and alerts the "
+          "teacher privately. To opt out at any time, add [no-analysis] to your display name: analysis of "
+          "your video stops at once.")
+GREETING = "Welcome {name}: an expression-analysis assistant is in this class. To opt out, add [no-analysis] to your name."
 
 
 class JanusRoomError(RuntimeError):
@@ -50,7 +61,7 @@ class JanusRoomFeeds:
     """Follows the publishers of one external VideoRoom and hands their video to a BotPeer."""
 
     def __init__(self, url: str, room: str | int, *, pin: str = "", api_secret: str = "",
-                 teacher: str = "") -> None:
+                 teacher: str = "", textroom: str | int | None = None) -> None:
         self.bot: BotPeer | None = None       # set by the BotPeer that uses these feeds, once it has its room
         self.url = url
         self.room = room
@@ -64,6 +75,9 @@ class JanusRoomFeeds:
         self.subscriptions: dict[str, int] = {}            # feed id -> subscriber handle
         self._lost = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self.textroom = room if textroom is None else textroom     # "" = do not post notices
+        self.chat: TextChannel | None = None
+        self.greeted: set[str] = set()
 
     async def attach(self, bot: BotPeer) -> None:
         """The bot has its ClassRoom: analyse the publishers already there, then follow the room."""
@@ -96,7 +110,15 @@ class JanusRoomFeeds:
         self.client, self.handle = client, handle
         self.private_id = data.get("private_id")
         log.info("joined Janus VideoRoom %s at %s as %r", self.room, self.url, DISPLAY)
+        if self.textroom != "":
+            self.chat = await TextChannel.open(client, self.textroom, self.pin)
+            if self.chat is not None:
+                self.chat.post(NOTICE)
+            else:
+                log.warning("VideoRoom %s has no text channel: the bot cannot announce itself; the teacher must "
+                            "tell the class that the assistant is present and how to opt out", self.room)
         for publisher in data.get("publishers") or []:
+            self.greeted.add(str(publisher.get("id")))    # the notice above is for everyone already there
             await self._publisher(publisher)
 
     async def run(self) -> None:
@@ -122,6 +144,8 @@ class JanusRoomFeeds:
             self._runner.cancel()
         for feed in list(self.feeds):
             await self._gone(feed)
+        if self.chat is not None:
+            await self.chat.close()
         if self.client is not None:
             if self.handle is not None and self.client.connected:
                 try:
@@ -150,6 +174,10 @@ class JanusRoomFeeds:
     async def _publisher(self, publisher: dict[str, Any]) -> None:
         feed = str(publisher.get("id"))
         display = str(publisher.get("display") or "")
+        if feed not in self.greeted:
+            self.greeted.add(feed)
+            if self.chat is not None and not display.lower().startswith("classmood"):
+                self.chat.post(GREETING.format(name=student_name(display)))
         previous = self.feeds.get(feed)
         self.feeds[feed] = {**publisher, "id": publisher.get("id"), "display": display}
         bot = self.bot
@@ -221,3 +249,64 @@ class JanusRoomFeeds:
         await self._unsubscribe(feed)
         if self.bot is not None and self.bot.room is not None:
             self.bot.room.remove_student(feed)
+
+
+class TextChannel:
+    """The room's TextRoom (Janus's chat plugin) over a data channel: the bot posts its consent notices."""
+
+    def __init__(self, pc: RTCPeerConnection, channel: Any, room: str | int) -> None:
+        self.pc, self.channel, self.room = pc, channel, room
+
+    @classmethod
+    async def open(cls, client: JanusClient, room: str | int, pin: str = "") -> TextChannel | None:
+        """Join the TextRoom `room`; None when that Janus has no TextRoom plugin or no such room."""
+        try:
+            handle = await client.attach(TEXTROOM)
+            _, jsep = await client.request(handle, {"request": "setup"})
+        except JanusError as exc:
+            log.info("no TextRoom at %s (%s)", client.url, exc.reason)
+            return None
+        if not jsep:
+            return None
+        pc = RTCPeerConnection()
+        channel = pc.createDataChannel("JanusDataChannel")
+        opened, joined = asyncio.Event(), asyncio.get_running_loop().create_future()
+        channel.on("open", opened.set)
+
+        @channel.on("message")
+        def on_message(raw: Any) -> None:
+            try:
+                reply = json.loads(raw)
+            except (TypeError, ValueError):
+                return
+            if reply.get("transaction") == "join" and not joined.done():
+                joined.set_result(reply)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            await client.request(handle, {"request": "ack"}, jsep={"type": "answer", "sdp": pc.localDescription.sdp})
+            await asyncio.wait_for(opened.wait(), 10)
+            join = {"textroom": "join", "transaction": "join", "room": room, "display": DISPLAY,
+                    "username": f"classmood-{secrets.token_hex(4)}"}
+            if pin:
+                join["pin"] = pin
+            channel.send(json.dumps(join))
+            reply = await asyncio.wait_for(joined, 10)
+        except (JanusError, asyncio.TimeoutError, ValueError) as exc:
+            log.info("joining TextRoom %s failed: %s", room, exc or type(exc).__name__)
+            await pc.close()
+            return None
+        if reply.get("textroom") != "success":
+            log.info("TextRoom %s refused the bot: %s", room, reply.get("error"))
+            await pc.close()
+            return None
+        log.info("joined TextRoom %s: consent notices go there", room)
+        return cls(pc, channel, room)
+
+    def post(self, text: str) -> None:
+        if self.channel.readyState == "open":
+            self.channel.send(json.dumps({"textroom": "message", "transaction": secrets.token_hex(4),
+                                          "room": self.room, "text": text}))
+
+    async def close(self) -> None:
+        await self.pc.close()

@@ -46,6 +46,7 @@ class JanusConfig:
     ice_ignore: str = "vmnet,ifb"          # interfaces never used for media candidates
     nat_1_1: str = ""                     # public address of a NATed host (docker), empty on loopback
     string_ids: bool = True               # room and feed ids are strings (classmood's ids); False: numbers
+    extra_plugins: tuple[str, ...] = ()   # plugins kept besides the VideoRoom (tests of other apps: "textroom")
 
     @property
     def url(self) -> str:
@@ -76,7 +77,7 @@ def write_config(folder: Path, config: JanusConfig) -> Path:
     """Write janus.jcfg and the two plugin/transport files Janus needs into `folder`; returns janus.jcfg."""
     libs = lib_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    disabled_plugins = ",".join(f"libjanus_{name}.so" for name in DISABLED_PLUGINS)
+    disabled_plugins = ",".join(f"libjanus_{name}.so" for name in DISABLED_PLUGINS if name not in config.extra_plugins)
     disabled_transports = ",".join(f"libjanus_{name}.so" for name in DISABLED_TRANSPORTS)
     # Behind NAT (a container): advertise the public address, and keep the private one for peers on the
     # same network (the bot worker).

@@ -5,13 +5,14 @@ A real Janus from the Debian package; publishers are real aiortc peers publishin
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from bot.janus_room import JanusRoomError, JanusRoomFeeds, analysable
+from bot.janus_room import JanusRoomError, JanusRoomFeeds, TextChannel, analysable
 from bot.students import LoopingVideoTrack, load_video_frames
 from signaling.janus import JanusClient
 from signaling.janus_process import JanusConfig, JanusProcess, free_port
@@ -26,7 +27,7 @@ async def other_app():
     """A Janus with a PIN-protected VideoRoom 4321, as a Janus-based conferencing app would have it."""
     require_janus()
     config = JanusConfig(port=free_port(), api_secret="other-app-secret", admin_key="other-app-admin",
-                         string_ids=False)
+                         string_ids=False, extra_plugins=("textroom",))
     janus = JanusProcess(config)
     await janus.start()
     client = JanusClient(config.url, config.api_secret)
@@ -36,6 +37,9 @@ async def other_app():
         admin = await client.attach()
         await client.request(admin, {"request": "create", "room": ROOM, "pin": PIN, "admin_key": config.admin_key,
                                      "publishers": 10, "videocodec": "vp8"})
+        # The app's chat: a TextRoom with the same id and PIN, as Janus's demos pair them.
+        chat = await client.attach("janus.plugin.textroom")
+        await client.request(chat, {"request": "create", "room": ROOM, "pin": PIN})
         yield app
     finally:
         for pc in app["pcs"]:
@@ -74,10 +78,14 @@ async def test_bot_analyses_the_other_apps_students_but_not_the_teacher_or_opted
     asha = await publish(other_app, "Asha", frames)
     teacher = await publish(other_app, "Mr Khan", frames)
     ben = await publish(other_app, "Ben [no-analysis]", frames)
+    config = other_app["config"]
+    # A student of the other app reads its chat.
+    chat = await TextChannel.open(other_app["client"], ROOM, PIN)
+    said: list[str] = []
+    chat.channel.on("message", lambda raw: said.append(json.loads(raw).get("text") or ""))
     live = await start_class(tmp_path)
     try:
         await live.create_room()
-        config = other_app["config"]
         feeds = JanusRoomFeeds(config.url, ROOM, pin=PIN, api_secret=config.api_secret, teacher="Mr Khan")
         await feeds.connect()
         live.service.join(live.server, live.room["room"], live.token, external=feeds)
@@ -91,14 +99,18 @@ async def test_bot_analyses_the_other_apps_students_but_not_the_teacher_or_opted
         assert live.rows("SELECT SUM(face_found) FROM samples WHERE participant_id = ?", asha)[0][0] >= 2
         # Only video was asked for, and only for Asha.
         assert set(feeds.subscriptions) == {asha}
+        # The bot announced itself in the room's chat, with the way to opt out.
+        assert any("expression-analysis assistant" in text and "[no-analysis]" in text for text in said)
         # A newcomer is followed from Janus's events; one who leaves is marked as left.
         cam = await publish(other_app, "Cam", frames)
         assert await eventually(lambda: samples(cam) >= 2, 30)
+        assert any(text.startswith("Welcome Cam") and "[no-analysis]" in text for text in said), said
         await other_app["client"].request(other_app["handles"]["Cam"], {"request": "leave"})
         assert await eventually(lambda: live.rows("SELECT left_at FROM participants WHERE participant_id = ?",
                                                   cam)[0][0] is not None, 10)
         assert cam not in feeds.subscriptions
     finally:
+        await chat.close()
         await stop_class(live)
 
 
