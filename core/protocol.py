@@ -115,3 +115,5 @@ THRESHOLD_KINDS: tuple[str, ...] = ("confusion", "boredom", "class_share")
 ALERT_KINDS: tuple[str, ...] = ("confusion", "boredom")
 
 SDP_TYPES: tuple[str, ...] = ("offer", "answer")
+# A worker key (server.worker_key, sent in the bot's and the workers' hello) longer than this is refused.
+MAX_WORKER_KEY = 256

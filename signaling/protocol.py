@@ -19,8 +19,8 @@ import re
 import unicodedata
 from typing import Any, Callable
 
-from core.protocol import (CONTROL_ACTIONS, ROLES, SDP_TYPES, THRESHOLD_KINDS, VERSION, CloseCode, ErrorCode,
-                           MessageType, Role)
+from core.protocol import (CONTROL_ACTIONS, MAX_WORKER_KEY, ROLES, SDP_TYPES, THRESHOLD_KINDS, VERSION, CloseCode,
+                           ErrorCode, MessageType, Role)
 
 __all__ = ["VERSION", "ROLES", "CONTROL_ACTIONS", "THRESHOLD_KINDS", "SDP_TYPES", "CloseCode", "ErrorCode",
            "MessageType", "Role", "ProtocolError", "INBOUND", "decode", "parse", "parse_hello", "parse_hello_raw",
@@ -34,7 +34,6 @@ MAX_TITLE = 120
 MAX_SDP = 12_000          # characters; the message size limit applies as well
 MAX_SDP_MEDIA = 4         # a student sends one video section (browsers may add audio/data ones)
 MAX_SDP_CANDIDATES = 32   # each one is an address the bot will probe; browsers gather a handful
-MAX_WORKER_KEY = 256      # core.settings checks server.worker_key against it at start-up
 
 
 class ProtocolError(Exception):
