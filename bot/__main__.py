@@ -211,6 +211,18 @@ async def _create_room(local: str, base: str) -> dict[str, str]:
             return await response.json()
 
 
+def check_model(settings: settings_mod.Settings) -> None:
+    """Raise if the bot's expression model cannot be found, before the database is opened (core.settings
+    cannot check this: the model names and scripted patterns belong to models/ and bot/)."""
+    model = settings.model.model
+    if model.startswith("scripted:"):
+        from bot.service import scripted_probs
+        scripted_probs(model.split(":", 1)[1])
+    else:
+        from models.classifier import resolve_model
+        resolve_model(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -219,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = settings_mod.load(args)
-    except ValueError as exc:
+        if args.command != "serve":
+            check_model(settings)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

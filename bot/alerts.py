@@ -24,11 +24,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from core.protocol import ALERT_KINDS as KINDS
+from core.protocol import THRESHOLD_KINDS
 from core.records import AlertRecord
 from core.settings import SignalSettings
-
-KINDS: tuple[str, ...] = ("confusion", "boredom")
-THRESHOLD_KINDS: tuple[str, ...] = ("confusion", "boredom", "class_share")
 _ADJECTIVE = {"confusion": "confused", "boredom": "bored"}
 _TOL = 1e-9
 

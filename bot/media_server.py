@@ -16,15 +16,12 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from core.settings import Settings
+from core.settings import JANUS_MODES, Settings
 from signaling.janus import JanusError, JanusUnavailable
 from signaling.janus_process import INSTALL_HINT, JanusConfig, JanusNotInstalled, JanusProcess, free_port
 from signaling.sfu import Sfu
 
 log = logging.getLogger("classmood.media")
-
-JANUS_MODES = ("embedded", "external", "off")
-
 
 class MediaServerError(RuntimeError):
     """The media server cannot be used; the message says which and what to do."""

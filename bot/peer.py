@@ -24,6 +24,7 @@ from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
 from bot.room import ClassRoom
 from core.errors import describe
+from core.protocol import VERSION, CloseCode, ErrorCode, retry_is_pointless
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot.peer")
@@ -121,7 +122,7 @@ class BotPeer:
         """One signaling connection; returns True when the server refused us for good."""
         async with http.ws_connect(ws_url(self.server), heartbeat=20, max_msg_size=1 << 20) as ws:
             self._ws = ws
-            await ws.send_json({"v": 1, "type": "hello", "role": "bot", "room": self.room_id, "token": self.token,
+            await ws.send_json({"v": VERSION, "type": "hello", "role": "bot", "room": self.room_id, "token": self.token,
                                 "key": self.settings.server.worker_key})
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -135,20 +136,20 @@ class BotPeer:
                     continue
                 kind = data.get("type")
                 if kind == "error":
-                    level = logging.INFO if data.get("code") == "idle" else logging.ERROR   # idle: class over
+                    level = logging.INFO if data.get("code") == ErrorCode.IDLE else logging.ERROR   # idle: class over
                     log.log(level, "room %s: server says %s: %s", self.room_id, data.get("code"), data.get("message"))
-                    if data.get("code") == "replaced":
+                    if data.get("code") == ErrorCode.REPLACED:
                         self.replaced = True
                         return True
-                    if data.get("code") in ("unauthorized", "unknown_room", "forbidden", "auth"):
+                    if data.get("code") in (ErrorCode.UNAUTHORIZED, ErrorCode.UNKNOWN_ROOM):
                         return True
                     continue
                 await self._handle(kind, data)
             self._ws = None
-        if ws.close_code == 4409:
+        if ws.close_code == CloseCode.REPLACED:
             self.replaced = True
             return True
-        if ws.close_code and 4400 <= ws.close_code < 4500:
+        if retry_is_pointless(ws.close_code):
             log.error("room %s: server closed the bot's socket (%s)", self.room_id, ws.close_code)
             return True
         return False
@@ -158,7 +159,7 @@ class BotPeer:
         if ws is None or ws.closed:
             return
         try:
-            await ws.send_json({"v": 1, **message})
+            await ws.send_json({"v": VERSION, **message})
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             log.debug("send failed: %s", exc)
 

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from bot.students import EncodedClip, SimulatedStudent, load_video_frames, no_face_frames
+from core import settings as settings_mod
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -65,6 +66,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="direct: students send video to the bot (default); janus: a meeting on an embedded Janus "
                         "(students publish to it, the bot subscribes; Janus's own CPU is reported too)")
     return p.parse_args(argv)
+
+
+def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[str]:
+    """The settings the bot process runs with (its core.settings flags, --bot-arg last so they win)."""
+    flags = ["--server-port", str(port), "--server-host", "127.0.0.1",
+             "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
+             "--server-video-width", str(args.width), "--server-video-height", str(args.height),
+             "--server-video-fps", str(int(args.fps)),
+             "--janus-mode", "embedded" if args.via == "janus" else "off"]
+    if args.pattern:
+        flags += ["--model-model", f"scripted:{args.pattern}"]
+    if args.sample_hz:
+        flags += ["--bot-sample-hz", str(args.sample_hz)]
+    return flags + args.bot_arg
+
+
+def check_bot_settings(args: argparse.Namespace) -> None:
+    """Validate the bot's settings here, before any file or process exists: a bad --bot-arg or --sample-hz
+    is a one-line error and exit 2, not a bot that dies during start-up. Raises ValueError."""
+    from bot.__main__ import _parser, check_model
+    try:
+        ns = _parser().parse_args(["run", *bot_settings_flags(args, 0, Path("check.sqlite"))])
+    except SystemExit:       # argparse has printed what is wrong with the flag
+        raise ValueError("a --bot-arg is not a flag of `python -m bot run`") from None
+    check_model(settings_mod.load(ns))
 
 
 class ProcessMonitor:
@@ -116,16 +142,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     log_path = Path(args.keep_log) if args.keep_log else workdir / "bot.log"
     env = dict(os.environ, CLASSMOOD_LOG_LEVEL=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO"))
     cmd = [sys.executable, "-m", "bot", "run", "--no-room", "--ready-file", str(ready_file),
-           "--stats-file", str(stats_file), "--server-port", str(port), "--server-host", "127.0.0.1",
-           "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
-           "--server-video-width", str(args.width), "--server-video-height", str(args.height),
-           "--server-video-fps", str(int(args.fps)),
-           "--janus-mode", "embedded" if args.via == "janus" else "off"]
-    if args.pattern:
-        cmd += ["--model-model", f"scripted:{args.pattern}"]
-    if args.sample_hz:
-        cmd += ["--bot-sample-hz", str(args.sample_hz)]
-    cmd += args.bot_arg
+           "--stats-file", str(stats_file), *bot_settings_flags(args, port, db)]
     log_file = open(log_path, "w")
     bot = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     monitor = ProcessMonitor(bot.pid)
@@ -313,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.students < 1 or args.seconds <= 0:
         print("error: --students must be >= 1 and --seconds > 0", file=sys.stderr)
+        return 2
+    try:
+        check_bot_settings(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         summary = asyncio.run(simulate(args))

@@ -10,10 +10,16 @@ import argparse
 import dataclasses
 import ipaddress
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from core.protocol import MAX_WORKER_KEY
+
+DETECTORS = ("auto", "short", "full")     # models.detector.make_detector's choices
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class ServerSettings:
     meeting_video_width: int = 640        # camera constraints in a meeting: for people; the bot subscribes
     meeting_video_height: int = 480       # to the lowest simulcast layer, which is all 2 Hz analysis needs
     meeting_video_fps: int = 15
+
+
+JANUS_MODES = ("embedded", "external", "off")
 
 
 @dataclass(frozen=True)
@@ -167,10 +176,120 @@ class Settings:
                     raise ValueError(f"server.trusted_proxies: not an IP address or network: {item!r}") from None
         return networks
 
+    def validate(self) -> "Settings":
+        """Raise ValueError naming the first setting the program would refuse or trip over later.
+
+        Every entry point runs this at start-up (through load()), before it creates anything: a bad value
+        must be one clear line and exit 2, not a failure inside a running bot (e.g. a threshold below the
+        hysteresis used to be refused only in the bot's welcome, after a session row was created, and the
+        bot then retried for ever, opening a new session each time)."""
+        for problem in _problems(self):
+            raise ValueError(problem)
+        return self
+
     def replace(self, **sections: Any) -> "Settings":
         """Settings.replace(bot={"sample_hz": 4}) -> a copy with those fields changed."""
         changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
         return dataclasses.replace(self, **changed)
+
+
+def _problems(settings: Settings) -> Iterator[str]:
+    """Each setting that is out of its range, as 'setting section.name: what is wrong (got value)'."""
+    for section, _ in _sections():
+        for f in dataclasses.fields(getattr(settings, section)):
+            value = getattr(getattr(settings, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                yield f"setting {section}.{f.name}: must be a finite number (got {value!r})"
+
+    def check(section: str, name: str, ok: bool, need: str) -> Iterator[str]:
+        if not ok:
+            yield f"setting {section}.{name}: {need} (got {getattr(getattr(settings, section), name)!r})"
+
+    def at_least(section: str, names: str, low: float) -> Iterator[str]:
+        for name in names.split():
+            yield from check(section, name, getattr(getattr(settings, section), name) >= low, f"must be at least {low:g}")
+
+    def positive(section: str, names: str) -> Iterator[str]:
+        for name in names.split():
+            yield from check(section, name, getattr(getattr(settings, section), name) > 0, "must be above 0")
+
+    def unit(section: str, names: str) -> Iterator[str]:
+        for name in names.split():
+            yield from check(section, name, 0 <= getattr(getattr(settings, section), name) <= 1, "must be in [0, 1]")
+
+    server, bot, model, storage, sig = settings.server, settings.bot, settings.model, settings.storage, settings.signals
+    # --- server ---
+    yield from check("server", "host", bool(server.host.strip()), "must not be empty")
+    yield from check("server", "port", 0 <= server.port <= 65535, "must be a TCP port in [0, 65535] (0: any free port)")
+    yield from check("server", "public_url", not server.public_url or server.public_url.startswith(("http://", "https://")),
+                     "must be empty or start with http:// or https:// (it prefixes every shared link)")
+    try:
+        settings.ice_servers()
+    except ValueError:             # also invalid JSON, whose own message names no setting
+        yield (f"setting server.ice_servers: must be a JSON list of {{\"urls\": ...}} objects "
+               f"(got {server.ice_servers!r})")
+    try:
+        settings.trusted_proxy_networks()
+    except ValueError as exc:      # names the bad entry
+        yield f"setting {exc}"
+    yield from check("server", "worker_key", 1 <= len(server.worker_key) <= MAX_WORKER_KEY,
+                     f"must be 1 to {MAX_WORKER_KEY} characters (the server refuses a longer key in hello)")
+    yield from at_least("server", "max_message_bytes max_bot_message_bytes", 1024)   # a hello with its token fits
+    yield from at_least("server", "max_rooms max_participants_per_room max_teachers_per_room "
+                                  "video_width video_height video_fps max_pending_hellos_per_address message_burst", 1)
+    yield from positive("server", "hello_timeout_seconds messages_per_second room_idle_seconds")
+    yield from at_least("server", "heartbeat_seconds rooms_per_minute_per_address", 0)   # 0: off / no limit
+    # --- bot ---
+    yield from positive("bot", "sample_hz stall_seconds state_push_hz")
+    yield from at_least("bot", "queue_frames inference_threads max_batch", 1)
+    yield from unit("bot", "min_face_score")
+    # --- model ---
+    name = model.model.strip()
+    yield from check("model", "model", bool(name) and name != "scripted:",
+                     "must be ferplus, fer2013, scripted:<pattern> or the path to a .tflite file")
+    if name and (name.endswith(".tflite") or "/" in name or "\\" in name) and not name.startswith("scripted:"):
+        yield from check("model", "model", Path(name).is_file(), "no such model file")
+    yield from check("model", "detector", model.detector in DETECTORS, f"must be one of {', '.join(DETECTORS)}")
+    # --- janus (the meeting's media server) ---
+    janus = settings.janus
+    yield from check("janus", "mode", janus.mode in JANUS_MODES, f"must be one of {', '.join(JANUS_MODES)}")
+    if janus.mode == "external":
+        yield from check("janus", "url", janus.url.startswith(("ws://", "wss://")),
+                         "must be the ws:// or wss:// URL of Janus's WebSocket API when janus.mode is external")
+    yield from check("janus", "port", 0 <= janus.port <= 65535, "must be a port number (0 = any free port)")
+    low, _, high = janus.rtp_ports.partition("-")
+    yield from check("janus", "rtp_ports", low.isdigit() and high.isdigit() and 0 < int(low) < int(high) <= 65535,
+                     "must be a UDP port range LOW-HIGH")
+    yield from positive("janus", "connect_timeout_seconds")
+    # --- storage ---
+    try:
+        from sqlalchemy.engine import make_url
+    except ImportError:          # the signaling server alone runs without SQLAlchemy (in-memory store)
+        make_url = None
+    if make_url is not None:
+        try:
+            make_url(storage.url)
+        except Exception:         # ArgumentError, or ValueError for a bad port
+            yield f"setting storage.url: not a database URL such as sqlite:///classmood.sqlite (got {storage.url!r})"
+    yield from positive("storage", "flush_seconds")
+    yield from at_least("storage", "max_pending_rows", 1)
+    yield from at_least("storage", "retention_days", 0)                    # 0: keep until deleted
+    # --- signals: the ranges bot.alerts.AlertEngine and bot.signals rely on ---
+    yield from check("signals", "hysteresis", 0 <= sig.hysteresis < 1, "must be in [0, 1)")
+    for name in ("confusion_threshold", "boredom_threshold", "class_share_threshold"):
+        yield from check("signals", name, sig.hysteresis < getattr(sig, name) <= 1,
+                         f"must be in ({sig.hysteresis:g}, 1]: above signals.hysteresis, which a raised alert must "
+                         f"drop below the threshold by to clear")
+    yield from positive("signals", "window_seconds stillness_full_scale yaw_nose_full_scale state_max_age_seconds "
+                                   "history_step_seconds history_seconds")
+    yield from at_least("signals", "student_min_seconds class_min_seconds cooldown_seconds", 0)
+    yield from at_least("signals", "min_students_for_class_alert min_samples history_max_points", 1)
+    yield from unit("signals", "confusion_w_angry confusion_w_fear confusion_w_sad confusion_w_disgust "
+                               "confusion_w_surprise confusion_w_happy low_arousal_w_neutral low_arousal_w_sad "
+                               "boredom_w_low_arousal boredom_w_stillness boredom_w_away boredom_w_absent "
+                               "yaw_nose_weight yaw_ear_weight yaw_attentive yaw_away")
+    yield from check("signals", "yaw_away", sig.yaw_attentive < sig.yaw_away,
+                     f"must be above signals.yaw_attentive ({sig.yaw_attentive:g})")
 
 
 def _sections() -> list[tuple[str, type]]:
@@ -200,7 +319,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from defaults, then environment, then parsed CLI flags. Bad values raise ValueError."""
+    """Build Settings from defaults, then environment, then parsed CLI flags, and validate them.
+    A bad value raises ValueError with one line naming the setting."""
     env = os.environ if env is None else env
     sections: dict[str, Any] = {}
     for section, cls in _sections():
@@ -216,10 +336,7 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
                 except ValueError as exc:
                     raise ValueError(f"setting {section}.{f.name}: {exc}") from None
         sections[section] = cls(**values)
-    settings = Settings(**sections)
-    settings.ice_servers()  # validate early
-    settings.trusted_proxy_networks()
-    return settings
+    return Settings(**sections).validate()
 
 
 def parse(argv: Sequence[str] | None = None, description: str = "") -> tuple[argparse.Namespace, Settings]:

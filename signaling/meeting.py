@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from signaling import protocol
+from signaling.protocol import ErrorCode, MessageType
 from signaling.janus import JanusError, JanusUnavailable
 from signaling.rooms import Peer, Room
 from signaling.sfu import Sfu
@@ -24,7 +25,6 @@ from signaling.sfu import Sfu
 log = logging.getLogger("classmood.meeting")
 
 BOT = "bot"             # the bot's subscriber name in the SFU: a replacing bot inherits nothing stale
-MEDIA_TYPES = ("publish", "unpublish", "subscribe", "unsubscribe", "answer")
 RESUBSCRIBE_DELAY_S = 2.0
 
 
@@ -77,7 +77,7 @@ class Meeting:
 
     def announce(self, room: Room) -> None:
         for member in [*room.teachers.values(), *room.students.values()]:
-            member.send(protocol.message("feeds", feeds=self.feeds_for(room, member)))
+            member.send(protocol.message(MessageType.FEEDS, feeds=self.feeds_for(room, member)))
 
     # ---- events from the server -------------------------------------------------------------------------
     def joined(self, room: Room, peer: Peer) -> None:
@@ -85,7 +85,7 @@ class Meeting:
         if peer.role == "bot":
             self._spawn(self._bot_arrived(room))
         else:
-            peer.send(protocol.message("feeds", feeds=self.feeds_for(room, peer)))
+            peer.send(protocol.message(MessageType.FEEDS, feeds=self.feeds_for(room, peer)))
 
     def left(self, room: Room, peer: Peer) -> None:
         state = self._room(room)
@@ -104,6 +104,9 @@ class Meeting:
         """A media message of a member (validated by signaling.protocol)."""
         self._spawn(self._handle(room, peer, data))
 
+    def bot_answer_soon(self, room: Room, feed: str, sdp: str) -> None:
+        self._spawn(self.bot_answer(room, feed, sdp))
+
     async def bot_answer(self, room: Room, feed: str, sdp: str) -> None:
         try:
             await self.sfu.start_subscription(room.room_id, BOT, feed, sdp)
@@ -114,7 +117,7 @@ class Meeting:
     async def _handle(self, room: Room, peer: Peer, data: dict[str, Any]) -> None:
         kind = data["type"]
         try:
-            if kind == "publish":
+            if kind == MessageType.PUBLISH:
                 answer = await self.sfu.publish(room.room_id, peer.peer_id, peer.name or peer.role, data["sdp"])
                 if peer.closing or peer not in room.peers():   # left while Janus was answering
                     await self.sfu.leave(room.room_id, peer.peer_id)
@@ -124,32 +127,41 @@ class Meeting:
                 was_up = state.publishers.pop(peer.peer_id, None) is not None
                 state.bot_feeds.discard(peer.peer_id)
                 state.starting[peer.peer_id] = peer.role
-                peer.send(protocol.message("published", sdp=answer))
+                peer.send(protocol.message(MessageType.PUBLISHED, sdp=answer))
                 if was_up:
                     self.announce(room)
-            elif kind == "unpublish":
+            elif kind == MessageType.UNPUBLISH:
                 state = self._room(room)
                 state.starting.pop(peer.peer_id, None)
                 if state.publishers.pop(peer.peer_id, None) is not None:
                     state.bot_feeds.discard(peer.peer_id)
                     self.announce(room)
                 await self.sfu.unpublish(room.room_id, peer.peer_id)
-            elif kind == "subscribe":
+            elif kind == MessageType.SUBSCRIBE:
                 feed = data["feed"]
                 if not self.may_watch(room, peer, feed):
-                    peer.send(protocol.error("bad_target", "you may not watch that feed (or it is not publishing)"))
+                    peer.send(self._error(data, ErrorCode.BAD_TARGET, "you may not watch that feed (or it is not publishing)"))
                     return
                 offer = await self.sfu.subscribe(room.room_id, peer.peer_id, feed)
-                peer.send(protocol.message("offer", feed=feed, sdp=offer))
-            elif kind == "answer":
+                peer.send(protocol.message(MessageType.OFFER, feed=feed, sdp=offer))
+            elif kind == MessageType.ANSWER:
                 await self.sfu.start_subscription(room.room_id, peer.peer_id, data["feed"], data["sdp"])
-            elif kind == "unsubscribe":
+            elif kind == MessageType.UNSUBSCRIBE:
                 await self.sfu.unsubscribe(room.room_id, peer.peer_id, data["feed"])
         except JanusUnavailable:
-            peer.send(protocol.error("media_unavailable", "audio and video are reconnecting; please wait"))
+            peer.send(self._error(data, ErrorCode.MEDIA_UNAVAILABLE, "audio and video are reconnecting; please wait"))
         except JanusError as exc:
             log.warning("room %s: %s of %s %s failed: %s", room.room_id, kind, peer.role, peer.peer_id, exc)
-            peer.send(protocol.error("media_failed", f"the media server refused the {kind} ({exc.reason[:120]})"))
+            peer.send(self._error(data, ErrorCode.MEDIA_FAILED, f"the media server refused the {kind} ({exc.reason[:120]})"))
+
+    @staticmethod
+    def _error(data: dict[str, Any], code: str, text: str) -> dict[str, Any]:
+        """An error that says which request failed (and for which feed), so a page retries just that."""
+        out = protocol.error(code, text)
+        out["request"] = data["type"]
+        if "feed" in data:
+            out["feed"] = data["feed"]
+        return out
 
     async def _leave(self, room: Room, peer_id: str, was_publishing: bool) -> None:
         try:
@@ -224,7 +236,7 @@ class Meeting:
         log.info("the media server is back: asking %d room(s) to publish again", len(rooms))
         for room in rooms:
             for member in [*room.teachers.values(), *room.students.values()]:
-                member.send(protocol.message("media", event="reset"))
+                member.send(protocol.message(MessageType.MEDIA, event="reset"))
 
     def _live_rooms(self) -> list[Room]:
         live = {room.room_id: room for room in self.rooms()}

@@ -155,6 +155,7 @@ class Room:
     invited_at: float | None = None        # monotonic time of that invite
     idle_since: float = field(default_factory=time.monotonic)
     alone_since: float | None = None       # when the bot was last left without students or teachers
+    meeting: Any = None                    # the server's signaling.meeting.Meeting (None: video goes to the bot)
 
     def participants(self) -> list[dict[str, Any]]:
         """Students as the bot and teachers see them (never sent to students)."""

@@ -677,7 +677,7 @@ async def test_only_the_owning_teacher_deletes_a_session_and_never_one_still_bei
         listed = await r.json()
         assert listed["sessions"] == [] and listed["retention_days"] == Settings().storage.retention_days
     async with server.http.get(server.url + "/api/policy") as r:      # what students read before joining
-        assert await r.json() == {"retention_days": Settings().storage.retention_days}
+        assert await r.json() == {"retention_days": Settings().storage.retention_days, "media_mode": "direct"}
 
 
 async def test_the_server_erases_sessions_past_the_retention_period(tmp_path):
@@ -824,3 +824,28 @@ async def test_a_failing_store_costs_one_connection_not_the_server(tmp_path):
                 assert r.status == 200
     finally:
         await runner.cleanup()
+
+
+def test_every_inbound_message_type_has_a_relay_handler_and_every_route_is_in_the_table():
+    # A new message type is an INBOUND entry (who may send it, its validator) plus a relay handler: one
+    # without the other would be a type the server accepts and then fails on, or dead code.
+    from signaling import protocol, relay
+    from signaling.routes import ROUTES
+    assert set(protocol.INBOUND) == set(relay.HANDLERS)
+    app = create_app(Settings())
+    served = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+    assert served == {(d.method, d.path) for d in ROUTES}
+    assert ("GET", "/ws") in served and ("DELETE", "/api/sessions/{sid}") in served
+
+
+def test_the_server_and_the_bot_share_one_protocol_vocabulary():
+    # The constants travel as plain JSON values and compare equal to them, so a client may match on either.
+    from bot import alerts
+    from core.protocol import THRESHOLD_KINDS, CloseCode, ErrorCode, retry_is_pointless
+    from signaling import protocol
+    assert protocol.THRESHOLD_KINDS is THRESHOLD_KINDS and alerts.THRESHOLD_KINDS is THRESHOLD_KINDS
+    assert json.dumps(protocol.error(ErrorCode.IDLE, "x")) == '{"v": 1, "type": "error", "code": "idle", "message": "x"}'
+    assert ErrorCode.REPLACED == "replaced" and f"{ErrorCode.BAD_FIELD}" == "bad_field" and CloseCode.REPLACED == 4409
+    assert str(CloseCode.UNAUTHORIZED) == "4401"
+    assert retry_is_pointless(CloseCode.UNAUTHORIZED) and not retry_is_pointless(CloseCode.SERVER_FULL)
+    assert not retry_is_pointless(None) and not retry_is_pointless(CloseCode.TRY_AGAIN_LATER)

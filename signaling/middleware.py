@@ -1,0 +1,63 @@
+"""What every response goes through: security headers, the client's address, the access log."""
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from signaling.forwarded import client_address
+
+CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; "
+       "connect-src 'self' ws: wss:; style-src 'self'; script-src 'self'; object-src 'none'; "
+       "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Permissions-Policy": "camera=(self), microphone=(self), geolocation=()",   # a meeting needs both
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+CLIENT = web.RequestKey("client", str)   # request key: the client's address, past trusted reverse proxies
+
+
+def client_of(request: web.BaseRequest) -> str:
+    """The address limits and logs use (set by the client_address middleware; the peer otherwise)."""
+    return request.get(CLIENT) or request.remote or "?"
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Access log without query strings (student links carry the join key in `?k=`)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:  # noqa: A002
+        self.logger.info("%s %s %s %s %.1fms", client_of(request), request.method, request.path,
+                         response.status, time * 1000)
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler):
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    if not response.prepared:      # streamed responses (CSV, WebSocket) set theirs before prepare
+        for name, value in PAGE_HEADERS.items():
+            response.headers.setdefault(name, value)
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+def client_address_middleware(trusted: list):
+    @web.middleware
+    async def resolve_client(request: web.Request, handler):
+        request[CLIENT] = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)
+        return await handler(request)
+    return resolve_client
+
+
+def with_headers(response: web.StreamResponse) -> web.StreamResponse:
+    """PAGE_HEADERS on a response that is prepared by its handler (the middleware comes too late)."""
+    for name, value in PAGE_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
