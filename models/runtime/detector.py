@@ -52,7 +52,9 @@ def ssd_anchors(size: int, strides: tuple[int, ...], per_location: int) -> np.nd
 
 
 def load_interpreter(path: Path | str | bytes, threads: int):
-    """TFLite interpreter from LiteRT if installed, else tflite_runtime, else TensorFlow's (tf.lite)."""
+    """TFLite interpreter from LiteRT if installed, else tflite_runtime, else TensorFlow's (tf.lite).
+    LiteRT (ai-edge-litert) is a dependency of every install, so the bot never imports TensorFlow; the
+    fallbacks are for a checkout run on a platform that has no LiteRT wheel."""
     try:
         from ai_edge_litert.interpreter import Interpreter  # type: ignore
     except ImportError:
