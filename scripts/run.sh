@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The main job: signaling server + a bot worker on loopback. Prints the teacher and student links.
+# Installs only what the server and the bot need (no TensorFlow); scripts/test.sh adds the rest.
 # Extra flags go to `python -m bot run` (see --help), e.g. scripts/run.sh --server-port 9000
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# Create .venv and install classmood with its test tools. Idempotent: a second run is quick.
-# Usage: scripts/setup.sh [--with-browser]   (--with-browser also installs Debian's chromium for e2e tests)
+# Create .venv and install classmood into it. Idempotent: a second run is quick.
+# Usage: scripts/setup.sh [--dev] [--with-browser]
+#   (no flag)       what the server and the bot need: `pip install -e .` (no TensorFlow)
+#   --dev           also training and test tools: `pip install -e ".[dev]"` (TensorFlow, pytest, ...)
+#   --with-browser  also Debian's chromium, for the browser end-to-end test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+want="runtime"; browser=""
+for arg in "$@"; do
+    case "$arg" in
+        --dev) want="dev" ;;
+        --with-browser) browser=1 ;;
+        *) echo "setup: unknown option $arg (use --dev, --with-browser)" >&2; exit 2 ;;
+    esac
+done
 if [ ! -x .venv/bin/pip ]; then
     # A half-made .venv (python but no pip) is what a failed `venv` leaves behind: start over.
     rm -rf .venv
@@ -16,13 +27,20 @@ if [ ! -x .venv/bin/pip ]; then
         "$PYTHON" -m venv .venv
     fi
 fi
+# The stamp holds what was installed ("runtime" or "dev"); a dev install also serves scripts/run.sh.
 stamp=".venv/.classmood-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+have="$(cat "$stamp" 2>/dev/null || true)"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ "$want" = dev ] && [ "$have" != dev ]; }; then
+    [ "$have" = dev ] && want="dev"    # pyproject.toml changed: refresh what is there, do not shrink it
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
-    touch "$stamp"
+    if [ "$want" = dev ]; then
+        .venv/bin/python -m pip install --quiet -e ".[dev]"
+    else
+        .venv/bin/python -m pip install --quiet -e .
+    fi
+    echo "$want" > "$stamp"
 fi
-if [ "${1:-}" = "--with-browser" ] && ! /usr/bin/chromium --version >/dev/null 2>&1; then
+if [ -n "$browser" ] && ! /usr/bin/chromium --version >/dev/null 2>&1; then
     # Checks that it runs, not that it exists (Ubuntu's `chromium` package is a stub for a snap).
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi

