@@ -18,54 +18,10 @@ from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
 from bot.peer import BotPeer
 from bot.room import ClassRoom
-from core.emotions import EMOTION_INDEX, NUM_EMOTIONS
 from core.faces import Faces
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot")
-
-# Expression patterns for `--model-model scripted:<name>`: the real detector runs, and every face
-# found gets these probabilities. For demos and tests that must produce a known classroom mood.
-SCRIPTED_PATTERNS: dict[str, dict[str, float]] = {
-    "confused": {"sad": 0.35, "angry": 0.25, "fear": 0.2, "surprise": 0.1, "neutral": 0.1},
-    "bored": {"neutral": 0.85, "sad": 0.15},
-    "happy": {"happy": 0.9, "neutral": 0.1},
-    "neutral": {"neutral": 1.0},
-}
-
-
-def scripted_probs(name: str) -> np.ndarray:
-    if name not in SCRIPTED_PATTERNS:
-        raise ValueError(f"unknown scripted pattern {name!r}; choose from {', '.join(SCRIPTED_PATTERNS)}")
-    probs = np.zeros(NUM_EMOTIONS, np.float32)
-    for label, p in SCRIPTED_PATTERNS[name].items():
-        probs[EMOTION_INDEX[label]] = p
-    return probs / probs.sum()
-
-
-def build_analyse(settings: Settings) -> Callable[[list[np.ndarray]], Faces]:
-    """detect all frames -> keep each frame's largest face (a webcam shows its student) -> classify
-    only those faces in one batch."""
-    from models.classifier import ExpressionClassifier
-    from models.detector import make_detector
-
-    threads = settings.bot.inference_threads
-    detector = make_detector(settings.model.detector, threads=threads, min_score=settings.bot.min_face_score)
-    model = settings.model.model
-    if model.startswith("scripted:"):
-        fixed = scripted_probs(model.split(":", 1)[1])
-
-        def analyse_scripted(frames: list[np.ndarray]) -> Faces:
-            faces = detector.detect(frames).largest_per_frame()
-            return faces.with_probs(np.repeat(fixed[None], len(faces), axis=0))
-        return analyse_scripted
-
-    classifier = ExpressionClassifier(model, threads=threads, flip_average=settings.model.flip_average)
-
-    def analyse(frames: list[np.ndarray]) -> Faces:
-        faces = detector.detect(frames).largest_per_frame()
-        return classifier.classify(frames, faces)
-    return analyse
 
 
 class BotService:
@@ -74,8 +30,13 @@ class BotService:
         self.settings = settings
         self.repository = repository
         self.mailbox: FrameMailbox[PendingFrame] = FrameMailbox(settings.bot.queue_frames)
-        self.analyzer = Analyzer(analyse or build_analyse(settings), self.mailbox, self._from_worker,
-                                 max_batch=settings.bot.max_batch)
+        if analyse is None:
+            # Imported here, not at the top: `python -m bot serve` imports this module and must not load
+            # OpenCV or the TFLite models it never uses.
+            from models.runtime.analyse import build_analyse
+            analyse = build_analyse(settings.model, threads=settings.bot.inference_threads,
+                                    min_score=settings.bot.min_face_score)
+        self.analyzer = Analyzer(analyse, self.mailbox, self._from_worker, max_batch=settings.bot.max_batch)
         self.rooms: dict[str, ClassRoom] = {}
         self.peers: dict[str, BotPeer] = {}
         self.tasks: dict[str, asyncio.Task] = {}

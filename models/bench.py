@@ -22,9 +22,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.baseline import BaselineClassifier, YuNetDetector, shared_dir  # noqa: E402
-from models.classifier import ExpressionClassifier, resolve_model  # noqa: E402
+from models.runtime.classifier import ExpressionClassifier, resolve_model  # noqa: E402
 from models.cli_args import positive_int  # noqa: E402
-from models.detector import FaceDetector, make_detector  # noqa: E402
+from models.runtime.detector import FaceDetector, make_detector  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         image = read_image(args.image)
-        from models.classifier import ExpressionClassifier
-        from models.detector import make_detector
+        from models.runtime.classifier import ExpressionClassifier
+        from models.runtime.detector import make_detector
         classifier = ExpressionClassifier(args.model, threads=2, flip_average=not args.no_flip)
         detector = make_detector(args.detector, 2, args.min_score, tiles=args.tiles)
         faces = classifier.classify([image], detector.detect([image]))

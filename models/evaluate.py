@@ -99,13 +99,13 @@ def dataset_faces(args: argparse.Namespace) -> tuple[np.ndarray | list, np.ndarr
 
 
 def _detector(args: argparse.Namespace):
-    from models.detector import make_detector
+    from models.runtime.detector import make_detector
     return make_detector("auto", threads=args.threads, tiles="auto")
 
 
 def detect_and_align(detector, image: np.ndarray) -> np.ndarray | None:
     """The largest detected face, aligned to (48, 48, 1) in [0, 1]; None when there is no face."""
-    from models.preprocess import align_faces
+    from models.runtime.preprocess import align_faces
     found = detector.detect([image]).largest_per_frame()
     return align_faces([image], found)[0] if len(found) else None
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give exactly one of --data or --folder", file=sys.stderr)
         return 2
     try:
-        from models.classifier import ExpressionClassifier
+        from models.runtime.classifier import ExpressionClassifier
         classifier = ExpressionClassifier(args.model, threads=args.threads, flip_average=not args.no_flip)
         faces, truth, info = dataset_faces(args) if args.data else folder_faces(args)
         pred = predict_with_gaps(classifier.predict, list(faces))

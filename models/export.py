@@ -6,7 +6,7 @@ Writes models/weights/<name>.tflite and <name>.json (the numbers the model card 
 quantisations are tried (float input/output both): dynamic range (int8 weights, activations quantised per
 face at run time) and full int8 (calibrated on training faces); the more accurate one on PublicTest is
 shipped if it is within --max-drop of the float model, otherwise the float32 file. PublicTest is scored with
-mirror averaging, as models.classifier runs the shipped file.
+mirror averaging, as models.runtime.classifier runs the shipped file.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ WEIGHTS_DIR = PROJECT / "models" / "weights"
 
 
 def classifier_accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
-    """Accuracy of a TFLite file run exactly as the bot runs it: through models.classifier (mirror averaging on)."""
+    """Accuracy of a TFLite file run exactly as the bot runs it: through models.runtime.classifier (mirror averaging on)."""
     import tempfile
-    from models.classifier import ExpressionClassifier
+    from models.runtime.classifier import ExpressionClassifier
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "candidate.tflite"
         path.write_bytes(content)

@@ -121,7 +121,7 @@ def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
 
 
 def mirror_averaged(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Predictions averaged with the mirrored faces: how models.classifier runs the shipped models."""
+    """Predictions averaged with the mirrored faces: how models.runtime.classifier runs the shipped models."""
     return (model.predict(x, batch_size=batch, verbose=0) + model.predict(x[:, :, ::-1], batch_size=batch, verbose=0)) / 2
 
 
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            # Selection on mirror-averaged accuracy: that is how models.classifier runs the shipped file.
+            # Selection on mirror-averaged accuracy: that is how models.runtime.classifier runs the shipped file.
             val_acc = logs["val_accuracy_mirror"] = mirror_accuracy(self.model)
             if val_acc > state["best_val_accuracy"]:
                 state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1)

@@ -12,7 +12,7 @@ Same network as models.net (an exact PyTorch copy, Keras layer names, NHWC flatt
 targets as models.train; augmentation runs on the GPU, so one epoch takes about a second. The cosine
 learning-rate schedule runs over --epochs or --minutes, whichever ends first (a lent machine is lent
 for minutes, not epochs), so a run always ends with a fully decayed learning rate. Selection is on
-PublicTest only, mirror averaged as models.classifier runs the shipped file; the output .npz holds the
+PublicTest only, mirror averaged as models.runtime.classifier runs the shipped file; the output .npz holds the
 best weights in PyTorch layout, the metrics log, and the model's outputs on probe faces, which
 `torch_port import` checks Keras reproduces.
 """
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         teachers.append(teacher.eval().requires_grad_(False))
 
     def mirror_averaged(model, xb):
-        # Softmax averaged with the mirrored faces: how models.classifier runs the shipped file.
+        # Softmax averaged with the mirrored faces: how models.runtime.classifier runs the shipped file.
         return (torch.softmax(model(xb), 1) + torch.softmax(model(xb.flip(3)), 1)) / 2
 
     def evaluate(models_=None) -> float:

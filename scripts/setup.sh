@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# Create .venv and install classmood with its test tools. Idempotent: a second run is quick.
-# Usage: scripts/setup.sh [--with-browser] [--with-janus]   (Debian's chromium for e2e tests; Debian's janus for meetings)
+# Create .venv and install classmood into it. Idempotent: a second run is quick.
+# Usage: scripts/setup.sh [--dev] [--with-browser] [--with-janus]
+#   (no flag)       what the server and the bot need: `pip install -e .`
+#   --dev           also training and test tools: `pip install -e ".[dev]"` (TensorFlow, pytest, ...)
+#   --with-browser  also Debian's chromium, for the browser end-to-end tests
+#   --with-janus    also Debian's janus, the meetings' media server (scripts/run.sh, the meeting tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+want="runtime"; browser=""; janus=""
+for arg in "$@"; do
+    case "$arg" in
+        --dev) want="dev" ;;
+        --with-browser) browser=1 ;;
+        --with-janus) janus=1 ;;
+        *) echo "setup: unknown option $arg (use --dev, --with-browser, --with-janus)" >&2; exit 2 ;;
+    esac
+done
 if [ ! -x .venv/bin/pip ]; then
     # A half-made .venv (python but no pip) is what a failed `venv` leaves behind: start over.
     rm -rf .venv
@@ -16,25 +29,30 @@ if [ ! -x .venv/bin/pip ]; then
         "$PYTHON" -m venv .venv
     fi
 fi
+# The stamp holds what was installed ("runtime" or "dev"); a dev install also serves scripts/run.sh.
 stamp=".venv/.classmood-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+have="$(cat "$stamp" 2>/dev/null || true)"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ "$want" = dev ] && [ "$have" != dev ]; }; then
+    [ "$have" = dev ] && want="dev"    # pyproject.toml changed: refresh what is there, do not shrink it
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
-    touch "$stamp"
+    if [ "$want" = dev ]; then
+        .venv/bin/python -m pip install --quiet -e ".[dev]"
+    else
+        .venv/bin/python -m pip install --quiet -e .
+    fi
+    echo "$want" > "$stamp"
 fi
 apt_updated=""
 apt_install() {
     [ -n "$apt_updated" ] || { $SUDO apt-get update -qq; apt_updated=1; }
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
 }
-for flag in "$@"; do
-    case "$flag" in
-        --with-browser)
-            # Checks that it runs, not that it exists (Ubuntu's `chromium` package is a stub for a snap).
-            /usr/bin/chromium --version >/dev/null 2>&1 || apt_install chromium ;;
-        --with-janus)
-            # The meeting's media server (Janus VideoRoom), started by `bot run` with its own config; the
-            # package's own service is not used (Debian enables it, containers have no systemd).
-            [ -x /usr/bin/janus ] || apt_install janus ;;
-    esac
-done
+# Checks that it runs, not that it exists (Ubuntu's `chromium` package is a stub for a snap).
+if [ -n "$browser" ] && ! /usr/bin/chromium --version >/dev/null 2>&1; then
+    apt_install chromium
+fi
+# The meeting's media server (Janus VideoRoom), started by `bot run` with its own configuration; the
+# package's own system service is not used (Debian enables it; containers have no systemd).
+if [ -n "$janus" ] && [ ! -x /usr/bin/janus ]; then
+    apt_install janus
+fi

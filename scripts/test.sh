@@ -2,6 +2,6 @@
 # The whole test suite, from a clean clone: installs what it needs (venv, pip packages, Debian chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --with-browser --with-janus
+scripts/setup.sh --dev --with-browser --with-janus
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 exec .venv/bin/python -m pytest -q "$@"

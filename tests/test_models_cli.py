@@ -116,7 +116,7 @@ def test_evaluate_runs_benchmark_faces_through_detection_and_alignment(tiny_mode
     # 48x48 face crops tighter than the face (as many FER2013 faces are) and two blank rows: with --detect
     # each is upscaled, and the faces must be found (most only by the detector's close-up pass); the blank
     # rows count under no_face.
-    from models.detector import make_detector
+    from models.runtime.detector import make_detector
     frames = frames_of("woman2.mp4", count=4)
     crops = []
     for frame, (x0, y0, x1, y1) in zip(frames, make_detector("auto").detect(frames).boxes):

@@ -1,5 +1,5 @@
 """Detection, alignment and classification on real faces (../shared media), edge-case frames, batching
-and thread safety of the classifier, the one-call pipeline and the mini-Xception reference.
+and thread safety of the classifier, the bot's analyser (models.runtime.analyse) and the mini-Xception reference.
 The CLIs are in test_models_cli.py."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from core.faces import Faces
 from core.settings import ModelSettings
 from models.baseline import BaselineClassifier, baseline_path, shared_dir
-from models.classifier import ExpressionClassifier
-from models.detector import FaceDetector, make_detector, ssd_anchors
-from models.pipeline import FacePipeline
-from models.preprocess import EYE_Y, align_faces, face_transform
+from models.runtime.analyse import build_analyse, scripted_probs
+from models.runtime.classifier import ExpressionClassifier
+from models.runtime.detector import FaceDetector, make_detector, ssd_anchors
+from models.runtime.preprocess import EYE_Y, align_faces, face_transform
 
 SHARED = shared_dir()
 MEDIA = SHARED / "media" if SHARED else None
@@ -275,18 +275,28 @@ def test_model_errors_name_the_file(tmp_path):
         ExpressionClassifier(str(tmp_path / "junk.tflite"))
 
 
-def test_pipeline_detects_every_frame_then_classifies_all_faces_in_one_batch(tiny_model, monkeypatch):
+def test_the_analyser_classifies_each_frames_largest_face_in_one_batch(tiny_model, monkeypatch):
     frames = frames_of("emotions.mp4", count=2) + frames_of("woman2.mp4", count=2) + [np.zeros((240, 320, 3), np.uint8)]
-    pipeline = FacePipeline(ModelSettings(model=str(tiny_model), detector="short"), threads=1)
     calls = []
-    real = pipeline.classifier.predict
-    monkeypatch.setattr(pipeline.classifier, "predict", lambda x: calls.append(len(x)) or real(x))
-    faces = pipeline.analyse(frames)
-    assert calls == [len(faces)] and len(faces) >= 4
-    assert faces.probs.shape == (len(faces), 7) and np.allclose(faces.probs.sum(1), 1, atol=1e-4)
-    assert set(faces.frame_ids.tolist()) == {0, 1, 2, 3} and len(faces.labels) == len(faces)
-    one = pipeline.analyse(frames, largest_only=True)
-    assert sorted(one.frame_ids.tolist()) == [0, 1, 2, 3]
+    real = ExpressionClassifier.predict
+    monkeypatch.setattr(ExpressionClassifier, "predict", lambda self, x: calls.append(len(x)) or real(self, x))
+    analyse = build_analyse(ModelSettings(model=str(tiny_model), detector="short"), threads=1)
+    faces = analyse(frames)
+    assert calls == [len(faces)]                     # one classifier call for the faces of all frames
+    assert sorted(faces.frame_ids.tolist()) == [0, 1, 2, 3] and len(faces.labels) == 4    # the black frame has none
+    assert faces.probs.shape == (4, 7) and np.allclose(faces.probs.sum(1), 1, atol=1e-4)
+    every = make_detector("short").detect(frames)
+    for area, frame_id in zip(faces.areas, faces.frame_ids):       # the largest face of its frame
+        assert area == pytest.approx(every.of_frame(int(frame_id)).areas.max())
+
+
+def test_a_scripted_model_gives_its_pattern_to_the_face_of_every_frame():
+    frames = frames_of("emotions.mp4", count=2) + [np.zeros((240, 320, 3), np.uint8)]
+    faces = build_analyse(ModelSettings(model="scripted:confused", detector="short"))(frames)
+    assert faces.frame_ids.tolist() == [0, 1]
+    assert np.allclose(faces.probs, scripted_probs("confused")) and faces.labels == ["sad", "sad"]
+    with pytest.raises(ValueError, match="choose from confused, bored, happy, neutral"):
+        build_analyse(ModelSettings(model="scripted:elated"))
 
 
 # ---------------------------------------------------------------- references

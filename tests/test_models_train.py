@@ -124,7 +124,7 @@ def test_train_resume_and_export_make_a_working_tflite_model(tmp_path):
         assert acc["tflite_float32"] - shipped <= 0.005
         assert shipped == max(a for a in (acc["tflite_dynamic"], acc["tflite_int8"]) if acc["tflite_float32"] - a <= 0.005)
 
-    from models.detector import load_interpreter
+    from models.runtime.detector import load_interpreter
     interpreter = load_interpreter(target, threads=1)
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, (5, 48, 48, 1))

