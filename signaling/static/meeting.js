@@ -76,10 +76,9 @@ class Meeting {
       this.say("Audio/video is reconnecting…", "warn");
       return true;
     }
-    if (msg.type === "error" && (msg.code === "media_failed" || msg.code === "bad_target")) {
-      this.repair(msg);
-      return true;
-    }
+    if (msg.type === "error" && msg.code === "media_failed") { this.repair(msg); return true; }
+    // A subscribe to a feed that has just gone: the next feed list drops its tile (the watchdog retries otherwise).
+    if (msg.type === "error" && msg.code === "bad_target") return true;
     return false;
   }
 
@@ -184,7 +183,11 @@ class Meeting {
     }
     if (this.pub !== pc || !this.active) return;
     this.pubWaiting = pc;
-    if (!this.send({ type: "publish", sdp: pc.localDescription.sdp })) this.retryPublish("Not connected.");
+    if (!this.send({ type: "publish", sdp: pc.localDescription.sdp })) { this.retryPublish("Not connected."); return; }
+    // No answer, or no media flowing, within 30 s: try again (a media_unavailable error cancels this until reset).
+    this.pubRetry = setTimeout(() => {
+      if (this.pub === pc && pc.connectionState !== "connected") this.retryPublish("Your audio/video did not connect.");
+    }, 30000);
   }
 
   async published(sdp) {
@@ -223,7 +226,10 @@ class Meeting {
     }
   }
 
-  static label(feed) { return (feed.name || "?") + (feed.role === "teacher" ? " (teacher)" : ""); }
+  static label(feed) {
+    const name = feed.name || "?";
+    return feed.role === "teacher" && !/teacher/i.test(name) ? name + " (teacher)" : name;
+  }
 
   add(feed) {
     const tile = CM.el("figure", { class: "tile", testid: "video-tile", "data-peer": feed.peer_id, "data-role": feed.role || "" });
@@ -321,11 +327,16 @@ class Meeting {
     });
   }
 
-  // A media_failed / bad_target error: redo whatever is not working (the error may name the feed).
+  // media_failed: redo the request that failed. The error may say which (request/feed fields, else its text:
+  // "the media server refused the publish (...)"). Never re-publish for a failed subscription: a re-publish replaces
+  // this person's feed for everyone watching it.
   repair(msg) {
+    const request = msg.request || (/refused the (\w+)/.exec(msg.message || "") || [])[1] || "";
     if (msg.feed && this.subs.has(msg.feed)) { this.retrySub(this.subs.get(msg.feed)); return; }
-    if (this.pubWaiting || !this.pub) { this.retryPublish("Audio/video failed."); return; }
-    for (const sub of this.subs.values()) if (!sub.pc) this.retrySub(sub);
+    if (request === "publish" || (!request && this.pubWaiting)) { this.retryPublish("Audio/video failed."); return; }
+    if (request === "subscribe" || request === "answer") {
+      for (const sub of this.subs.values()) if (!sub.tile.classList.contains("live")) this.retrySub(sub);
+    }
   }
 
   // The media server restarted: every connection to it is void.
