@@ -10,7 +10,7 @@ Screenshots: artifacts/teacher-meeting.png, artifacts/student-meeting.png.
 """
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import shutil
 import time
@@ -90,11 +90,25 @@ AUDIO_IN = """async () => {
   }
   return out;
 }"""
+# Video frames decoded so far on each of the page's open connections (a frozen tile decodes nothing).
+FRAMES_DECODED = """async () => {
+  const out = [];
+  for (const pc of window.__pcs) {
+    if (pc.connectionState === 'closed') continue;
+    let n = 0, seen = false;
+    (await pc.getStats()).forEach((r) => { if (r.type === 'inbound-rtp' && r.kind === 'video') { n += r.framesDecoded || 0; seen = true; } });
+    if (seen) out.push(n);
+  }
+  return out;
+}"""
 TILE_VIDEOS = "[data-testid=meeting-grid] [data-testid=video-tile] video"
 
 
-def record_socket_messages(page, sink: list[str]) -> None:
-    page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: sink.append(str(payload))))
+def record_socket_messages(page, sink: list[str], sent: list[str]) -> None:
+    def on_socket(ws) -> None:
+        ws.on("framereceived", lambda payload: sink.append(str(payload)))
+        ws.on("framesent", lambda payload: sent.append(str(payload)))
+    page.on("websocket", on_socket)
 
 
 def log_page(page, who: str, log: list[str]) -> None:
@@ -122,6 +136,19 @@ async def playing_tiles(page, expect: int, timeout: float = 60.0) -> list[dict]:
         if len(good) >= expect:
             return good
     raise AssertionError(f"expected {expect} playing, non-black tiles; have {last}")
+
+
+async def decoding(page, expect: int, timeout: float = 60.0) -> None:
+    """Wait until `expect` open connections of the page decode new video frames (over 1.5 s)."""
+    deadline = time.monotonic() + timeout
+    counts: list[int] = []
+    while time.monotonic() < deadline:
+        first = await page.evaluate(FRAMES_DECODED)
+        await page.wait_for_timeout(1_500)
+        counts = await page.evaluate(FRAMES_DECODED)
+        if len(first) == len(counts) and sum(1 for a, b in zip(first, counts) if b > a) >= expect:
+            return
+    raise AssertionError(f"expected {expect} connections decoding video; frames decoded: {counts}")
 
 
 async def hears(page, expect: int, timeout: float = 30.0) -> list[dict]:
@@ -162,6 +189,12 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
         browsers = []
         try:
             room = await live.create_room()
+            # Pages may only use the microphone if the server's Permissions-Policy allows it (a meeting needs sound).
+            async with live.http.get(room["student_url"]) as r:
+                policy = r.headers.get("Permissions-Policy", "")
+            assert "microphone=(self)" in policy, (
+                f"the pages cannot use the microphone: Permissions-Policy is {policy!r}; in a meeting it must allow "
+                "microphone=(self) (signaling/server.py PAGE_HEADERS)")
             teacher_browser = await launch(pw, cams["teacher"])
             browsers.append(teacher_browser)
             teacher = await (await teacher_browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
@@ -173,13 +206,14 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
             await teacher.get_by_test_id("bot-status").filter(has_text="is in the room").wait_for(timeout=30_000)
 
             messages: dict[str, list[str]] = {"asha": [], "ben": []}
+            sent: dict[str, list[str]] = {"asha": [], "ben": []}
             pages = {}
             for who, name in (("asha", "Asha"), ("ben", "Ben")):
                 browser = await launch(pw, cams[who])
                 browsers.append(browser)
                 page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
                 await page.add_init_script(PROBE)
-                record_socket_messages(page, messages[who])
+                record_socket_messages(page, messages[who], sent[who])
                 log_page(page, who, log)
                 await page.goto(room["student_url"])
                 await page.get_by_test_id("student-name").fill(name)
@@ -195,6 +229,7 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
             assert {t["peer"] for t in tiles} >= {await teacher.get_by_test_id("video-tile").filter(has_text=n)
                                                   .get_attribute("data-peer") for n in ("Asha", "Ben")}
             assert all(not t["muted"] and t["audio"] >= 1 for t in tiles), tiles
+            await decoding(teacher, 2)
             await hears(teacher, 2)
             # Each student: the teacher's tile (and her own camera in the self-view), playing, with sound.
             for page in (asha, ben):
@@ -206,6 +241,13 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
                 await hears(page, 1)
                 own = (await page.evaluate(FRAMES, "[data-testid=self-view]"))[0]
                 assert own["ready"] >= 2 and own["muted"], own
+
+            # The camera is published with two simulcast layers (the bot takes the low one), VP8 and Opus only, so
+            # the SDP stays well inside the server's limit.
+            offers = [json.loads(m)["sdp"] for m in sent["asha"] if '"type":"publish"' in m]
+            assert offers and all(len(sdp) <= 12_000 and sdp.count("m=") <= 4 for sdp in offers), [len(o) for o in offers]
+            assert "a=rid:l send" in offers[-1] and "a=rid:h send" in offers[-1] and "VP8/90000" in offers[-1]
+            assert "m=audio" in offers[-1]
 
             # The bot analyses both students; the teacher gets the live state and an alert.
             assert await eventually(lambda: min(faces_by_name(live).get(n, 0) for n in ("Asha", "Ben")) >= 3,
@@ -254,6 +296,54 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
             print(f"meeting test: {time.monotonic() - started:.1f} s")
         finally:
             print("\n".join(line for line in log if '"type":"state"' not in line and '"type": "state"' not in line))
+            for browser in browsers:
+                await browser.close()
+            await stop_class(live)
+
+
+async def test_meeting_comes_back_after_the_media_server_is_killed(tmp_path):
+    """Janus SIGKILLed during class: the server restarts it and sends a media reset; the pages publish again,
+    subscribe again, and the teacher and the student see each other again (fresh frames decoded)."""
+    playwright_api = pytest.importorskip("playwright.async_api")
+    cams = {who: video_to_y4m(VIDEOS / video, tmp_path / f"{who}.y4m", max_seconds=8.0)
+            for who, video in (("teacher", "short_hamilton_clip.mp4"), ("asha", "woman2.mp4"))}
+    live = await start_class(tmp_path, janus=True, server={"room_idle_seconds": 600.0})
+    log: list[str] = []
+    async with playwright_api.async_playwright() as pw:
+        browsers = []
+        try:
+            room = await live.create_room()
+            pages = {}
+            for who in ("teacher", "asha"):
+                browser = await launch(pw, cams[who])
+                browsers.append(browser)
+                page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+                await page.add_init_script(PROBE)
+                log_page(page, who, log)
+                pages[who] = page
+            teacher, asha = pages["teacher"], pages["asha"]
+            await teacher.goto(room["teacher_url"])
+            await teacher.get_by_test_id("self-view").wait_for(state="visible", timeout=30_000)
+            await asha.goto(room["student_url"])
+            await asha.get_by_test_id("student-name").fill("Asha")
+            await asha.get_by_test_id("join").click()
+            await playing_tiles(teacher, 1, timeout=TIMEOUT / 1000)
+            await playing_tiles(asha, 1, timeout=TIMEOUT / 1000)
+
+            publishes = {who: sum(1 for line in log if line.startswith(f"{who} -> ") and '"type":"publish"' in line)
+                         for who in pages}
+            live.media.process.kill()   # SIGKILL: no goodbye to anyone
+            for who, page in pages.items():
+                assert await eventually(lambda who=who: sum(1 for line in log if line.startswith(f"{who} -> ")
+                                                            and '"type":"publish"' in line) > publishes[who],
+                                        timeout=60), f"{who} did not publish again after the media reset"
+            await decoding(teacher, 1)
+            await decoding(asha, 1)
+            await playing_tiles(teacher, 1, timeout=30)
+            await playing_tiles(asha, 1, timeout=30)
+            assert any('"event":"reset"' in line for line in log if line.startswith("teacher <- "))
+        finally:
+            print("\n".join(line for line in log if '"type":"state"' not in line))
             for browser in browsers:
                 await browser.close()
             await stop_class(live)
