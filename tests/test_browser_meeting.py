@@ -260,6 +260,11 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
             await asha.screenshot(path=str(ARTIFACTS / "student-meeting.png"), full_page=True)
             assert await teacher.evaluate("document.documentElement.scrollWidth") <= 1280, "the meeting layout is too wide"
 
+            # The notice says what the switch does in a meeting.
+            await ben.get_by_test_id("analysis-notice").get_by_text("the teacher (and class) still see and hear you",
+                                                                    exact=False).wait_for(timeout=5_000)
+            assert not await ben.get_by_text("Your camera then stops").is_visible()
+
             # Ben switches analysis off during class: he stays in the meeting (camera live, the teacher still sees
             # him playing) but the assistant gets nothing more from him.
             await ben.get_by_test_id("analysis-toggle").uncheck()
