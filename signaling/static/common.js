@@ -41,6 +41,18 @@ const CM = {
     bar.appendChild(fill);
     return bar;
   },
+  // Vanilla ICE (no trickle): the server relays whole SDPs, so wait until every candidate is in the description.
+  waitForIce(peer, timeoutMs) {
+    return new Promise((resolve) => {
+      if (peer.iceGatheringState === "complete") return resolve();
+      const done = () => {
+        if (peer.iceGatheringState !== "complete") return;
+        peer.removeEventListener("icegatheringstatechange", done); clearTimeout(timer); resolve();
+      };
+      const timer = setTimeout(resolve, timeoutMs || 5000);   // send what we have
+      peer.addEventListener("icegatheringstatechange", done);
+    });
+  },
   clock(t) { return t ? new Date(t * 1000).toLocaleTimeString() : "—"; },
   pct(v) { return v == null ? "—" : Math.round(v * 100) + "\u00a0%"; },   // no-break space: "100 %" stays on one line
 };

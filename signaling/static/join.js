@@ -1,11 +1,14 @@
 // Student page. testids: join-form, student-name, analysis-toggle, join, leave, status, preview, analysis-notice,
-// retention-note
+// retention-note; meeting mode: meeting-grid, video-tile, self-view, mic-toggle, camera-toggle, assistant-status.
+// Two modes, chosen by the server's welcome: "direct" (video only to the assistant, over its own WebRTC connection)
+// and "sfu" (welcome.media.mode: a real meeting through the media server; see meeting.js).
 "use strict";
 const room = CM.roomFromPath("/join/");
 const key = new URLSearchParams(location.search).get("k") || "";
 const $ = (id) => document.getElementById(id);
 let ws = null, pc = null, stream = null, cameraPending = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 5 };
 let joined = false, myName = "", retryTimer = null, backoff = 1000, lastError = null, attempt = 0;
+let mode = "direct", meeting = null;
 
 const INVALID_LINK = "This link is not valid any more: ask your teacher for a new one.";
 const ERRORS = {
@@ -32,6 +35,44 @@ function send(msg) {
   return true;
 }
 function setButtons(inClass) { $("join").disabled = inClass; $("leave").disabled = !inClass; }
+
+// ---- meeting mode ---------------------------------------------------------------------------------------------
+// The notice says what the switch does in this mode; the page learns the mode from /api/policy (media_mode, when
+// the server tells it) and for certain from the welcome.
+function showMode(next) { mode = next === "sfu" ? "sfu" : "direct"; document.body.dataset.mode = mode; }
+
+function assistantLine() {
+  $("assistant-status").textContent = !botId ? "The expression-analysis assistant is not in the room."
+    : analysisOn() ? "The expression-analysis assistant is in the room and receives your video."
+    : "The expression-analysis assistant is in the room; analysis is off: it receives nothing from you.";
+}
+
+function meetingStatus(text, kind) { if (joined && mode === "sfu") status(text, kind); }
+
+function enterMeeting(welcome) {
+  if (!meeting) {
+    meeting = new Meeting({
+      send, status: meetingStatus, selfView: $("self-view"),
+      // The teacher's tile goes on the stage; other students beside your own view.
+      place(tile, feed) {
+        if (feed.role === "teacher") $("stage").appendChild(tile); else $("others").appendChild(tile);
+        stageHint();
+      },
+    });
+    meeting.setMic(!pressed("mic-toggle")); meeting.setCamera(!pressed("camera-toggle"));
+  }
+  $("meeting").classList.remove("hidden");
+  $("meeting-controls").appendChild($("leave"));   // Leave sits with the other meeting buttons
+  meeting.start(welcome);
+  assistantLine(); stageHint();
+}
+function stageHint() { $("stage-empty").classList.toggle("hidden", $("stage").querySelector(".tile") !== null); }
+function pressed(id) { return $(id).getAttribute("aria-pressed") === "true"; }
+function toggle(id, apply) {
+  const on = !pressed(id);   // pressed = microphone muted / camera off
+  $(id).setAttribute("aria-pressed", String(on));
+  if (meeting) apply(!on);
+}
 
 // ---- camera: live only while joined with analysis on -------------------------------------------------------
 function stopTracks(media) { if (media) media.getTracks().forEach((t) => t.stop()); }
@@ -129,6 +170,7 @@ async function connectToBot() {
 function disconnected() {
   attempt++; joined = false; botId = null;
   closePeer(); stopCamera();
+  if (meeting) { meeting.closeAll(false); stageHint(); }   // the camera stays on for the reconnect
 }
 
 function openSocket() {
@@ -144,9 +186,13 @@ function openSocket() {
     if (msg.type === "welcome") {
       joined = true; backoff = 1000; lastError = null;
       botId = msg.bot; iceServers = msg.ice_servers || []; video = msg.video || video;
-      await connectToBot();
+      showMode(msg.media && msg.media.mode);
+      if (mode === "sfu") enterMeeting(msg); else await connectToBot();
+    } else if (mode === "sfu" && meeting && meeting.handle(msg)) {
+      stageHint();
     } else if (msg.type === "bot") {
-      botId = msg.peer_id; await connectToBot();
+      botId = msg.peer_id;
+      if (mode === "sfu") assistantLine(); else await connectToBot();
     } else if (msg.type === "signal" && msg.data && msg.data.type === "answer" && pc && msg.from === botId) {
       const peer = pc;
       try { await peer.setRemoteDescription({ type: "answer", sdp: msg.data.sdp }); } catch (e) {
@@ -190,6 +236,9 @@ function leave() {
   clearTimeout(retryTimer); retryTimer = null;
   const sock = ws; ws = null;   // its close event is ignored from now on
   disconnected();
+  if (meeting) {   // camera and microphone off too; the Leave button goes back beside Join
+    meeting.closeAll(true); $("meeting").classList.add("hidden"); $("form-buttons").appendChild($("leave"));
+  }
   if (sock) sock.close(1000);
   setButtons(false);
   status("You left the class.", "");
@@ -200,13 +249,17 @@ $("leave").addEventListener("click", leave);
 $("analysis-toggle").addEventListener("change", async () => {
   if (!joined) return;   // the next hello carries the switch
   send({ type: "consent", analysis: analysisOn() });
-  await connectToBot();
+  // In a meeting the camera stays on: the server stops the assistant's copy of the video, the class still sees you.
+  if (mode === "sfu") assistantLine(); else await connectToBot();
 });
+$("mic-toggle").addEventListener("click", () => toggle("mic-toggle", (on) => meeting.setMic(on)));
+$("camera-toggle").addEventListener("click", () => toggle("camera-toggle", (on) => meeting.setCamera(on)));
 if (!key) status("This link is incomplete: ask your teacher for the full student link.", "warn");
 
 // How long estimates are kept (the server's storage.retention_days), told before anyone joins.
 CM.api("GET", "/api/policy").then((res) => {
   const days = res.ok && res.data ? res.data.retention_days : null;
+  if (res.ok && res.data && res.data.media_mode && !joined) showMode(res.data.media_mode);
   if (days > 0) {
     $("retention-note").textContent = `They are erased ${days} days after class at the latest; your teacher can delete them sooner.`;
   } else if (res.ok) {

@@ -1,13 +1,15 @@
 // Teacher page. testids: invite-bot, bot-status, teacher-error, teacher-student-link, students, student-row, student-name,
 // student-analysis, student-face, student-label, student-confusion, student-boredom, mute-button, alerts, alert-item,
 // ack-button, class-analysed, class-confusion, class-boredom, sparkline, threshold-*, review-link, connection,
-// sound-toggle, sound-hint
+// sound-toggle, sound-hint; meeting mode (welcome.media.mode "sfu", see meeting.js): meeting-grid, video-tile,
+// self-view, mic-toggle, camera-toggle, leave, meeting-status
 "use strict";
 const room = CM.roomFromPath("/teach/");
 const token = CM.tokenFromHash();
 const $ = (id) => document.getElementById(id);
 let ws = null, backoff = 500, roster = new Map(), lastState = null, audio = null, thresholdsTouched = 0;
 let connected = false, lastError = null, botPresent = false, errorTimer = null;
+let meeting = null, left = false;
 
 const INVALID = "This teacher link is not valid (wrong key, or the room no longer exists).";
 const ERRORS = {
@@ -100,6 +102,9 @@ function connect() {
       roster = new Map((msg.participants || []).map((p) => [p.peer_id, p]));
       if (!msg.bot) lastState = null;   // figures from before the reconnect are stale
       showBot(msg.bot); render(); drawSparkline();
+      if (msg.media && msg.media.mode === "sfu") enterMeeting(msg);
+    } else if (meeting && meeting.handle(msg)) {
+      showTiles();
     } else if (msg.type === "participant") {
       if (msg.event === "left") roster.delete(msg.peer_id); else roster.set(msg.peer_id, { peer_id: msg.peer_id, name: msg.name, analysis: msg.analysis });
       render();
@@ -118,6 +123,7 @@ function connect() {
   sock.addEventListener("close", (event) => {
     if (ws !== sock) return;
     connected = false;
+    if (meeting) { meeting.closeAll(false); showTiles(); }   // the camera stays on for the reconnect
     if (event.code >= 4400 && event.code <= 4499) {   // retrying with the same link cannot help
       $("connection").textContent = "disconnected";
       showError(lastError ? errorText(lastError.code, lastError.message)
@@ -127,6 +133,58 @@ function connect() {
     $("connection").textContent = `reconnecting in ${Math.max(1, Math.round(backoff / 1000))} s…`;
     setTimeout(connect, backoff); backoff = Math.min(backoff * 2, 10000);
   });
+}
+
+// ---- meeting mode: own camera, the students' tiles, Leave -------------------------------------------------------
+function enterMeeting(welcome) {
+  document.body.dataset.mode = "sfu";
+  if (!meeting) {
+    meeting = new Meeting({
+      send, selfView: $("self-view"),
+      status(text, kind) { if (!left) { $("meeting-status").textContent = text; $("meeting-status").className = "status " + (kind || ""); } },
+      // Students first, in the order they arrived; other teachers after them.
+      place(tile, feed) {
+        const grid = $("meeting-grid");
+        const firstTeacher = feed.role === "teacher" ? null : grid.querySelector('.tile[data-role="teacher"]');
+        grid.insertBefore(tile, firstTeacher);
+        showTiles();
+      },
+      decorate: (tile) => decorateTile(tile),
+    });
+    meeting.setMic(!pressed("mic-toggle")); meeting.setCamera(!pressed("camera-toggle"));
+  }
+  $("meeting").classList.remove("hidden");
+  meeting.start(welcome);
+  showTiles();
+}
+function showTiles() { $("no-tiles").classList.toggle("hidden", $("meeting-grid").children.length > 0); }
+function pressed(id) { return $(id).getAttribute("aria-pressed") === "true"; }
+function toggle(id, apply) {
+  const on = !pressed(id);   // pressed = microphone muted / camera off
+  $(id).setAttribute("aria-pressed", String(on));
+  if (meeting) apply(!on);
+}
+$("mic-toggle").addEventListener("click", () => toggle("mic-toggle", (on) => meeting.setMic(on)));
+$("camera-toggle").addEventListener("click", () => toggle("camera-toggle", (on) => meeting.setCamera(on)));
+$("leave").addEventListener("click", () => {
+  left = true;
+  const sock = ws; ws = null; connected = false;   // its close event is ignored: no reconnect after Leave
+  if (meeting) meeting.closeAll(true);
+  if (sock) sock.close(1000);
+  showTiles();
+  for (const id of ["mic-toggle", "camera-toggle", "leave", "invite-bot"]) $(id).disabled = true;
+  $("connection").textContent = "You left the class.";
+  $("meeting-status").textContent = "You left the class."; $("meeting-status").className = "status";
+});
+
+// A student's tile shows their top expression from the assistant's live state (or that analysis is off).
+function decorateTile(tile) {
+  const info = tile.querySelector(".tile-info");
+  if (!info || tile.dataset.role === "teacher") return;
+  const s = ((lastState && lastState.students) || []).find((x) => x.peer_id === tile.dataset.peer);
+  const p = roster.get(tile.dataset.peer);
+  const analysis = s && s.analysis !== undefined ? s.analysis : !p || p.analysis !== false;
+  info.textContent = !analysis ? "analysis off" : s && s.top_label ? s.top_label : "";
 }
 
 function render() {
@@ -163,6 +221,7 @@ function render() {
   $("class-analysed").textContent = cls ? `(${cls.analysed} analysed)` : `(${analysed} analysed)`;
   $("class-confusion").textContent = "confused: " + (cls ? CM.pct(cls.confusion_share) : "—");
   $("class-boredom").textContent = "bored: " + (cls ? CM.pct(cls.boredom_share) : "—");
+  for (const tile of $("meeting-grid").querySelectorAll(".tile")) decorateTile(tile);
 }
 
 function drawSparkline() {
