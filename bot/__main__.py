@@ -216,10 +216,10 @@ def check_model(settings: settings_mod.Settings) -> None:
     cannot check this: the model names and scripted patterns belong to models/ and bot/)."""
     model = settings.model.model
     if model.startswith("scripted:"):
-        from bot.service import scripted_probs
+        from models.runtime.analyse import scripted_probs
         scripted_probs(model.split(":", 1)[1])
     else:
-        from models.classifier import resolve_model
+        from models.runtime.classifier import resolve_model
         resolve_model(model)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from core.protocol import MAX_WORKER_KEY
 
-DETECTORS = ("auto", "short", "full")     # models.detector.make_detector's choices
+DETECTORS = ("auto", "short", "full")     # models.runtime.detector.make_detector's choices
 
 
 @dataclass(frozen=True)

