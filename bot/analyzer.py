@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -20,6 +20,9 @@ log = logging.getLogger("classmood.bot.analyzer")
 MAX_SIDE = 1920          # larger frames are downscaled before detection (a 4K webcam adds nothing)
 
 
+FrameKey = tuple[str, str]   # (room_id, participant_id): whose frame, in which room
+
+
 @dataclass
 class PendingFrame:
     frame: Any               # av.VideoFrame (converted in this thread) or a BGR ndarray
@@ -29,7 +32,7 @@ class PendingFrame:
 
 @dataclass
 class FrameResult:
-    key: Hashable            # (room_id, participant_id)
+    key: FrameKey
     received_at: float
     received_mono: float
     face_found: bool
@@ -71,7 +74,7 @@ class Analyzer:
     """One thread, one batched inference per round; `analyse(frames) -> Faces` (one face per frame at
     most, with probs) is injected so tests and the scripted model can stand in for the real one."""
 
-    def __init__(self, analyse: Callable[[list[np.ndarray]], Faces], mailbox: FrameMailbox[PendingFrame],
+    def __init__(self, analyse: Callable[[list[np.ndarray]], Faces], mailbox: FrameMailbox[FrameKey, PendingFrame],
                  on_results: Callable[[list[FrameResult]], None], max_batch: int = 64) -> None:
         self.analyse = analyse
         self.mailbox = mailbox
@@ -115,7 +118,7 @@ class Analyzer:
             except Exception:
                 log.exception("delivering inference results failed")
 
-    def process(self, batch: list[tuple[Hashable, PendingFrame]]) -> list[FrameResult]:
+    def process(self, batch: list[tuple[FrameKey, PendingFrame]]) -> list[FrameResult]:
         images: list[np.ndarray] = []
         owners: list[int] = []
         results: list[FrameResult] = []

@@ -26,7 +26,7 @@ def documented_commands() -> list[tuple[str, ...]]:
     for document in DOCUMENTS:
         for module, word in COMMAND.findall(document.read_text()):
             module = module.rstrip(".")
-            if not (module.split(".")[0] in {"bot", "models", "signaling", "storage"}):
+            if module.split(".")[0] not in {"bot", "models", "signaling", "storage"}:
                 continue
             found.add((module, word) if word in SUBCOMMANDS.get(module, set()) else (module,))
     return sorted(found)
