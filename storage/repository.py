@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, or_, select, update
 from core.records import AlertRecord, SampleRecord
 from core.settings import StorageSettings
 from storage import csvrows, schema
-from storage.review import build_review
+from storage.review import build_review, finish_session, session_alerts
 from storage.writer import BatchWriter
 from storage.writes import apply_batch
 
@@ -128,8 +128,23 @@ class Repository:
                     return session_id
         return self.start_session(room_id)
 
-    def end_session(self, session_id: str) -> None:
-        self._writer.put("end_session", (session_id, time.time()))
+    def end_session(self, session_id: str, at: float | None = None) -> None:
+        """Queue the session's end, at `at` (epoch seconds) when the caller knows the true end (the
+        teacher pressed End class, or the room emptied before the bot was dismissed), else now."""
+        self._writer.put("end_session", (session_id, time.time() if at is None else float(at)))
+
+    def finish_session(self, session_id: str, ended_at: float) -> bool:
+        """Mark the session ended at `ended_at` now, synchronously (the server's End class: the review
+        must show it ended at once, whichever process runs the bot). Queued writes land first; a session
+        already ended keeps its end. True when this call ended it."""
+        self.flush()
+        return finish_session(self.engine, session_id, ended_at)
+
+    def session_alerts(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's alerts, oldest first, with their acknowledgement (the teacher page's alert feed)."""
+        self.flush(timeout=1.0)   # an alert or ack queued a moment ago belongs in the feed
+        with self.engine.connect() as conn:
+            return session_alerts(conn, session_id)
 
     # ---- the bot's writes (non-blocking, never raise on database trouble) ----------------------------
     def add_participant(self, session_id: str, participant_id: str, name: str) -> None:

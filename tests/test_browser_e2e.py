@@ -4,13 +4,16 @@ A teacher creates a room on the home page and invites the bot; two students join
 browsers (one opts out before joining: his camera never starts and he sends no offer); the bot
 analyses the first only; the teacher page shows live state and an alert; the students see neither;
 when the first student opts out, her camera stops. A blocked camera and a wrong link get plain
-answers. Screenshots of the teacher and review pages go to artifacts/.
+answers. The teacher acknowledges the alert and reloads: the feed and the acknowledgement are still there.
+The teacher ends the class: the students are told, the review shows the session ended at that moment
+and the teacher can delete it. Screenshots of the teacher and review pages go to artifacts/.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +194,40 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await wrong.get_by_test_id("status").filter(has_text="not valid any more").wait_for(timeout=10_000)
             await wrong.wait_for_timeout(2_500)
             assert len(sockets) == 1, "a refused link must not be retried"
+
+            # The teacher acknowledges the alert and reloads the page: the feed comes back from storage,
+            # acknowledgement included.
+            await alert.first.get_by_test_id("ack-button").click()
+            await alert.first.get_by_test_id("ack-button").filter(has_text="Acknowledged").wait_for(timeout=5_000)
+            await teacher.wait_for_timeout(1_000)          # the acknowledgement travels to the bot and is queued
+            await teacher.reload()
+            await teacher.get_by_test_id("connection").filter(has_text="live").wait_for(timeout=10_000)
+            await alert.first.wait_for(timeout=10_000)
+            reloaded = teacher.locator("[data-testid=alert-item].acknowledged").filter(has_text="Asha")
+            await reloaded.first.wait_for(timeout=10_000)
+
+            # End class (after a confirmation): everyone is told, the recording ends at that moment.
+            teacher.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            pressed = time.time()
+            await teacher.get_by_test_id("end-class").click()
+            await teacher.get_by_test_id("class-ended").filter(has_text="Class ended at").wait_for(timeout=15_000)
+            for page in pages.values():
+                await page.get_by_test_id("status").filter(has_text="The class has ended").wait_for(timeout=10_000)
+            assert await pages["asha"].evaluate(LIVE_TRACKS) == 0
+            (ended_at,), = live.rows("SELECT ended_at FROM sessions")
+            assert ended_at is not None and pressed <= ended_at <= time.time()
+            await teacher.get_by_test_id("bot-status").filter(has_text="class is over").wait_for(timeout=5_000)
+            await teacher.screenshot(path=str(ARTIFACTS / "teacher-class-ended.png"), full_page=True)
+
+            # Review shows it ended at that time at once, and deleting it is allowed now.
+            await review.reload()
+            end_label = await review.evaluate(f"new Date({ended_at} * 1000).toLocaleTimeString()")
+            info = review.get_by_test_id("session-info")
+            await info.filter(has_text=end_label).wait_for(timeout=10_000)
+            assert "ongoing" not in await info.inner_text()
+            await review.get_by_test_id("delete-session").click()
+            await review.get_by_text("No stored sessions yet.").wait_for(timeout=10_000)
+            assert live.rows("SELECT COUNT(*) FROM sessions")[0][0] == 0
         finally:
             for browser in browsers:
                 await browser.close()

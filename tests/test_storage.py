@@ -79,7 +79,7 @@ def hold_exclusive_lock(db: Path) -> sqlite3.Connection:
 
 def test_repository_satisfies_the_store_protocol():
     methods = [(n, m) for n, m in inspect.getmembers(Store, inspect.isfunction) if not n.startswith("_")]
-    assert len(methods) == 9
+    assert len(methods) == 11
     for name, member in methods:
         assert list(inspect.signature(getattr(Repository, name)).parameters) == \
             list(inspect.signature(member).parameters), name
