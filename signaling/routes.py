@@ -12,6 +12,7 @@ ROUTES: list[web.RouteDef] = [
     web.get("/teach/{room}", pages.page("teach.html")),
     web.get("/review/{room}", pages.page("review.html")),
     web.get("/static/{name}", pages.static_file),
+    web.get("/favicon.ico", pages.favicon),
     # public
     web.get("/healthz", api.healthz),
     web.get("/api/policy", api.policy),
