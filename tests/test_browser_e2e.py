@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -80,7 +81,8 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
         try:
             teacher_browser = await launch(pw, None, tmp_path / "t")
             browsers.append(teacher_browser)
-            teacher = await (await teacher_browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+            teacher = await (await teacher_browser.new_context(viewport={"width": 1280, "height": 900},
+                                                               permissions=["clipboard-read", "clipboard-write"])).new_page()
             await teacher.goto(live.server + "/")
             await teacher.get_by_test_id("create-room").click()
             await teacher.get_by_test_id("open-teacher").wait_for(state="visible")
@@ -121,6 +123,21 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             meter = asha_row.get_by_role("meter", name="confusion of Asha")
             assert 0 <= int(await meter.get_attribute("aria-valuenow")) <= 100
             await asha_row.get_by_role("button", name="Mute alerts about Asha").wait_for(timeout=5_000)
+            # Muted, the wider "Unmute" button still fits in the table at 1280 px; a second click unmutes.
+            await asha_row.get_by_test_id("mute-button").click()
+            unmute = asha_row.get_by_role("button", name="Unmute alerts about Asha")
+            await unmute.wait_for(timeout=5_000)
+            button_box = await unmute.bounding_box()
+            table_box = await teacher.locator("#students").locator("xpath=ancestor::div[1]").bounding_box()
+            assert button_box["x"] + button_box["width"] <= table_box["x"] + table_box["width"], (button_box, table_box)
+            await unmute.click()
+            await asha_row.get_by_role("button", name="Mute alerts about Asha").wait_for(timeout=5_000)
+            # Ben opted out: there is nothing to mute about him.
+            assert await teacher.get_by_test_id("student-row").filter(has_text=LONG_NAME).get_by_test_id("mute-button").count() == 0
+            # The student link has a copy button.
+            await teacher.get_by_test_id("copy-student-link").click()
+            await teacher.get_by_test_id("copy-status").filter(has_text="Copied").wait_for(timeout=5_000)
+            assert await teacher.evaluate("navigator.clipboard.readText()") == student_link
             await alert.first.get_by_role("button", name="Acknowledge the alert about Asha").wait_for(timeout=5_000)
 
             # Ben opted out before joining: his camera never started and he offered no video.
@@ -225,8 +242,19 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             info = review.get_by_test_id("session-info")
             await info.filter(has_text=end_label).wait_for(timeout=10_000)
             assert "ongoing" not in await info.inner_text()
+            # CSV files are named after the class and its start, not the session id.
+            session_id = live.rows("SELECT session_id FROM sessions")[0][0]
+            async with review.expect_download() as download:
+                await review.get_by_test_id("download-samples").click()
+            name = (await download.value).suggested_filename
+            assert re.fullmatch(r"classmood-[a-z0-9-]+-\d{4}-\d{2}-\d{2}-\d{4}-samples\.csv", name), name
+            assert session_id not in name
             await review.get_by_test_id("delete-session").click()
-            await review.get_by_text("No stored sessions yet.").wait_for(timeout=10_000)
+            # Nothing stored is a plain note, not a warning, and there is nothing left to download.
+            await review.get_by_test_id("review-empty").filter(has_text="No stored sessions yet.").wait_for(timeout=10_000)
+            assert await review.locator("#review-error").inner_text() == ""
+            for button in ("download-samples", "download-alerts", "delete-session"):
+                assert await review.get_by_test_id(button).is_disabled(), button
             assert live.rows("SELECT COUNT(*) FROM sessions")[0][0] == 0
         finally:
             for browser in browsers:

@@ -1,7 +1,7 @@
 // Teacher page. testids: invite-bot, bot-status, teacher-error, teacher-student-link, students, student-row, student-name,
 // student-analysis, student-face, student-label, student-confusion, student-boredom, mute-button, alerts, alert-item,
 // ack-button, class-analysed, class-confusion, class-boredom, sparkline, threshold-*, review-link, connection,
-// sound-toggle, sound-hint, end-class, class-ended; meeting mode (welcome.media.mode "sfu", see meeting.js): meeting-grid, video-tile,
+// sound-toggle, sound-hint, end-class, class-ended, copy-student-link, copy-status; meeting mode (welcome.media.mode "sfu", see meeting.js): meeting-grid, video-tile,
 // self-view, mic-toggle, camera-toggle, leave, meeting-status
 "use strict";
 const room = CM.roomFromPath("/teach/");
@@ -335,6 +335,20 @@ function renderAlerts(freshId) {
   }
   $("no-alerts").classList.toggle("hidden", feed.size > 0);
 }
+
+// Copy the student link (the clipboard API needs a secure context; otherwise the link is selected for Ctrl+C).
+$("copy-student-link").addEventListener("click", async () => {
+  const text = $("student-link").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("copy-status").textContent = "Copied.";
+  } catch (e) {
+    const range = document.createRange(); range.selectNodeContents($("student-link"));
+    const selection = window.getSelection(); selection.removeAllRanges(); selection.addRange(range);
+    $("copy-status").textContent = "Selected: press Ctrl+C (⌘C) to copy.";
+  }
+  setTimeout(() => { $("copy-status").textContent = ""; }, 4000);
+});
 
 // ---- End class: the assistant leaves, the recording ends now, students are told ---------------------------------
 $("end-class").addEventListener("click", async () => {
