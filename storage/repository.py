@@ -73,6 +73,14 @@ class Repository:
     def iter_alerts_csv(self, session_id: str) -> Iterator[str]:
         return csvrows.iter_alerts_csv(self.engine, session_id)
 
+    def replace_teacher_token_hash(self, room_id: str, teacher_token_hash: str) -> bool:
+        """Store a new teacher token hash for the room (the old token stops working); False for no such room.
+        (python -m signaling.admin teacher-link: a teacher who lost the link.)"""
+        with self.engine.begin() as conn:
+            done = conn.execute(update(schema.rooms).where(schema.rooms.c.room_id == room_id)
+                                .values(teacher_token_hash=teacher_token_hash))
+        return bool(done.rowcount)
+
     # ---- erasing (the teacher's delete button, the retention policy) --------------------------------
     def delete_session(self, session_id: str) -> bool:
         """Erase a session's samples, alerts, participants and the session itself in one transaction.
