@@ -65,6 +65,8 @@ async def _empty_the_room(room: Room, ended_at: float) -> None:
         else:
             log.warning("room %s: the bot did not leave within %.0f s of the class ending; closing it",
                         room.room_id, BOT_LEAVE_WAIT_S)
+    # A bot that was reconnecting meanwhile still holds this session: relay.on_session sends it away.
+    room.ended_session = room.session_id or room.ended_session
     room.session_id, room.last_state = None, None
     for peer in room.peers():
         peer.close(CloseCode.ENDED)

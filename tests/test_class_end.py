@@ -9,6 +9,7 @@ import time
 import aiohttp
 
 from core.records import AlertRecord
+from signaling.server import REGISTRY_KEY
 from tests.spine import eventually, start_class, stop_class
 
 
@@ -84,6 +85,29 @@ async def test_end_class_ends_the_session_at_once_tells_everyone_and_lets_the_te
             assert r.status == 200, await r.text()
         await live.invite_bot()
         assert live.service.peers[room_id].room.session_id != session
+    finally:
+        await stop_class(live)
+
+
+async def test_a_bot_that_was_away_when_the_class_ended_does_not_carry_on_recording(tmp_path):
+    live = await start_class(tmp_path)
+    try:
+        await live.create_room()
+        room_id, auth = live.room["room"], {"Authorization": f"Bearer {live.token}"}
+        await live.invite_bot()
+        peer = live.service.peers[room_id]
+        session = peer.room.session_id
+        registry = live.runner.app[REGISTRY_KEY]
+        await peer._ws.close()                               # the bot's connection drops; it will reconnect
+        assert await eventually(lambda: registry.get(room_id).bot is None, 5)
+        async with live.http.post(f"{live.server}/api/rooms/{room_id}/end", headers=auth) as r:
+            ended = await r.json()
+        assert ended["ended"] == [session]
+        # Back, the bot learns that its session is over, and leaves for good; the end time stays the teacher's.
+        assert await eventually(lambda: room_id not in live.service.peers, 8)
+        await asyncio.sleep(1.0)
+        assert room_id not in live.service.peers and registry.get(room_id).bot is None
+        assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session)[0][0] == ended["ended_at"]
     finally:
         await stop_class(live)
 
