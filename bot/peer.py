@@ -45,6 +45,14 @@ def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:
     return RTCConfiguration(iceServers=servers)
 
 
+def _past_epoch(value: Any) -> float | None:
+    """An end time sent by the server, if it is a plausible one (a finite epoch not in the future)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if 0 < value <= time.time() + 1.0 else None
+
+
 class BotPeer:
     """One bot in one room. `run()` returns when stopped or when the room refuses the bot."""
 
@@ -68,6 +76,7 @@ class BotPeer:
         self.ice_servers: list[dict[str, Any]] = []
         self.joined = asyncio.Event()
         self.replaced = False             # another bot took over the room: its session is not ours to end
+        self.ended_at: float | None = None  # the class's true end, when the server told us (End class, idle)
         # Students from another app's Janus room (python -m bot join --janus): the classmood room's own
         # roster and offers are then not the bot's students.
         self.external = external
@@ -115,7 +124,7 @@ class BotPeer:
             self.room.close()
             self.register(self.room_id, None, self.room)
             if not self.replaced:      # a replacing bot carries the session on
-                await asyncio.to_thread(self.repository.end_session, self.room.session_id)
+                await asyncio.to_thread(self.repository.end_session, self.room.session_id, self.ended_at)
             self.room = None
 
     async def _session(self, http: aiohttp.ClientSession) -> bool:
@@ -135,9 +144,16 @@ class BotPeer:
                 if not isinstance(data, dict):
                     continue
                 kind = data.get("type")
+                if kind == "class_ended":
+                    # The teacher pressed End class: end the session at the server's time and leave for good.
+                    self.ended_at = _past_epoch(data.get("ended_at"))
+                    log.info("room %s: the teacher ended the class", self.room_id)
+                    return True
                 if kind == "error":
                     level = logging.INFO if data.get("code") == ErrorCode.IDLE else logging.ERROR   # idle: class over
                     log.log(level, "room %s: server says %s: %s", self.room_id, data.get("code"), data.get("message"))
+                    if data.get("code") == ErrorCode.IDLE:
+                        self.ended_at = _past_epoch(data.get("ended_at"))   # when the last person left
                     if data.get("code") == ErrorCode.REPLACED:
                         self.replaced = True
                         return True
@@ -148,6 +164,10 @@ class BotPeer:
             self._ws = None
         if ws.close_code == CloseCode.REPLACED:
             self.replaced = True
+            return True
+        if ws.close_code in (CloseCode.IDLE, CloseCode.ENDED):
+            # The normal end of a class (everyone left, or the teacher ended it): nothing went wrong.
+            log.info("room %s: the class is over; the bot leaves (%s)", self.room_id, ws.close_code)
             return True
         if retry_is_pointless(ws.close_code):
             log.error("room %s: server closed the bot's socket (%s)", self.room_id, ws.close_code)

@@ -50,6 +50,7 @@ class MessageType(_StrEnum):
     ANSWER = "answer"            # subscriber -> server: SDP answer for that feed
     UNSUBSCRIBE = "unsubscribe"  # student/teacher -> server: stop watching a feed
     MEDIA = "media"              # server -> students and teachers: {"event": "reset"} after an SFU restart
+    CLASS_ENDED = "class_ended"  # server -> everyone in the room: the teacher ended the class (sockets then close 4411)
 
 
 class Role(_StrEnum):
@@ -105,6 +106,7 @@ class CloseCode(IntEnum):
     TIMEOUT = 4408
     REPLACED = 4409          # a bot replaced by a newer bot of the same room
     IDLE = 4410              # a bot dismissed after server.room_idle_seconds alone
+    ENDED = 4411             # the teacher ended the class (POST /api/rooms/{room}/end): its session is over
     LIMIT = 4429             # rate limit or room full
     SERVER_FULL = 4503       # too many live rooms: retry later
     TRY_AGAIN_LATER = 1013   # busy (RFC 6455 registry); aiohttp's WSCloseCode.TRY_AGAIN_LATER

@@ -307,10 +307,14 @@ def _convert(kind: type, raw: str) -> Any:
     return kind(raw)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one --section-field flag per setting (default None = not given)."""
+def add_arguments(parser: argparse.ArgumentParser, sections: Sequence[str] | None = None) -> None:
+    """Add one --section-field flag per setting (default None = not given); `sections` limits the flags to
+    those sections (a tool that only reads the database should not list the server's ~60 flags). The
+    environment (CLASSMOOD_SECTION_FIELD) still sets every section."""
     group = parser.add_argument_group("settings (also env CLASSMOOD_SECTION_FIELD)")
     for section, cls in _sections():
+        if sections is not None and section not in sections:
+            continue
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             group.add_argument(f"--{section}-{f.name}".replace("_", "-"), dest=f"cm__{section}__{f.name}",

@@ -63,9 +63,14 @@ async def dismiss_lonely_bots(app: web.Application) -> AsyncIterator[None]:
                 if room.bot is None:
                     continue
                 log.info("room %s: nobody with the bot for %.0f s; dismissing it", room.room_id, idle)
-                room.bot.send(protocol.error(ErrorCode.IDLE, f"nobody has been in the room for {idle:.0f} s"))
+                # ended_at: when the last person left, the class's true end (the bot ends its session then,
+                # not server.room_idle_seconds later).
+                alone_for = time.monotonic() - (room.alone_since or time.monotonic())
+                room.bot.send({**protocol.error(ErrorCode.IDLE, f"nobody has been in the room for {idle:.0f} s"),
+                               "ended_at": time.time() - alone_for})
                 room.bot.close(CloseCode.IDLE)
                 room.alone_since = None
+                room.session_id = None     # over: the next invite starts a new session
     task = asyncio.ensure_future(loop())
     yield
     task.cancel()

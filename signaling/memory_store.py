@@ -69,6 +69,22 @@ class MemoryStore:
                        if (s["ended_at"] if s["ended_at"] is not None else s["started_at"]) < cutoff]
         return [sid for sid in expired if self.delete_session(sid)]
 
+    def finish_session(self, session_id: str, ended_at: float) -> bool:
+        with self._lock:
+            session = self.sessions.get(session_id)
+            if session is None or session["ended_at"] is not None:
+                return False
+            session["ended_at"] = ended_at
+            review = self.reviews.get(session_id)
+            if review is not None and isinstance(review.get("session"), dict):
+                review["session"]["ended_at"] = ended_at
+            return True
+
+    def session_alerts(self, session_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            review = self.reviews.get(session_id) or {}
+            return [dict(a) for a in review.get("alerts", [])]
+
     # ---- test helpers ---------------------------------------------------------------------------
     def add_session(self, session_id: str, room_id: str, review: dict[str, Any] | None = None,
                     samples: list[str] | None = None, alerts: list[str] | None = None) -> None:

@@ -360,7 +360,12 @@ def on_media(room: Room, peer: Peer, data: dict[str, Any]) -> None:
 
 
 @from_serving_bot
-def on_session(room: Room, _peer: Peer, data: dict[str, Any]) -> None:
+def on_session(room: Room, peer: Peer, data: dict[str, Any]) -> None:
+    if data["session_id"] == room.ended_session:
+        # A bot that was away when the teacher ended the class: that session is over, it must not go on.
+        peer.send(protocol.message(MessageType.CLASS_ENDED, session_id=data["session_id"], ended_at=None))
+        peer.close(CloseCode.ENDED)
+        return
     if room.session_id != data["session_id"]:
         room.session_id = data["session_id"]
         log.info("room %s: session %s", room.room_id, room.session_id)

@@ -147,6 +147,7 @@ class Room:
     teacher_token_hash: str
     bot_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     session_id: str | None = None
+    ended_session: str | None = None       # the session the teacher ended last: a bot that comes back with it is sent away
     bot: Peer | None = None
     teachers: dict[str, Peer] = field(default_factory=dict)
     students: dict[str, Peer] = field(default_factory=dict)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from signaling import api, pages, relay
+from signaling import api, lifecycle, pages, relay
 
 ROUTES: list[web.RouteDef] = [
     # pages and their assets
@@ -12,6 +12,7 @@ ROUTES: list[web.RouteDef] = [
     web.get("/teach/{room}", pages.page("teach.html")),
     web.get("/review/{room}", pages.page("review.html")),
     web.get("/static/{name}", pages.static_file),
+    web.get("/favicon.ico", pages.favicon),
     # public
     web.get("/healthz", api.healthz),
     web.get("/api/policy", api.policy),
@@ -19,12 +20,14 @@ ROUTES: list[web.RouteDef] = [
     web.post("/api/rooms", api.create_room),
     web.get("/api/rooms/{room}", api.room_info),
     web.post("/api/rooms/{room}/invite", api.invite),
+    web.post("/api/rooms/{room}/end", lifecycle.end_class),
     # review (teacher token of the session's room)
     web.get("/api/rooms/{room}/sessions", api.sessions),
     web.get("/api/sessions/{sid}/review", api.review),
     web.delete("/api/sessions/{sid}", api.delete_session),
     web.get("/api/sessions/{sid}/samples.csv", api.samples_csv),
     web.get("/api/sessions/{sid}/alerts.csv", api.alerts_csv),
+    web.get("/api/sessions/{sid}/alerts", lifecycle.session_alerts),
     # WebSockets
     web.get("/ws", relay.ws_room),
     web.get("/ws/worker", relay.ws_worker),

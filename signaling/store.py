@@ -37,3 +37,11 @@ class Store(Protocol):
     def delete_sessions_before(self, cutoff: float) -> list[str]:
         """Erase sessions that ended before `cutoff` epoch seconds, or never ended and show no activity
         since before it (a class still being recorded is kept); their ids."""
+
+    def finish_session(self, session_id: str, ended_at: float) -> bool:
+        """End the session at `ended_at` (epoch seconds) now, unless it has ended already (the teacher's End
+        class button: the review shows it ended at once). True when this call ended it."""
+
+    def session_alerts(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's alerts, oldest first: {"alert_id", "session_id", "t", "level", "kind", "message",
+        "value", "participant_id", "name", "acknowledged", "acknowledged_at"} (the teacher page's feed)."""

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="erase the sessions that storage.retention_days has expired (the server does this hourly)")
     parser.add_argument("--db", metavar="PATH_OR_URL",
                         help="a SQLite file or any SQLAlchemy URL (overrides --storage-url)")
-    settings_mod.add_arguments(parser)
+    settings_mod.add_arguments(parser, sections=("storage",))
     args = parser.parse_args(argv)
     try:
         settings = settings_mod.load(args)

@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, or_, select, update
 from core.records import AlertRecord, SampleRecord
 from core.settings import StorageSettings
 from storage import csvrows, schema
-from storage.review import build_review
+from storage.review import build_review, finish_session, session_alerts
 from storage.writer import BatchWriter
 from storage.writes import apply_batch
 
@@ -73,6 +73,14 @@ class Repository:
     def iter_alerts_csv(self, session_id: str) -> Iterator[str]:
         return csvrows.iter_alerts_csv(self.engine, session_id)
 
+    def replace_teacher_token_hash(self, room_id: str, teacher_token_hash: str) -> bool:
+        """Store a new teacher token hash for the room (the old token stops working); False for no such room.
+        (python -m signaling.admin teacher-link: a teacher who lost the link.)"""
+        with self.engine.begin() as conn:
+            done = conn.execute(update(schema.rooms).where(schema.rooms.c.room_id == room_id)
+                                .values(teacher_token_hash=teacher_token_hash))
+        return bool(done.rowcount)
+
     # ---- erasing (the teacher's delete button, the retention policy) --------------------------------
     def delete_session(self, session_id: str) -> bool:
         """Erase a session's samples, alerts, participants and the session itself in one transaction.
@@ -128,8 +136,23 @@ class Repository:
                     return session_id
         return self.start_session(room_id)
 
-    def end_session(self, session_id: str) -> None:
-        self._writer.put("end_session", (session_id, time.time()))
+    def end_session(self, session_id: str, at: float | None = None) -> None:
+        """Queue the session's end, at `at` (epoch seconds) when the caller knows the true end (the
+        teacher pressed End class, or the room emptied before the bot was dismissed), else now."""
+        self._writer.put("end_session", (session_id, time.time() if at is None else float(at)))
+
+    def finish_session(self, session_id: str, ended_at: float) -> bool:
+        """Mark the session ended at `ended_at` now, synchronously (the server's End class: the review
+        must show it ended at once, whichever process runs the bot). Queued writes land first; a session
+        already ended keeps its end. True when this call ended it."""
+        self.flush()
+        return finish_session(self.engine, session_id, ended_at)
+
+    def session_alerts(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's alerts, oldest first, with their acknowledgement (the teacher page's alert feed)."""
+        self.flush(timeout=1.0)   # an alert or ack queued a moment ago belongs in the feed
+        with self.engine.connect() as conn:
+            return session_alerts(conn, session_id)
 
     # ---- the bot's writes (non-blocking, never raise on database trouble) ----------------------------
     def add_participant(self, session_id: str, participant_id: str, name: str) -> None:

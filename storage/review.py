@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Integer, case, func, select
-from sqlalchemy.engine import Connection
+from sqlalchemy import Integer, case, func, select, update
+from sqlalchemy.engine import Connection, Engine
 
 from core.emotions import EMOTIONS
 from storage import schema
@@ -100,3 +100,25 @@ def _bucket_index(conn: Connection, t: Any, bucket_seconds: float) -> Any:
 
 def _round(value: Any) -> float | None:
     return None if value is None else round(float(value), 4)
+
+
+# ---- the teacher page's alert feed and the End class button ------------------------------------------
+ALERT_FIELDS = ("alert_id", "t", "level", "kind", "message", "value", "participant_id", "name",
+                "acknowledged", "acknowledged_at")
+
+
+def session_alerts(conn: Connection, session_id: str) -> list[dict[str, Any]]:
+    """The session's alerts, oldest first, in the live alert message's shape plus acknowledged_at."""
+    a = schema.alerts
+    rows = conn.execute(select(*[a.c[f] for f in ALERT_FIELDS]).where(a.c.session_id == session_id)
+                        .order_by(a.c.t, a.c.alert_id)).mappings()
+    return [{**dict(row), "session_id": session_id, "acknowledged": bool(row["acknowledged"])} for row in rows]
+
+
+def finish_session(engine: Engine, session_id: str, ended_at: float) -> bool:
+    """End a session that has no end yet at `ended_at`; True when it did."""
+    s = schema.sessions
+    with engine.begin() as conn:
+        done = conn.execute(update(s).where((s.c.session_id == session_id) & s.c.ended_at.is_(None))
+                            .values(ended_at=float(ended_at)))
+    return bool(done.rowcount)

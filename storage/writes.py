@@ -97,7 +97,10 @@ def _ack(conn: Connection, payload: tuple[str, float]) -> None:
 
 def _end_session(conn: Connection, payload: tuple[str, float]) -> None:
     session_id, t = payload
-    conn.execute(update(schema.sessions).where(schema.sessions.c.session_id == session_id).values(ended_at=t))
+    s = schema.sessions
+    # A session keeps its first end (e.g. the teacher's End class, stored by the server, wins over a bot that
+    # was away and learns of it later); a bot that resumes a session clears the end first.
+    conn.execute(update(s).where((s.c.session_id == session_id) & s.c.ended_at.is_(None)).values(ended_at=t))
 
 
 _APPLY: dict[str, Callable[[Connection, Any], None]] = {

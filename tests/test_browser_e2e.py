@@ -4,12 +4,16 @@ A teacher creates a room on the home page and invites the bot; two students join
 browsers (one opts out before joining: his camera never starts and he sends no offer); the bot
 analyses the first only; the teacher page shows live state and an alert; the students see neither;
 when the first student opts out, her camera stops. A blocked camera and a wrong link get plain
-answers. Screenshots of the teacher and review pages go to artifacts/.
+answers. The teacher acknowledges the alert and reloads: the feed and the acknowledgement are still there.
+The teacher ends the class: the students are told, the review shows the session ended at that moment
+and the teacher can delete it. Screenshots of the teacher and review pages go to artifacts/.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +80,8 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
         try:
             teacher_browser = await launch(pw, None, tmp_path / "t")
             browsers.append(teacher_browser)
-            teacher = await (await teacher_browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+            teacher = await (await teacher_browser.new_context(viewport={"width": 1280, "height": 900},
+                                                               permissions=["clipboard-read", "clipboard-write"])).new_page()
             await teacher.goto(live.server + "/")
             await teacher.get_by_test_id("create-room").click()
             await teacher.get_by_test_id("open-teacher").wait_for(state="visible")
@@ -117,6 +122,21 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             meter = asha_row.get_by_role("meter", name="confusion of Asha")
             assert 0 <= int(await meter.get_attribute("aria-valuenow")) <= 100
             await asha_row.get_by_role("button", name="Mute alerts about Asha").wait_for(timeout=5_000)
+            # Muted, the wider "Unmute" button still fits in the table at 1280 px; a second click unmutes.
+            await asha_row.get_by_test_id("mute-button").click()
+            unmute = asha_row.get_by_role("button", name="Unmute alerts about Asha")
+            await unmute.wait_for(timeout=5_000)
+            button_box = await unmute.bounding_box()
+            table_box = await teacher.locator("#students").locator("xpath=ancestor::div[1]").bounding_box()
+            assert button_box["x"] + button_box["width"] <= table_box["x"] + table_box["width"], (button_box, table_box)
+            await unmute.click()
+            await asha_row.get_by_role("button", name="Mute alerts about Asha").wait_for(timeout=5_000)
+            # Ben opted out: there is nothing to mute about him.
+            assert await teacher.get_by_test_id("student-row").filter(has_text=LONG_NAME).get_by_test_id("mute-button").count() == 0
+            # The student link has a copy button.
+            await teacher.get_by_test_id("copy-student-link").click()
+            await teacher.get_by_test_id("copy-status").filter(has_text="Copied").wait_for(timeout=5_000)
+            assert await teacher.evaluate("navigator.clipboard.readText()") == student_link
             await alert.first.get_by_role("button", name="Acknowledge the alert about Asha").wait_for(timeout=5_000)
 
             # Ben opted out before joining: his camera never started and he offered no video.
@@ -190,6 +210,51 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await wrong.get_by_test_id("status").filter(has_text="not valid any more").wait_for(timeout=10_000)
             await wrong.wait_for_timeout(2_500)
             assert len(sockets) == 1, "a refused link must not be retried"
+
+            # The teacher acknowledges the alert and reloads the page: the feed comes back from storage,
+            # acknowledgement included.
+            await alert.first.get_by_test_id("ack-button").click()
+            await alert.first.get_by_test_id("ack-button").filter(has_text="Acknowledged").wait_for(timeout=5_000)
+            await teacher.wait_for_timeout(1_000)          # the acknowledgement travels to the bot and is queued
+            await teacher.reload()
+            await teacher.get_by_test_id("connection").filter(has_text="live").wait_for(timeout=10_000)
+            await alert.first.wait_for(timeout=10_000)
+            reloaded = teacher.locator("[data-testid=alert-item].acknowledged").filter(has_text="Asha")
+            await reloaded.first.wait_for(timeout=10_000)
+
+            # End class (after a confirmation): everyone is told, the recording ends at that moment.
+            teacher.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            pressed = time.time()
+            await teacher.get_by_test_id("end-class").click()
+            await teacher.get_by_test_id("class-ended").filter(has_text="Class ended at").wait_for(timeout=15_000)
+            for page in pages.values():
+                await page.get_by_test_id("status").filter(has_text="The class has ended").wait_for(timeout=10_000)
+            assert await pages["asha"].evaluate(LIVE_TRACKS) == 0
+            (ended_at,), = live.rows("SELECT ended_at FROM sessions")
+            assert ended_at is not None and pressed <= ended_at <= time.time()
+            await teacher.get_by_test_id("bot-status").filter(has_text="class is over").wait_for(timeout=5_000)
+            await teacher.screenshot(path=str(ARTIFACTS / "teacher-class-ended.png"), full_page=True)
+
+            # Review shows it ended at that time at once, and deleting it is allowed now.
+            await review.reload()
+            end_label = await review.evaluate(f"new Date({ended_at} * 1000).toLocaleTimeString()")
+            info = review.get_by_test_id("session-info")
+            await info.filter(has_text=end_label).wait_for(timeout=10_000)
+            assert "ongoing" not in await info.inner_text()
+            # CSV files are named after the class and its start, not the session id.
+            session_id = live.rows("SELECT session_id FROM sessions")[0][0]
+            async with review.expect_download() as download:
+                await review.get_by_test_id("download-samples").click()
+            name = (await download.value).suggested_filename
+            assert re.fullmatch(r"classmood-[a-z0-9-]+-\d{4}-\d{2}-\d{2}-\d{4}-samples\.csv", name), name
+            assert session_id not in name
+            await review.get_by_test_id("delete-session").click()
+            # Nothing stored is a plain note, not a warning, and there is nothing left to download.
+            await review.get_by_test_id("review-empty").filter(has_text="No stored sessions yet.").wait_for(timeout=10_000)
+            assert await review.locator("#review-error").inner_text() == ""
+            for button in ("download-samples", "download-alerts", "delete-session"):
+                assert await review.get_by_test_id(button).is_disabled(), button
+            assert live.rows("SELECT COUNT(*) FROM sessions")[0][0] == 0
         finally:
             for browser in browsers:
                 await browser.close()

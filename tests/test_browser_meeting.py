@@ -5,11 +5,13 @@ The teacher and two students see and hear each other (video elements playing rea
 packets with energy arriving); the teacher's page shows both students' tiles beside the alert feed, each student's
 page shows the teacher's tile; the bot, one more subscriber, analyses both students; a student who switches
 analysis off stays in class (the teacher still sees her tile playing) but gives no new samples; students never
-receive state or alerts; Leave closes everything and her tile disappears from the teacher's grid.
+receive state or alerts; Leave closes everything and her tile disappears from the teacher's grid; End class
+stops the other student's media and tells him.
 Screenshots: artifacts/teacher-meeting.png, artifacts/student-meeting.png.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -298,6 +300,15 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
             assert await asha.evaluate("window.__cameraTracks.every((t) => t.readyState === 'ended')")
             assert await asha.evaluate("window.__pcs.every((pc) => pc.connectionState === 'closed')")
             await grid.get_by_test_id("video-tile").filter(has_text="Asha").wait_for(state="detached", timeout=20_000)
+
+            # The teacher ends the class: Ben's page stops his camera, microphone and connections, and says so.
+            teacher.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            await teacher.get_by_test_id("end-class").click()
+            await teacher.get_by_test_id("class-ended").filter(has_text="Class ended at").wait_for(timeout=15_000)
+            await ben.get_by_test_id("status").filter(has_text="The class has ended").wait_for(timeout=10_000)
+            assert await ben.evaluate("window.__cameraTracks.every((t) => t.readyState === 'ended')")
+            assert await ben.evaluate("window.__pcs.every((pc) => pc.connectionState === 'closed')")
+            assert live.rows("SELECT COUNT(*) FROM sessions WHERE ended_at IS NULL")[0][0] == 0
             print(f"meeting test: {time.monotonic() - started:.1f} s")
         finally:
             print("\n".join(line for line in log if '"type":"state"' not in line and '"type": "state"' not in line))

@@ -126,7 +126,7 @@ class FailingOnceRepository(RecordingRepository):
             raise OperationalError("INSERT INTO sessions ...", None, Exception("database or disk is full"))
         return "session-after-retry"
 
-    def end_session(self, session_id):
+    def end_session(self, session_id, at=None):
         self.calls.append(("ended", session_id))
 
 

@@ -79,7 +79,7 @@ def hold_exclusive_lock(db: Path) -> sqlite3.Connection:
 
 def test_repository_satisfies_the_store_protocol():
     methods = [(n, m) for n, m in inspect.getmembers(Store, inspect.isfunction) if not n.startswith("_")]
-    assert len(methods) == 9
+    assert len(methods) == 11
     for name, member in methods:
         assert list(inspect.signature(getattr(Repository, name)).parameters) == \
             list(inspect.signature(member).parameters), name
@@ -506,3 +506,15 @@ def test_errors_are_described_in_one_line_with_the_drivers_message():
     assert describe(wrapped) == "OperationalError: database or disk is full"
     assert describe(ValueError("x" * 500)) == "ValueError: " + "x" * 200
     assert describe(KeyError()) == "KeyError"
+
+
+def test_a_session_keeps_its_first_end_time(repo):
+    sid = new_session(repo)
+    repo.end_session(sid, at=1000.0)                 # e.g. when the last person left, before the bot was dismissed
+    repo.end_session(sid)                            # a late second end (a bot that was away) changes nothing
+    repo.flush()
+    assert [s["ended_at"] for s in repo.list_sessions("room1")] == [1000.0]
+    assert repo.finish_session(sid, 2000.0) is False
+    other = repo.start_session("room1")
+    assert repo.finish_session(other, 3000.0) is True
+    assert {s["session_id"]: s["ended_at"] for s in repo.list_sessions("room1")}[other] == 3000.0

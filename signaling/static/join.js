@@ -198,6 +198,8 @@ function openSocket() {
       try { await peer.setRemoteDescription({ type: "answer", sdp: msg.data.sdp }); } catch (e) {
         if (pc === peer) status("The video connection failed: switch analysis off and on to try again.", "warn");
       }
+    } else if (msg.type === "class_ended") {
+      classEnded();
     } else if (msg.type === "error") {
       if (!joined || msg.code === "rate_limited") lastError = msg;   // these end the connection: say why at close
       status(errorText(msg.code, msg.message), "warn");
@@ -207,6 +209,7 @@ function openSocket() {
     if (ws !== sock) return;   // left the class, or replaced by a newer connection
     ws = null;
     disconnected();
+    if (event.code === 4411) { classEnded(); return; }   // the teacher ended the class
     if (event.code >= 4400 && event.code <= 4499) {
       status(lastError ? errorText(lastError.code, lastError.message)
         : (CLOSED[event.code] || `You were disconnected (code ${event.code}): press Join to try again.`), "warn");
@@ -242,6 +245,12 @@ function leave() {
   if (sock) sock.close(1000);
   setButtons(false);
   status("You left the class.", "");
+}
+
+// The teacher ended the class: camera (and in a meeting microphone and the others' video) off, no reconnect.
+function classEnded() {
+  leave();
+  status("The class has ended: your camera and microphone are off. You can close this page.", "");
 }
 
 $("join-form").addEventListener("submit", join);

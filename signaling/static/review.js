@@ -26,8 +26,11 @@ async function loadSessions() {
     select.appendChild(CM.el("option", { value: s.session_id },
       new Date(s.started_at * 1000).toLocaleString() + ` — ${s.participants} students, ${s.samples} samples, ${s.alerts} alerts`));
   }
-  $("delete-session").disabled = !res.data.sessions.length;
-  if (!res.data.sessions.length) { current = null; $("review-error").textContent = "No stored sessions yet."; clearReview(); return; }
+  // Nothing stored is not an error: a plain note, and nothing to download or delete.
+  for (const id of ["delete-session", "download-samples", "download-alerts"]) $(id).disabled = !res.data.sessions.length;
+  $("review-error").textContent = "";
+  $("review-empty").classList.toggle("hidden", res.data.sessions.length > 0);
+  if (!res.data.sessions.length) { current = null; clearReview(); return; }
   await loadReview(res.data.sessions[0].session_id);
 }
 
@@ -47,8 +50,11 @@ function axes(ctx, canvas, t0, t1) {
   for (let i = 0; i <= ticks; i++) {
     const x = 40 + (i / ticks) * (canvas.width - 50);
     ctx.beginPath(); ctx.moveTo(x, 10); ctx.lineTo(x, canvas.height - 20); ctx.stroke();
-    ctx.fillText(new Date((t0 + (i / ticks) * (t1 - t0)) * 1000).toLocaleTimeString(), x - 28, canvas.height - 5);
+    // Labels centred on their tick, the first and last aligned inside the canvas (the last was cut off).
+    ctx.textAlign = i === 0 ? "left" : i === ticks ? "right" : "center";
+    ctx.fillText(new Date((t0 + (i / ticks) * (t1 - t0)) * 1000).toLocaleTimeString(), i === ticks ? canvas.width - 2 : i === 0 ? Math.max(2, x - 28) : x, canvas.height - 5);
   }
+  ctx.textAlign = "left";
   ctx.fillText("1", 25, 16); ctx.fillText("0", 25, canvas.height - 22);
 }
 const X = (canvas, t, t0, t1) => 40 + ((t - t0) / Math.max(1, t1 - t0)) * (canvas.width - 50);
@@ -168,8 +174,16 @@ async function download(kind) {
   } catch (e) { $("review-error").textContent = "Download failed: cannot reach the server."; return; }
   if (!res.ok) { $("review-error").textContent = "Download failed: " + res.status; return; }
   const url = URL.createObjectURL(await res.blob());
-  const a = CM.el("a", { href: url, download: `classmood-${sid}-${kind}.csv` }); document.body.appendChild(a); a.click(); a.remove();
+  const a = CM.el("a", { href: url, download: csvName(current.session, kind) }); document.body.appendChild(a); a.click(); a.remove();
   setTimeout(() => URL.revokeObjectURL(url), 5000);
+}
+
+// "classmood-maths-2b-2026-11-30-0905-samples.csv": the class title and its start, not a random session id.
+function csvName(session, kind) {
+  const d = new Date(session.started_at * 1000), two = (n) => String(n).padStart(2, "0");
+  const when = `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())}-${two(d.getHours())}${two(d.getMinutes())}`;
+  const title = (session.title || "class").normalize("NFKD").replace(/[^\w]+/g, "-").replace(/^-+|-+$/g, "").toLowerCase().slice(0, 40);
+  return `classmood-${title || "class"}-${when}-${kind}.csv`;
 }
 
 function clearReview() {

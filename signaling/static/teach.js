@@ -1,7 +1,7 @@
 // Teacher page. testids: invite-bot, bot-status, teacher-error, teacher-student-link, students, student-row, student-name,
 // student-analysis, student-face, student-label, student-confusion, student-boredom, mute-button, alerts, alert-item,
 // ack-button, class-analysed, class-confusion, class-boredom, sparkline, threshold-*, review-link, connection,
-// sound-toggle, sound-hint; meeting mode (welcome.media.mode "sfu", see meeting.js): meeting-grid, video-tile,
+// sound-toggle, sound-hint, end-class, class-ended, copy-student-link, copy-status; meeting mode (welcome.media.mode "sfu", see meeting.js): meeting-grid, video-tile,
 // self-view, mic-toggle, camera-toggle, leave, meeting-status
 "use strict";
 const room = CM.roomFromPath("/teach/");
@@ -9,7 +9,9 @@ const token = CM.tokenFromHash();
 const $ = (id) => document.getElementById(id);
 let ws = null, backoff = 500, roster = new Map(), lastState = null, audio = null, thresholdsTouched = 0;
 let connected = false, lastError = null, botPresent = false, errorTimer = null;
-let meeting = null, left = false;
+let meeting = null, left = false, ended = false;
+// The alert feed of the current session: stored alerts (loaded on open/reload) and live ones, by alert_id.
+let feedSession = null, feed = new Map();
 
 const INVALID = "This teacher link is not valid (wrong key, or the room no longer exists).";
 const ERRORS = {
@@ -46,6 +48,7 @@ async function loadRoom() {
   $("student-link").textContent = res.data.student_url || "";
   for (const p of res.data.participants || []) roster.set(p.peer_id, p);
   showBot(res.data.bot);
+  loadAlerts(res.data.session_id);
   render();
   return true;
 }
@@ -101,6 +104,7 @@ function connect() {
       $("connection").textContent = "live";
       roster = new Map((msg.participants || []).map((p) => [p.peer_id, p]));
       if (!msg.bot) lastState = null;   // figures from before the reconnect are stale
+      loadAlerts(msg.session_id);
       showBot(msg.bot); render(); drawSparkline();
       if (msg.media && msg.media.mode === "sfu") enterMeeting(msg);
     } else if (meeting && meeting.handle(msg)) {
@@ -115,6 +119,10 @@ function connect() {
       if (!msg.peer_id) { lastState = null; render(); drawSparkline(); }
     } else if (msg.type === "alert") {
       addAlert(msg.alert, true);
+    } else if (msg.type === "session") {
+      loadAlerts(msg.session_id);
+    } else if (msg.type === "class_ended") {
+      classEnded(msg.ended_at);
     } else if (msg.type === "error") {
       if (!connected || msg.code === "rate_limited") lastError = msg;   // these end the connection
       showError(errorText(msg.code, msg.message), connected && msg.code !== "rate_limited");
@@ -123,6 +131,7 @@ function connect() {
   sock.addEventListener("close", (event) => {
     if (ws !== sock) return;
     connected = false;
+    if (event.code === 4411) { classEnded(null); return; }   // the class was ended (perhaps from another tab)
     if (meeting) { meeting.closeAll(false); showTiles(); }   // the camera stays on for the reconnect
     if (event.code >= 4400 && event.code <= 4499) {   // retrying with the same link cannot help
       $("connection").textContent = "disconnected";
@@ -213,7 +222,8 @@ function render() {
     mute.setAttribute("aria-label", (s.muted ? "Unmute alerts about " : "Mute alerts about ") + name);
     mute.addEventListener("click", () => sendOrSay({ type: "control", action: s.muted ? "unmute" : "mute", peer_id: id },
       `alerts about ${name} were not ${s.muted ? "unmuted" : "muted"}`));
-    tr.appendChild(CM.el("td")).appendChild(mute);
+    // Alerts are about analysed students only: a student who opted out has nothing to mute.
+    if (analysis) tr.appendChild(CM.el("td")).appendChild(mute); else tr.appendChild(CM.el("td"));
     body.appendChild(tr);
   }
   $("no-students").classList.toggle("hidden", body.children.length > 0);
@@ -282,20 +292,93 @@ function beep() {
   osc.start(); osc.stop(audio.currentTime + 0.25);
 }
 
+// Stored alerts of the session (with their acknowledgements) come back after a reload; live ones join them.
+async function loadAlerts(sessionId) {
+  if (!sessionId || sessionId === feedSession) return;
+  feedSession = sessionId; feed = new Map(); renderAlerts(null);
+  const res = await CM.api("GET", "/api/sessions/" + encodeURIComponent(sessionId) + "/alerts", token);
+  if (feedSession !== sessionId) return;   // a newer session started meanwhile
+  if (!res.ok) { showError("Could not load this class's earlier alerts: " + ((res.data && res.data.error) || res.status), true); return; }
+  for (const alert of (res.data && res.data.alerts) || []) {
+    if (!feed.has(alert.alert_id)) feed.set(alert.alert_id, alert);
+  }
+  renderAlerts(null);
+}
+
 function addAlert(alert, fresh) {
-  const li = CM.el("li", { testid: "alert-item", class: alert.level === "class" ? "class" : "" });
-  li.appendChild(CM.el("strong", {}, alert.message));
-  li.appendChild(CM.el("div", { class: "muted" }, CM.clock(alert.t) + " · " + alert.level + " · " + alert.kind));
-  const ack = CM.el("button", { class: "secondary", testid: "ack-button",
-    "aria-label": alert.name ? "Acknowledge the alert about " + alert.name : "Acknowledge the class alert" }, "Acknowledge");
-  ack.addEventListener("click", () => {
-    if (!sendOrSay({ type: "control", action: "ack", alert_id: alert.alert_id }, "the alert was not acknowledged")) return;
-    li.classList.add("acknowledged"); ack.disabled = true;
-  });
-  li.appendChild(ack);
-  $("alerts").prepend(li);
-  $("no-alerts").classList.add("hidden");
-  if (fresh) { li.classList.add("flash"); beep(); if (document.hidden) document.title = "(!) classmood"; }
+  if (alert.session_id && alert.session_id !== feedSession) { feedSession = alert.session_id; feed = new Map(); }
+  if (feed.has(alert.alert_id)) return;
+  feed.set(alert.alert_id, alert);
+  renderAlerts(fresh ? alert.alert_id : null);
+  if (fresh) { beep(); if (document.hidden) document.title = "(!) classmood"; }
+}
+
+function renderAlerts(freshId) {
+  const list = $("alerts");
+  list.replaceChildren();
+  const newestFirst = [...feed.values()].sort((a, b) => (b.t || 0) - (a.t || 0));
+  for (const alert of newestFirst) {
+    const li = CM.el("li", { testid: "alert-item", class: alert.level === "class" ? "class" : "" });
+    li.appendChild(CM.el("strong", {}, alert.message));
+    li.appendChild(CM.el("div", { class: "muted" }, CM.clock(alert.t) + " · " + alert.level + " · " + alert.kind));
+    const ack = CM.el("button", { class: "secondary", testid: "ack-button",
+      "aria-label": alert.name ? "Acknowledge the alert about " + alert.name : "Acknowledge the class alert" },
+      alert.acknowledged ? "Acknowledged" : "Acknowledge");
+    if (alert.acknowledged) { li.classList.add("acknowledged"); ack.disabled = true; }
+    ack.addEventListener("click", () => {
+      if (!sendOrSay({ type: "control", action: "ack", alert_id: alert.alert_id }, "the alert was not acknowledged")) return;
+      alert.acknowledged = true; li.classList.add("acknowledged"); ack.disabled = true; ack.textContent = "Acknowledged";
+    });
+    li.appendChild(ack);
+    if (alert.alert_id === freshId) li.classList.add("flash");
+    list.appendChild(li);
+  }
+  $("no-alerts").classList.toggle("hidden", feed.size > 0);
+}
+
+// Copy the student link (the clipboard API needs a secure context; otherwise the link is selected for Ctrl+C).
+$("copy-student-link").addEventListener("click", async () => {
+  const text = $("student-link").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("copy-status").textContent = "Copied.";
+  } catch (e) {
+    const range = document.createRange(); range.selectNodeContents($("student-link"));
+    const selection = window.getSelection(); selection.removeAllRanges(); selection.addRange(range);
+    $("copy-status").textContent = "Selected: press Ctrl+C (⌘C) to copy.";
+  }
+  setTimeout(() => { $("copy-status").textContent = ""; }, 4000);
+});
+
+// ---- End class: the assistant leaves, the recording ends now, students are told ---------------------------------
+$("end-class").addEventListener("click", async () => {
+  if (!window.confirm("End the class for everyone? The assistant leaves, the recording ends now and students " +
+                      "see that class is over.")) return;
+  const button = $("end-class");
+  button.disabled = true;
+  const res = await CM.api("POST", "/api/rooms/" + encodeURIComponent(room) + "/end", token);
+  if (res.ok) classEnded(res.data && res.data.ended_at);
+  else { button.disabled = false; showError("The class was not ended: " + ((res.data && res.data.error) || res.status), true); }
+});
+
+function classEnded(at) {
+  const sock = ws; ws = null; connected = false;   // no reconnect: the class is over
+  if (sock && sock.readyState <= WebSocket.OPEN) sock.close(1000);
+  if (meeting) { meeting.closeAll(true); showTiles(); }
+  if (!ended || at) {
+    const when = at ? " at " + CM.clock(at) : "";
+    const note = $("class-ended");
+    note.replaceChildren(document.createTextNode(`Class ended${when}. `));
+    const link = CM.el("a", { href: $("review-link").href, testid: "class-ended-review" }, "Review this class");
+    note.appendChild(link);
+    note.appendChild(document.createTextNode(" · reload this page to start another class."));
+    note.classList.remove("hidden");
+  }
+  ended = true;
+  lastState = null; botPresent = false; roster = new Map(); render(); drawSparkline();
+  setBot("The assistant has left: the class is over.", "");
+  $("connection").textContent = "class ended";
+  for (const id of ["end-class", "invite-bot", "mic-toggle", "camera-toggle", "leave"]) $(id).disabled = true;
 }
 document.addEventListener("visibilitychange", () => { if (!document.hidden) document.title = "classmood — teacher"; });
 
