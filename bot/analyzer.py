@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from bot.mailbox import FrameMailbox
+from core import images
 from core.faces import Faces
 
 log = logging.getLogger("classmood.bot.analyzer")
@@ -22,7 +23,7 @@ MAX_SIDE = 1920          # larger frames are downscaled before detection (a 4K w
 
 @dataclass
 class PendingFrame:
-    frame: Any               # av.VideoFrame (converted in this thread) or a BGR ndarray
+    frame: Any               # av.VideoFrame or encoded PNG/JPEG bytes (converted in this thread) or a BGR ndarray
     received_at: float       # wall clock, when the bot's track handed it over
     received_mono: float     # monotonic twin of received_at, for latency
 
@@ -41,10 +42,22 @@ class FrameResult:
     error: str | None = None             # why this frame could not be analysed
 
 
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes (a meeting-bot service's frame) -> BGR; ValueError for a non-image, a truncated file or
+    one larger than MAX_SIDE (checked from the header, before decoding: the server checks too)."""
+    images.check(data, MAX_SIDE, MAX_SIDE)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("the image could not be decoded")
+    return image
+
+
 def to_bgr(frame: Any) -> np.ndarray:
-    """av.VideoFrame or ndarray -> a sane BGR uint8 image; ValueError for zero-size or odd frames."""
+    """av.VideoFrame, PNG/JPEG bytes or ndarray -> a sane BGR uint8 image; ValueError for zero-size or odd frames."""
     if isinstance(frame, np.ndarray):
         image = frame
+    elif isinstance(frame, (bytes, bytearray, memoryview)):
+        image = decode_image(bytes(frame))
     else:
         width, height = int(getattr(frame, "width", 0) or 0), int(getattr(frame, "height", 0) or 0)
         if min(width, height) > 0 and max(width, height) > MAX_SIDE:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from signaling import api, pages, relay
+from signaling import api, ingest, pages, relay
 
 ROUTES: list[web.RouteDef] = [
     # pages and their assets
@@ -19,6 +19,11 @@ ROUTES: list[web.RouteDef] = [
     web.post("/api/rooms", api.create_room),
     web.get("/api/rooms/{room}", api.room_info),
     web.post("/api/rooms/{room}/invite", api.invite),
+    # meeting-bot services (Recall.ai, Attendee): signaling/ingest.py
+    web.post("/api/rooms/{room}/ingest", ingest.create),
+    web.get("/api/rooms/{room}/ingest", ingest.status),
+    web.delete("/api/rooms/{room}/ingest", ingest.revoke),
+    web.post("/api/rooms/{room}/ingest/consent", ingest.consent),
     # review (teacher token of the session's room)
     web.get("/api/rooms/{room}/sessions", api.sessions),
     web.get("/api/sessions/{sid}/review", api.review),
@@ -28,4 +33,5 @@ ROUTES: list[web.RouteDef] = [
     # WebSockets
     web.get("/ws", relay.ws_room),
     web.get("/ws/worker", relay.ws_worker),
+    web.get("/ingest/{service}/{secret}", ingest.ws_ingest),
 ]
