@@ -418,14 +418,14 @@ class IngestConnection:
         if event.source != "webcam":
             self.counters["screenshare_frames"] += 1
             return
-        if seat.rate is not None and not seat.rate.allow():
-            self.refuse("over_rate", f"{seat.peer_id} sends more than {self.limits.max_fps:g} frames/s; excess dropped")
-            return
         assert event.image is not None
-        try:
+        try:      # the header only (cheap): a bad frame does not use up the participant's frame budget
             images.check(event.image, self.limits.max_width, self.limits.max_height)
         except images.BadImage as exc:
             self.refuse("bad_image", f"frame of {seat.peer_id} skipped: {exc}")
+            return
+        if seat.rate is not None and not seat.rate.allow():
+            self.refuse("over_rate", f"{seat.peer_id} sends more than {self.limits.max_fps:g} frames/s; excess dropped")
             return
         peer = seat.peer
         if peer is None or not peer.analysis:
