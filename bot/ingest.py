@@ -54,7 +54,7 @@ class IngestFrames:
 
     async def _sweep(self) -> None:
         stall = self.bot.settings.bot.stall_seconds
-        while self.last:
+        while self.last and self.bot.room is not None:
             await asyncio.sleep(min(1.0, stall / 2))
             room, now = self.bot.room, time.monotonic()
             for peer, seen in list(self.last.items()):

@@ -228,6 +228,23 @@ class NullSocket:
         return True
 
 
+class MeetingPeer(Peer):
+    """A meeting participant seated as a student: messages to students (the bot's presence) have nowhere to
+    go, so nothing is queued and no writer task runs."""
+
+    def __init__(self, peer_id: str, name: str, analysis: bool) -> None:
+        super().__init__(peer_id, "student", NullSocket(), name, analysis)
+
+    def start(self) -> None:
+        return None
+
+    def send(self, message: dict[str, Any]) -> bool:
+        return not self.closing
+
+    def send_frame(self, data: bytes) -> bool:
+        return False
+
+
 @dataclass
 class Seat:
     who: Someone
@@ -358,18 +375,17 @@ class IngestConnection:
             return seat
         room = self.room
         existing = room.students.get(seat.peer_id)
-        if existing is not None and isinstance(existing.ws, NullSocket):
+        if isinstance(existing, MeetingPeer):
             seat.peer = existing        # a reconnected service takes over its participants
             return seat
         analysis = self._analysis(seat.peer_id, who.name)
-        peer = Peer(seat.peer_id, "student", NullSocket(), who.name, analysis)
+        peer = MeetingPeer(seat.peer_id, who.name, analysis)
         try:
             self.state.registry.join(room, peer)
         except RoomFull:
             self.refuse("room_full", f"room full: {who.name!r} not seated")
             return seat
         seat.peer = peer
-        peer.start()
         _to_watchers(room, protocol.participant("joined", peer.peer_id, peer.name, peer.analysis))
         log.info("ingest %s room %s: %s joined as %s (analysis %s)", self.service, room.room_id, who.name,
                  peer.peer_id, "on" if analysis else "off")
