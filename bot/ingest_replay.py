@@ -217,6 +217,9 @@ class OwnClass:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, CLASSMOOD_LOG_LEVEL=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO")))
+        from bot.simulate import ProcessMonitor
+        self.monitor = ProcessMonitor(self.proc.pid)
+        self.monitor_task = asyncio.ensure_future(self.monitor.run())
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None:
@@ -270,6 +273,11 @@ class OwnClass:
         self.teacher_task.cancel()
         await self.teacher.close()
         info["alerts_received_by_teacher"] = len(self.alerts)
+        # The bot process's CPU over the replay (of one core), and how busy the whole machine was.
+        info["bot_cpu_percent"] = round(self.monitor.cpu_percent(), 1)
+        info["bot_peak_rss_mb"] = round(self.monitor.peak_rss / 2**20, 1)
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+        self.monitor_task.cancel()
         self.stop(errors)
         text = self.log_path.read_text(errors="replace")
         bad = [line for line in text.splitlines() if " ERROR " in line or "Traceback" in line]
@@ -313,6 +321,8 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
             except BaseException:
                 own.stop(errors)
                 raise
+        if own is not None:
+            own.monitor.reset()
         try:
             people, started, ended = await play(url, args.service, images, args.students, args.seconds, errors)
         except (aiohttp.ClientError, OSError) as exc:
