@@ -8,6 +8,7 @@ The image stays encoded until the bot's inference thread decodes it (bot/analyze
 """
 from __future__ import annotations
 
+import math
 import re
 import struct
 
@@ -32,6 +33,6 @@ def unpack(data: bytes) -> tuple[str, float, bytes]:
     if len(data) <= end or not ID_RE.match(data[5:5 + n]):
         raise ValueError("malformed classmood frame header")
     (t,) = _TIME.unpack(data[5 + n:end])
-    if t != t or t in (float("inf"), float("-inf")):
+    if not math.isfinite(t):
         raise ValueError("frame time is not a finite number")
     return data[5:5 + n].decode("ascii"), t, bytes(data[end:])

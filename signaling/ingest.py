@@ -41,14 +41,13 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from core import frames, images
-# The opt-out tags and consent texts of bot/janus_room.py (a display name is the one channel every platform has)
-from core.optout import GREETING, NOTICE, analysable
+from core.optout import GREETING, NOTICE, analysable   # shared with bot/janus_room.py: a name is every platform's channel
 from core.protocol import CloseCode
 from signaling import protocol
 from signaling.auth import same, token_hash
 from signaling.protocol import ProtocolError
 from signaling.rooms import Peer, RateLimit, Room, RoomFull, TooManyRooms
-from signaling.state import STATE_KEY, ServerState, state_of
+from signaling.state import ServerState, state_of
 
 log = logging.getLogger("classmood.signaling.ingest")
 
@@ -513,7 +512,7 @@ class IngestHub:
 
 
 INGEST_KEY = web.AppKey("ingest", IngestHub)
-LIVE: "weakref.WeakSet[IngestConnection]" = weakref.WeakSet()   # every app's connections (relay's alert hook has no app)
+LIVE: weakref.WeakSet[IngestConnection] = weakref.WeakSet()   # every app's connections (relay's alert hook has no app)
 
 
 def hub_of(app: web.Application) -> IngestHub:
@@ -694,6 +693,3 @@ def on_alert(room: Room, alert: dict[str, Any]) -> None:
             else:
                 conn.counters["alerts_not_posted"] += 1   # no private chat on this platform (or host unknown)
 
-
-__all__ = ["SERVICES", "IngestHub", "IngestConnection", "parse_recall", "parse_attendee", "student_id",
-           "ws_ingest", "create", "revoke", "status", "consent", "setup", "on_alert", "STATE_KEY"]
