@@ -217,9 +217,12 @@ class OwnClass:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, CLASSMOOD_LOG_LEVEL=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO")))
-        from bot.simulate import ProcessMonitor
-        self.monitor = ProcessMonitor(self.proc.pid)
-        self.monitor_task = asyncio.ensure_future(self.monitor.run())
+        try:       # psutil comes with the [loadtest] extra: without it, no CPU/memory figures
+            from bot.simulate import ProcessMonitor
+            self.monitor = ProcessMonitor(self.proc.pid)
+            self.monitor_task = asyncio.ensure_future(self.monitor.run())
+        except ImportError:
+            self.monitor = self.monitor_task = None
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None:
@@ -274,10 +277,11 @@ class OwnClass:
         await self.teacher.close()
         info["alerts_received_by_teacher"] = len(self.alerts)
         # The bot process's CPU over the replay (of one core), and how busy the whole machine was.
-        info["bot_cpu_percent"] = round(self.monitor.cpu_percent(), 1)
-        info["bot_peak_rss_mb"] = round(self.monitor.peak_rss / 2**20, 1)
+        if self.monitor is not None:
+            info["bot_cpu_percent"] = round(self.monitor.cpu_percent(), 1)
+            info["bot_peak_rss_mb"] = round(self.monitor.peak_rss / 2**20, 1)
+            self.monitor_task.cancel()
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
-        self.monitor_task.cancel()
         self.stop(errors)
         text = self.log_path.read_text(errors="replace")
         bad = [line for line in text.splitlines() if " ERROR " in line or "Traceback" in line]
@@ -321,7 +325,7 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
             except BaseException:
                 own.stop(errors)
                 raise
-        if own is not None:
+        if own is not None and own.monitor is not None:
             own.monitor.reset()
         try:
             people, started, ended = await play(url, args.service, images, args.students, args.seconds, errors)
