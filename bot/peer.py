@@ -211,6 +211,9 @@ class BotPeer:
                 self.room.set_consent(peer, analysis)
                 if not analysis:
                     await self._drop_peer(peer)
+                student = self.room.students.get(peer)
+                if student is not None and isinstance(data.get("name"), str) and data["name"]:
+                    student.name = data["name"]     # a meeting participant renamed (signaling/ingest.py)
         elif kind == "signal":
             payload = data.get("data") or {}
             if isinstance(payload, dict) and payload.get("type") == "offer" and isinstance(payload.get("sdp"), str):

@@ -256,6 +256,8 @@ async def test_a_name_tag_or_the_teachers_switch_keeps_frames_from_the_bot(tmp_p
         await ws.send_str(recall_event("update", person(200, "Bo (no analysis)")))
         assert await eventually(lambda: [m["analysis"] for m in seen if m.get("peer_id") == "rc-200"
                                          and m.get("event") == "consent"] == [True, False])
+        classroom = live.service.rooms[live.room["room"]]
+        assert await eventually(lambda: classroom.students["rc-200"].name == "Bo (no analysis)")   # the bot follows
         await ws.close()
     finally:
         await stop_class(live)
