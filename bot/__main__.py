@@ -16,8 +16,14 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from core import settings as settings_mod
+
+if TYPE_CHECKING:   # the sub-commands import what they need when they run (serve loads no models)
+    from bot.janus_room import JanusRoomFeeds
+    from signaling.sfu import Sfu
+    from storage import Repository
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -163,7 +169,7 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
     return 0
 
 
-async def serve_only(settings: settings_mod.Settings, repository, sfu=None) -> int:
+async def serve_only(settings: settings_mod.Settings, repository: Repository, sfu: Sfu | None = None) -> int:
     """The signaling server with the real database; bot workers connect from elsewhere."""
     from aiohttp import web
 
@@ -184,7 +190,7 @@ async def serve_only(settings: settings_mod.Settings, repository, sfu=None) -> i
     return 0
 
 
-async def _external_room(args: argparse.Namespace, settings: settings_mod.Settings):
+async def _external_room(args: argparse.Namespace, settings: settings_mod.Settings) -> JanusRoomFeeds | None:
     """Join the external VideoRoom first: no such room, a wrong PIN or a Janus that is down is one clear line."""
     from bot.janus_room import JanusRoomError, JanusRoomFeeds
     if not (args.janus and args.janus_room):

@@ -22,12 +22,15 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from core.protocol import ALERT_KINDS as KINDS
 from core.protocol import THRESHOLD_KINDS
 from core.records import AlertRecord
 from core.settings import SignalSettings
+
+if TYPE_CHECKING:   # for the types only: the rules depend on no other bot module
+    from bot.signals import ClassState, StudentState
 _ADJECTIVE = {"confusion": "confused", "boredom": "bored"}
 _TOL = 1e-9
 
@@ -85,7 +88,7 @@ class AlertEngine:
         self._alerts: OrderedDict[str, AlertRecord] = OrderedDict()
 
     # ---- inputs ----------------------------------------------------------------------------------
-    def student_update(self, participant_id: str, name: str | None, state: Any,
+    def student_update(self, participant_id: str, name: str | None, state: StudentState | None,
                        t: float | None = None) -> list[AlertRecord]:
         """One student's new StudentState (fields `confusion`, `boredom`: float in [0, 1] or None)."""
         t = self.clock() if t is None else float(t)
@@ -97,11 +100,11 @@ class AlertEngine:
         s = self.settings
         out: list[AlertRecord] = []
         for kind in KINDS:
-            value = getattr(state, kind, None) if state is not None else None
-            value = None if value is None else float(value)
+            raw = getattr(state, kind, None) if state is not None else None
+            value = None if raw is None else float(raw)
             cond = conds[kind]
             if cond.step(value, self._thresholds[kind], s.hysteresis, s.student_min_seconds, t) \
-                    and cond.cooled_down(t, s.cooldown_seconds):
+                    and cond.cooled_down(t, s.cooldown_seconds) and value is not None:
                 cond.last_alert_t = t
                 held = t - (cond.above_since if cond.above_since is not None else t)
                 who = (name or "").strip() or "A student"
@@ -111,7 +114,7 @@ class AlertEngine:
                     extra={"threshold": self._thresholds[kind], "held_seconds": round(held, 3)}))
         return out
 
-    def class_update(self, class_state: Any, t: float | None = None) -> list[AlertRecord]:
+    def class_update(self, class_state: ClassState, t: float | None = None) -> list[AlertRecord]:
         """The class picture (bot.signals.ClassState). Shares are recomputed from the per-student scores
         with the thresholds in force here when the state carries them (`confusion_scores`, `boredom_scores`)."""
         t = self.clock() if t is None else float(t)

@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -23,6 +23,9 @@ DECODE_THREADS = 2       # PNG/JPEG decoders beside the inference thread (a bot 
 MAX_SIDE = 1920          # larger frames are downscaled before detection (a 4K webcam adds nothing)
 
 
+FrameKey = tuple[str, str]   # (room_id, participant_id): whose frame, in which room
+
+
 @dataclass
 class PendingFrame:
     frame: Any               # av.VideoFrame or encoded PNG/JPEG bytes (converted in this thread) or a BGR ndarray
@@ -32,7 +35,7 @@ class PendingFrame:
 
 @dataclass
 class FrameResult:
-    key: Hashable            # (room_id, participant_id)
+    key: FrameKey
     received_at: float
     received_mono: float
     face_found: bool
@@ -86,7 +89,7 @@ class Analyzer:
     """One thread, one batched inference per round; `analyse(frames) -> Faces` (one face per frame at
     most, with probs) is injected so tests and the scripted model can stand in for the real one."""
 
-    def __init__(self, analyse: Callable[[list[np.ndarray]], Faces], mailbox: FrameMailbox[PendingFrame],
+    def __init__(self, analyse: Callable[[list[np.ndarray]], Faces], mailbox: FrameMailbox[FrameKey, PendingFrame],
                  on_results: Callable[[list[FrameResult]], None], max_batch: int = 64) -> None:
         self.analyse = analyse
         self.mailbox = mailbox
@@ -138,7 +141,7 @@ class Analyzer:
             except Exception:
                 log.exception("delivering inference results failed")
 
-    def process(self, batch: list[tuple[Hashable, PendingFrame]]) -> list[FrameResult]:
+    def process(self, batch: list[tuple[FrameKey, PendingFrame]]) -> list[FrameResult]:
         images: list[np.ndarray] = []
         owners: list[int] = []
         results: list[FrameResult] = []

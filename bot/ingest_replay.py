@@ -32,9 +32,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from bot.simulate import ProcessMonitor
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -93,7 +96,7 @@ class Person:
 class Service:
     """Speaks one service's dialect over one websocket."""
 
-    def __init__(self, name: str, ws: aiohttp.ClientWebSocketResponse, images: list[str]) -> None:
+    def __init__(self, name: str, ws: aiohttp.ClientWebSocketResponse[bool], images: list[str]) -> None:
         self.name, self.ws, self.images = name, ws, images
         self.started = time.time()
         self.bot_id = "replay-bot"
@@ -205,6 +208,8 @@ class OwnClass:
         self.log_path = Path(args.keep_log) if args.keep_log else self.workdir / "bot.log"
         self.alerts: list[dict[str, Any]] = []
         self.proc: subprocess.Popen | None = None
+        self.monitor: ProcessMonitor | None = None          # the bot's CPU and memory (needs psutil)
+        self.monitor_task: asyncio.Task[None] | None = None
 
     async def start(self, http: aiohttp.ClientSession) -> str:
         ready = self.workdir / "ready.json"
@@ -222,7 +227,7 @@ class OwnClass:
             self.monitor = ProcessMonitor(self.proc.pid)
             self.monitor_task = asyncio.ensure_future(self.monitor.run())
         except ImportError:
-            self.monitor = self.monitor_task = None
+            pass
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None:
@@ -280,7 +285,8 @@ class OwnClass:
         if self.monitor is not None:
             info["bot_cpu_percent"] = round(self.monitor.cpu_percent(), 1)
             info["bot_peak_rss_mb"] = round(self.monitor.peak_rss / 2**20, 1)
-            self.monitor_task.cancel()
+            if self.monitor_task is not None:
+                self.monitor_task.cancel()
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
         self.stop(errors)
         text = self.log_path.read_text(errors="replace")

@@ -9,19 +9,20 @@ import threading
 from collections import deque
 from typing import Generic, Hashable, TypeVar
 
-T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)   # whose frames (the bot: (room_id, participant_id))
+T = TypeVar("T")                   # what is waiting (the bot: a PendingFrame)
 
 
-class FrameMailbox(Generic[T]):
+class FrameMailbox(Generic[K, T]):
     def __init__(self, per_key: int = 1) -> None:
         self.per_key = max(1, per_key)
-        self._slots: dict[Hashable, deque[T]] = {}
+        self._slots: dict[K, deque[T]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self.accepted = 0
         self.dropped = 0
 
-    def put(self, key: Hashable, item: T) -> None:
+    def put(self, key: K, item: T) -> None:
         """Never blocks; drops the oldest pending item of this key when its slot is full."""
         with self._lock:
             slot = self._slots.setdefault(key, deque())
@@ -32,17 +33,17 @@ class FrameMailbox(Generic[T]):
             self.accepted += 1
             self._ready.notify()
 
-    def discard(self, key: Hashable) -> None:
+    def discard(self, key: K) -> None:
         """Forget a student's pending frames (left, opted out): they must not be analysed."""
         with self._lock:
             self._slots.pop(key, None)
 
-    def take_all(self, max_items: int, timeout: float) -> list[tuple[Hashable, T]]:
+    def take_all(self, max_items: int, timeout: float) -> list[tuple[K, T]]:
         """Wait up to `timeout` for anything pending, then take up to max_items, oldest keys first."""
         with self._lock:
             if not any(self._slots.values()):
                 self._ready.wait(timeout)
-            taken: list[tuple[Hashable, T]] = []
+            taken: list[tuple[K, T]] = []
             for key in list(self._slots):
                 slot = self._slots[key]
                 while slot and len(taken) < max_items:

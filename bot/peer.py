@@ -11,14 +11,14 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from bot.analyzer import PendingFrame
+from bot.analyzer import FrameKey, PendingFrame
 from bot.ice_filter import filter_candidates, is_loopback_host
 from bot.ingest import IngestFrames
 from bot.janus_room import JanusRoomFeeds
@@ -50,7 +50,7 @@ class BotPeer:
     """One bot in one room. `run()` returns when stopped or when the room refuses the bot."""
 
     def __init__(self, settings: Settings, server: str, room_id: str, token: str, repository: Any,
-                 mailbox: FrameMailbox[PendingFrame], register: Callable[..., None],
+                 mailbox: FrameMailbox[FrameKey, PendingFrame], register: Callable[..., None],
                  external: JanusRoomFeeds | None = None) -> None:
         self.settings = settings
         self.server = server
@@ -63,7 +63,7 @@ class BotPeer:
         self.room: ClassRoom | None = None
         self.pcs: dict[str, RTCPeerConnection] = {}
         self.consumers: dict[str, asyncio.Task] = {}
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self.ice_servers: list[dict[str, Any]] = []
@@ -174,16 +174,16 @@ class BotPeer:
         self._spawn(self.send(message))
 
     # The media side used by other sources of student video (bot/janus_room.py).
-    def spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         return self._spawn(coro)
 
-    async def consume(self, peer: str, track) -> None:
+    async def consume(self, peer: str, track: MediaStreamTrack) -> None:
         await self._consume(peer, track)
 
     async def drop_peer(self, peer: str) -> None:
         await self._drop_peer(peer)
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -265,7 +265,7 @@ class BotPeer:
         self.pcs[peer] = pc
 
         @pc.on("track")
-        def on_track(track) -> None:
+        def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
                 old = self.consumers.pop(peer, None)
                 if old:
@@ -300,7 +300,7 @@ class BotPeer:
         await pc.setLocalDescription(answer)   # aiortc gathers all candidates here: vanilla ICE
         await self.send({"type": "signal", "to": peer, "data": {"type": "answer", "sdp": pc.localDescription.sdp}})
 
-    async def _consume(self, peer: str, track) -> None:
+    async def _consume(self, peer: str, track: MediaStreamTrack) -> None:
         """Pull decoded frames; hand one to the mailbox every 1/sample_hz s. Every frame must be
         received (the decoder needs them) but only sampled ones are converted, in the worker thread."""
         room = self.room

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from bot.alerts import AlertEngine
 from bot.analyzer import FrameResult
-from bot.signals import ClassSignals, Observation, StudentSignals, attention_cues
+from bot.recorder import Recorder
+from bot.signals import ClassSignals, ClassState, Observation, StudentSignals, StudentState, attention_cues
 from core.records import AlertRecord, SampleRecord
 from core.settings import Settings
 
@@ -27,7 +28,7 @@ class Student:
     analysis: bool
     signals: StudentSignals
     connected: bool = False
-    state: Any = None                 # latest bot.signals.StudentState
+    state: StudentState | None = None  # latest signals of this student
     last_seen: float | None = None    # last time a face was seen
     last_probs: list[float] | None = None
     face: bool = False
@@ -36,7 +37,7 @@ class Student:
 
 
 class ClassRoom:
-    def __init__(self, settings: Settings, room_id: str, session_id: str, repository: Any,
+    def __init__(self, settings: Settings, room_id: str, session_id: str, repository: Recorder,
                  send: Callable[[dict[str, Any]], None], clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.room_id = room_id
@@ -110,7 +111,7 @@ class ClassRoom:
 
     # ---- analysis --------------------------------------------------------------------------------
     def on_result(self, result: FrameResult) -> None:
-        _, peer_id = result.key  # type: ignore[misc]
+        _, peer_id = result.key
         student = self.students.get(peer_id)
         if student is None or not student.analysis or self.closed or result.error:
             return
@@ -150,21 +151,21 @@ class ClassRoom:
             self._raise(alert)
         self.send({"type": "state", "state": self.snapshot(class_state, now)})
 
-    def snapshot(self, class_state: Any, now: float) -> dict[str, Any]:
+    def snapshot(self, class_state: ClassState, now: float) -> dict[str, Any]:
         students = []
         for s in self.students.values():
             st = s.state if s.analysis else None
             students.append({
                 "peer_id": s.peer_id, "name": s.name, "analysis": s.analysis, "connected": s.connected,
                 "face": bool(s.face) if s.analysis else False,
-                "top_label": getattr(st, "top_label", None) if st else None,
+                "top_label": st.top_label if st else None,
                 "probs": [round(p, 3) for p in s.last_probs] if s.analysis and s.last_probs else None,
-                "confusion": _f(getattr(st, "confusion", None)), "boredom": _f(getattr(st, "boredom", None)),
-                "attention": _f(getattr(st, "attention", None)), "muted": s.peer_id in self.muted,
+                "confusion": _f(st.confusion if st else None), "boredom": _f(st.boredom if st else None),
+                "attention": _f(st.attention if st else None), "muted": s.peer_id in self.muted,
                 "last_seen": s.last_seen,
             })
         return {"t": now, "session_id": self.session_id, "students": students,
-                "class": class_state.to_json() if hasattr(class_state, "to_json") else dict(vars(class_state)),
+                "class": class_state.to_json(),
                 "thresholds": self.engine.thresholds()}
 
     # ---- teacher controls ------------------------------------------------------------------------
@@ -184,7 +185,10 @@ class ClassRoom:
                     self.muted.discard(peer)
                     self.engine.unmute(peer)
             elif action == "threshold":
-                self.engine.set_threshold(str(message.get("kind")), float(message.get("value")))
+                value = message.get("value")
+                if not isinstance(value, (int, float)):
+                    raise ValueError("threshold value must be a number")
+                self.engine.set_threshold(str(message.get("kind")), float(value))
             else:
                 log.warning("room %s: unknown control %r ignored", self.room_id, action)
         except (TypeError, ValueError) as exc:

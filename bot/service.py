@@ -6,6 +6,7 @@ process; results come back to the event loop and are routed to each room's Class
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Any, Callable
@@ -13,9 +14,10 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 
-from bot.analyzer import Analyzer, FrameResult, PendingFrame
+from bot.analyzer import Analyzer, FrameKey, FrameResult, PendingFrame
 from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
+from bot.recorder import Recorder
 from bot.peer import BotPeer
 from bot.room import ClassRoom
 from core.faces import Faces
@@ -25,11 +27,11 @@ log = logging.getLogger("classmood.bot")
 
 
 class BotService:
-    def __init__(self, settings: Settings, repository: Any,
+    def __init__(self, settings: Settings, repository: Recorder,
                  analyse: Callable[[list[np.ndarray]], Faces] | None = None) -> None:
         self.settings = settings
         self.repository = repository
-        self.mailbox: FrameMailbox[PendingFrame] = FrameMailbox(settings.bot.queue_frames)
+        self.mailbox: FrameMailbox[FrameKey, PendingFrame] = FrameMailbox(settings.bot.queue_frames)
         if analyse is None:
             # Imported here, not at the top: `python -m bot serve` imports this module and must not load
             # OpenCV or the TFLite models it never uses.
@@ -60,7 +62,7 @@ class BotService:
 
     def _deliver(self, results: list[FrameResult]) -> None:
         for result in results:
-            room_id, _ = result.key  # type: ignore[misc]
+            room_id, _ = result.key
             room = self.rooms.get(room_id)
             if room is not None:
                 try:
@@ -87,7 +89,7 @@ class BotService:
         self.peers[room_id] = peer
         task = asyncio.ensure_future(peer.run())
         self.tasks[room_id] = task
-        task.add_done_callback(lambda _t, r=room_id: self._joined_done(r, _t))
+        task.add_done_callback(functools.partial(self._joined_done, room_id))
         return peer
 
     def _joined_done(self, room_id: str, task: asyncio.Task) -> None:

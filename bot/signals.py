@@ -215,7 +215,7 @@ class StudentSignals:
         s = self.settings
         window = self._window
         n = len(window)
-        face_probs = [w.probs for w in window if w.face]
+        face_probs = [w.probs for w in window if w.face and w.probs is not None]
         n_face = len(face_probs)
         face_share = n_face / n if n else 0.0
         absent_share = 1.0 - face_share

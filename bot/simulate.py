@@ -23,9 +23,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
+import numpy as np
 
 from bot.students import EncodedClip, SimulatedStudent, load_video_frames, no_face_frames
 from core import settings as settings_mod
@@ -129,10 +130,10 @@ class ProcessMonitor:
 
 
 async def simulate(args: argparse.Namespace) -> dict[str, Any]:
-    frames = load_video_frames(args.video, args.width, args.height, args.fps)
-    blank = no_face_frames(args.width, args.height)
-    if not args.live_encode:
-        frames, blank = EncodedClip(frames, args.fps), EncodedClip(blank, args.fps)
+    decoded = load_video_frames(args.video, args.width, args.height, args.fps)
+    no_face = no_face_frames(args.width, args.height)
+    frames: list[np.ndarray] | EncodedClip = decoded if args.live_encode else EncodedClip(decoded, args.fps)
+    blank: list[np.ndarray] | EncodedClip = no_face if args.live_encode else EncodedClip(no_face, args.fps)
     db = Path(args.db) if args.db else Path(tempfile.mkdtemp(prefix="classmood-sim-")) / "classmood.sqlite"
     db.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -266,7 +267,7 @@ def janus_child(bot_pid: int) -> int:
     raise RuntimeError("--via janus: the bot runs no Janus child process (is janus installed?)")
 
 
-async def churn(students: list[SimulatedStudent], make_student) -> None:
+async def churn(students: list[SimulatedStudent], make_student: Callable[[int], SimulatedStudent]) -> None:
     """Every ~2 s one random student leaves; 1-3 s later a new connection with that name rejoins."""
     rng = random.Random(11)
     while True:

@@ -142,7 +142,7 @@ class LoopingPacketTrack(PacedTrack):
         self.clip = clip
         self.index = (offset // clip.gop * clip.gop) % len(clip.payloads)
 
-    async def recv(self) -> av.Packet:
+    async def recv(self) -> av.Packet:  # type: ignore[override]  # aiortc sends encoded packets as they are
         pts = await self.next_pts()
         packet = av.Packet(self.clip.payloads[self.index])
         self.index = (self.index + 1) % len(self.clip.payloads)
@@ -167,14 +167,14 @@ class SimulatedStudent:
         self.sfu = False                             # the room is a meeting: publish to the SFU
         self.publishes = 0                           # publish requests sent (one more after each media reset)
         self.welcomed = asyncio.Event()
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._reader: asyncio.Task | None = None
 
     async def join(self) -> None:
         self._http = aiohttp.ClientSession()
-        self._ws = await self._http.ws_connect(ws_url(self.server), heartbeat=20)
-        await self._ws.send_json({"v": 1, "type": "hello", "role": "student", "room": self.room, "key": self.key,
+        self._ws = ws = await self._http.ws_connect(ws_url(self.server), heartbeat=20)
+        await ws.send_json({"v": 1, "type": "hello", "role": "student", "room": self.room, "key": self.key,
                                   "name": self.name, "analysis": self.analysis})
         self._reader = asyncio.ensure_future(self._read())
         await asyncio.wait_for(self.welcomed.wait(), 10)

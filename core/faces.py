@@ -54,7 +54,7 @@ class Faces:
         has_probs = all(p.probs is not None for p in parts)
         return cls(np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
                    np.concatenate([p.keypoints for p in parts]), np.concatenate([p.frame_ids for p in parts]),
-                   np.concatenate([p.probs for p in parts]) if has_probs else None)  # type: ignore[misc]
+                   np.concatenate([p.probs for p in parts if p.probs is not None]) if has_probs else None)
 
     def __len__(self) -> int:
         return len(self.boxes)

@@ -18,8 +18,11 @@ VERSION = 1   # every message carries "v": VERSION; the server refuses any other
 class _StrEnum(str, Enum):
     """A str enum whose str()/format() is its value (enum.StrEnum needs Python 3.11; we support 3.10)."""
 
-    __str__ = str.__str__
-    __format__ = str.__format__
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
 
 
 class MessageType(_StrEnum):
@@ -108,8 +111,11 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001        # server shutdown; aiohttp's WSCloseCode.GOING_AWAY
     INTERNAL_ERROR = 1011    # aiohttp's WSCloseCode.INTERNAL_ERROR
 
-    __str__ = int.__repr__   # "4409", not "CloseCode.REPLACED", in logs (as IntEnum does from 3.11)
-    __format__ = int.__format__
+    def __str__(self) -> str:   # "4409", not "CloseCode.REPLACED", in logs (as IntEnum does from 3.11)
+        return int.__repr__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return int.__format__(self, format_spec)
 
 
 def retry_is_pointless(close_code: int | None) -> bool:

@@ -232,7 +232,7 @@ def _problems(settings: Settings) -> Iterator[str]:
         for name in names.split():
             yield from check(section, name, 0 <= getattr(getattr(settings, section), name) <= 1, "must be in [0, 1]")
 
-    server, bot, model, storage, sig = settings.server, settings.bot, settings.model, settings.storage, settings.signals
+    server, model, storage, sig = settings.server, settings.model, settings.storage, settings.signals
     # --- server ---
     yield from check("server", "host", bool(server.host.strip()), "must not be empty")
     yield from check("server", "port", 0 <= server.port <= 65535, "must be a TCP port in [0, 65535] (0: any free port)")
@@ -290,8 +290,8 @@ def _problems(settings: Settings) -> Iterator[str]:
     try:
         from sqlalchemy.engine import make_url
     except ImportError:          # the signaling server alone runs without SQLAlchemy (in-memory store)
-        make_url = None
-    if make_url is not None:
+        pass
+    else:
         try:
             make_url(storage.url)
         except Exception:         # ArgumentError, or ValueError for a bad port

@@ -18,13 +18,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
-from models.baseline import BaselineClassifier, YuNetDetector, shared_dir  # noqa: E402
-from models.runtime.classifier import ExpressionClassifier, resolve_model  # noqa: E402
-from models.cli_args import positive_int  # noqa: E402
-from models.runtime.detector import FaceDetector, make_detector  # noqa: E402
+from models.baseline import BaselineClassifier, YuNetDetector, shared_dir
+from models.runtime.classifier import ExpressionClassifier, resolve_model
+from models.cli_args import positive_int
+from models.runtime.detector import FaceDetector, make_detector
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -102,7 +102,7 @@ def detector_rows(repeats: int) -> list[dict]:
     for name, det in detectors:
         row = {"detector": name}
         for label, frame in frames.items():
-            row[f"ms {label}"] = round(median_ms(lambda: det.detect([frame]), repeats), 2)
+            row[f"ms {label}"] = round(median_ms(lambda det=det, frame=frame: det.detect([frame]), repeats), 2)
             row[f"faces {label}"] = len(det.detect([frame]))
         rows.append(row)
     return rows

@@ -14,13 +14,13 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
-from core.emotions import EMOTIONS  # noqa: E402
-from core.faces import KEYPOINT_NAMES  # noqa: E402
-from models.data import DatasetError, read_image  # noqa: E402
-from models.cli_args import unit_interval  # noqa: E402
+from core.emotions import EMOTIONS
+from core.faces import KEYPOINT_NAMES
+from models.data import DatasetError, read_image
+from models.cli_args import unit_interval
 
 
 def annotate(image: np.ndarray, faces, path: str) -> None:

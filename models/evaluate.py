@@ -24,9 +24,9 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from core.emotions import EMOTIONS, NUM_EMOTIONS  # noqa: E402
-from models.data import IMAGE_SUFFIXES, DatasetError, iter_class_folders, load_dataset, read_image, to_face48  # noqa: E402
-from models.cli_args import positive_int  # noqa: E402
+from core.emotions import EMOTIONS, NUM_EMOTIONS
+from models.data import IMAGE_SUFFIXES, DatasetError, iter_class_folders, load_dataset, read_image, to_face48
+from models.cli_args import positive_int
 
 
 class UsageError(Exception):
@@ -118,7 +118,7 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
     unreadable_files: list[str] = []
     detector = _detector(args) if args.detect else None
     classes = list(iter_class_folders(root))
-    for name, label, folder in classes:
+    for _name, label, folder in classes:
         files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
         if label is None:
             skipped += len(files)

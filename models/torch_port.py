@@ -33,7 +33,7 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var")   # Keras: gamma, be
 
 def weighted_layers(width: str) -> list[tuple[str, str]]:
     """(Keras layer name, kind) of every layer with weights in models.net.build_model(width), in order."""
-    from models.net_shape import CONVS_PER_STAGE, WIDTHS
+    from models.net_shape import CONVS_PER_STAGE
     names: list[tuple[str, str]] = []
     for stage, convs in enumerate(CONVS_PER_STAGE, start=1):
         for i in range(convs):

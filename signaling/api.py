@@ -10,6 +10,7 @@ import time
 from typing import Any, Iterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from signaling import protocol
 from signaling.auth import bearer, same, token_hash
@@ -218,7 +219,7 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.json_response({"deleted": sid})
 
 
-def csv_download(kind: str):
+def csv_download(kind: str) -> Handler:
     """GET /api/sessions/{sid}/<kind>.csv, streamed from the store in chunks (kind: samples | alerts)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         sid = request.match_info["sid"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import AsyncIterator
 
 from aiohttp import web
 
@@ -28,7 +29,7 @@ async def close_sockets(app: web.Application) -> None:
                            for ws in open_sockets), return_exceptions=True)
 
 
-async def erase_expired_sessions(app: web.Application):
+async def erase_expired_sessions(app: web.Application) -> AsyncIterator[None]:
     """storage.retention_days: erase expired sessions at start and then hourly."""
     state = app[STATE_KEY]
     days = state.settings.storage.retention_days
@@ -49,7 +50,7 @@ async def erase_expired_sessions(app: web.Application):
         task.cancel()
 
 
-async def dismiss_lonely_bots(app: web.Application):
+async def dismiss_lonely_bots(app: web.Application) -> AsyncIterator[None]:
     """A bot left alone (no student, no teacher) for server.room_idle_seconds is dismissed: its session
     ends (reviewable and erasable) and the room, its bot and their resources are freed."""
     state = app[STATE_KEY]
@@ -59,6 +60,8 @@ async def dismiss_lonely_bots(app: web.Application):
         while True:
             await asyncio.sleep(min(60.0, max(0.2, idle / 4)))
             for room in state.registry.lonely_bots(idle):
+                if room.bot is None:
+                    continue
                 log.info("room %s: nobody with the bot for %.0f s; dismissing it", room.room_id, idle)
                 room.bot.send(protocol.error(ErrorCode.IDLE, f"nobody has been in the room for {idle:.0f} s"))
                 room.bot.close(CloseCode.IDLE)

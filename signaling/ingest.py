@@ -667,7 +667,8 @@ async def consent(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     peer_id, analysis = body.get("peer_id"), body.get("analysis")
-    if not protocol.is_id(peer_id) or not str(peer_id).startswith(tuple(f"{p}-" for p in PREFIX.values())):
+    if not isinstance(peer_id, str) or not protocol.is_id(peer_id) \
+            or not peer_id.startswith(tuple(f"{p}-" for p in PREFIX.values())):
         return json_error(400, "peer_id must be the id of a meeting participant (rc-... or at-...)")
     if not isinstance(analysis, bool):
         return json_error(400, "analysis must be true or false")

@@ -54,7 +54,7 @@ class JanusClient:
         self.on_lost = on_lost
         self.session_id: int | None = None
         self._http: aiohttp.ClientSession | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._pending: dict[str, asyncio.Future[Message]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._lost = False

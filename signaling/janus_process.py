@@ -146,7 +146,7 @@ class JanusProcess:
     def __init__(self, config: JanusConfig, folder: Path | None = None, log_file: Path | None = None) -> None:
         self.config = config
         self._tmp = None if folder else tempfile.TemporaryDirectory(prefix="classmood-janus-")
-        self.folder = Path(folder or self._tmp.name)  # type: ignore[union-attr]
+        self.folder = Path(folder) if folder else Path(self._tmp.name if self._tmp else ".")
         self.log_file = log_file or self.folder / "janus.log"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -5,7 +5,9 @@ import re
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler, Middleware
 
+from signaling.forwarded import Network as IPNetwork
 from signaling.forwarded import client_address
 
 CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; "
@@ -21,7 +23,8 @@ PAGE_HEADERS = {
 }
 
 INGEST_SECRET = re.compile(r"^(/ingest/[^/]*/)[^/]+")   # the secret in a meeting-bot service's URL (signaling/ingest.py)
-CLIENT = web.RequestKey("client", str)   # request key: the client's address, past trusted reverse proxies
+# request key: the client's address, past trusted reverse proxies (None: unknown, e.g. a unix socket)
+CLIENT: web.RequestKey[str | None] = web.RequestKey("client")
 
 
 def client_of(request: web.BaseRequest) -> str:
@@ -32,14 +35,14 @@ def client_of(request: web.BaseRequest) -> str:
 class AccessLogger(AbstractAccessLogger):
     """Access log without query strings (student links carry the join key in `?k=`) or ingest secrets."""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:  # noqa: A002
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info("%s %s %s %s %.1fms", client_of(request), request.method,
                          INGEST_SECRET.sub(r"\1***", request.path),
                          response.status, time * 1000)
 
 
 @web.middleware
-async def security_headers(request: web.Request, handler):
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -52,9 +55,9 @@ async def security_headers(request: web.Request, handler):
     return response
 
 
-def client_address_middleware(trusted: list):
+def client_address_middleware(trusted: list[IPNetwork]) -> Middleware:
     @web.middleware
-    async def resolve_client(request: web.Request, handler):
+    async def resolve_client(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[CLIENT] = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)
         return await handler(request)
     return resolve_client

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from signaling.state import state_of
 
 
-def page(name: str):
+def page(name: str) -> Handler:
     """A handler serving one page of the static folder (never cached: it carries the current scripts)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         path = state_of(request).static / name

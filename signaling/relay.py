@@ -8,6 +8,7 @@ to sockets that presented the teacher token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Callable
 
@@ -27,7 +28,8 @@ BOT_RATE_FACTOR = 10   # the bot speaks for a whole class: 10x a browser's messa
 
 # ---- socket plumbing -------------------------------------------------------------------------
 async def open_socket(state: ServerState, request: web.Request, max_size: int) -> web.WebSocketResponse:
-    ws = with_headers(web.WebSocketResponse(heartbeat=state.cfg.heartbeat_seconds or None, max_msg_size=max_size))
+    ws = web.WebSocketResponse(heartbeat=state.cfg.heartbeat_seconds or None, max_msg_size=max_size)
+    with_headers(ws)
     await ws.prepare(request)
     state.sockets.add(ws)
     return ws
@@ -205,13 +207,13 @@ async def admit(state: ServerState, request: web.Request, ws: web.WebSocketRespo
         return None, None
     peer.start()
     bot_id = room.bot.peer_id if room.bot else None
-    welcome = {"ice_servers": state.ice_servers, "video": state.video, "bot": bot_id, "session_id": room.session_id,
-               "media": state.media()}
+    welcome = functools.partial(protocol.welcome, peer.peer_id, role, ice_servers=state.ice_servers,
+                                video=state.video, bot=bot_id, session_id=room.session_id, media=state.media())
     if role == Role.STUDENT:
-        peer.send(protocol.welcome(peer.peer_id, role, **welcome))
+        peer.send(welcome())
         to_watchers(room, protocol.participant("joined", peer.peer_id, peer.name, peer.analysis))
     elif role == Role.TEACHER:
-        peer.send(protocol.welcome(peer.peer_id, role, **welcome, participants=room.participants()))
+        peer.send(welcome(participants=room.participants()))
         if room.last_state is not None:
             peer.send(room.last_state)
     else:
@@ -219,7 +221,7 @@ async def admit(state: ServerState, request: web.Request, ws: web.WebSocketRespo
             log.info("room %s: bot %s replaced by %s", room.room_id, replaced.peer_id, peer.peer_id)
             replaced.send(protocol.error(ErrorCode.REPLACED, "another bot joined this room"))
             replaced.close(CloseCode.REPLACED)
-        peer.send(protocol.welcome(peer.peer_id, role, **welcome, participants=room.participants()))
+        peer.send(welcome(participants=room.participants()))
         to_students_and_teachers(room, protocol.bot_presence(peer.peer_id))
     if room.meeting is not None:
         room.meeting.joined(room, peer)

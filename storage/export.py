@@ -11,11 +11,15 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from core import settings as settings_mod
 from core.errors import describe
 from storage.csvrows import iso_time
+
+if TYPE_CHECKING:
+    from storage.repository import Repository
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         repo.close()
 
 
-def erase(repo, session_ids: list[str], retention_days: float | None, url: str) -> int:
+def erase(repo: Repository, session_ids: list[str], retention_days: float | None, url: str) -> int:
     missing = [sid for sid in session_ids if not repo.delete_session(sid)]
     for sid in session_ids:
         if sid not in missing:

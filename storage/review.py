@@ -19,7 +19,7 @@ from core.emotions import EMOTIONS
 from storage import schema
 
 def build_review(conn: Connection, session_id: str, bucket_seconds: float = 10.0) -> dict[str, Any] | None:
-    s, r, p, sm, a = schema.sessions, schema.rooms, schema.participants, schema.samples, schema.alerts
+    s, r, p, a = schema.sessions, schema.rooms, schema.participants, schema.alerts
     session = conn.execute(select(s, r.c.title).select_from(s.outerjoin(r, r.c.room_id == s.c.room_id))
                            .where(s.c.session_id == session_id)).mappings().first()
     if session is None:

@@ -338,7 +338,7 @@ async def test_meeting_comes_back_after_the_media_server_is_killed(tmp_path):
             publishes = {who: sum(1 for line in log if line.startswith(f"{who} -> ") and '"type":"publish"' in line)
                          for who in pages}
             live.media.process.kill()   # SIGKILL: no goodbye to anyone
-            for who, page in pages.items():
+            for who in pages:
                 assert await eventually(lambda who=who: sum(1 for line in log if line.startswith(f"{who} -> ")
                                                             and '"type":"publish"' in line) > publishes[who],
                                         timeout=60), f"{who} did not publish again after the media reset"

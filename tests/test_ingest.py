@@ -31,7 +31,9 @@ FACE_VIDEO = VIDEOS / "short_hamilton_clip.mp4"
 def faces() -> dict[str, list[str]]:
     """Real frames with a face, base64 PNG (Recall) and JPEG (Attendee), 640x360 as the services send them."""
     frames = load_video_frames(FACE_VIDEO, 640, 360, 2.0, max_seconds=2)
-    encode = lambda ext: [base64.b64encode(cv2.imencode(ext, f)[1].tobytes()).decode() for f in frames]
+
+    def encode(ext: str) -> list[str]:
+        return [base64.b64encode(cv2.imencode(ext, f)[1].tobytes()).decode() for f in frames]
     return {"png": encode(".png"), "jpeg": encode(".jpg")}
 
 

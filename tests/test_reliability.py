@@ -33,7 +33,7 @@ class BrokenFrame:
 
 
 def test_mailbox_keeps_only_the_latest_frame_per_student_and_counts_drops():
-    box: FrameMailbox[int] = FrameMailbox(per_key=1)
+    box: FrameMailbox[str, int] = FrameMailbox(per_key=1)
     for i in range(5):
         box.put("asha", i)
     box.put("ben", 10)
@@ -79,7 +79,7 @@ def test_huge_decoded_frames_are_scaled_while_converting_not_after():
 def test_bad_frames_cost_only_their_own_sample():
     results = []
     done = threading.Event()
-    box: FrameMailbox[PendingFrame] = FrameMailbox()
+    box: FrameMailbox[tuple[str, str], PendingFrame] = FrameMailbox()
 
     def deliver(batch):
         results.extend(batch)
@@ -108,7 +108,7 @@ def test_a_crashing_inference_round_is_survived():
         if calls["n"] == 1:
             raise RuntimeError("interpreter exploded")
         return one_face_per_frame(frames)
-    box: FrameMailbox[PendingFrame] = FrameMailbox()
+    box: FrameMailbox[tuple[str, str], PendingFrame] = FrameMailbox()
     analyzer = Analyzer(flaky, box, results.extend)
     analyzer.start()
     frame = np.full((240, 320, 3), 128, np.uint8)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.spine import SHARED, VIDEOS, start_class, stop_class
+from tests.spine import VIDEOS, start_class, stop_class
 
 pytestmark = pytest.mark.skipif(not VIDEOS.exists(), reason=f"{VIDEOS} not found: the shared media folder is absent")
 

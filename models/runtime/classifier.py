@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,10 +50,11 @@ class ExpressionClassifier:
             raise ValueError(f"{self.path}: expected input (N,48,48,1) and output (N,{NUM_EMOTIONS}), "
                              f"found {tuple(int(d) for d in inp['shape'])} -> {tuple(int(d) for d in out['shape'])}")
         self.input_index, self.output_index = inp["index"], out["index"]
-        self._interpreters: OrderedDict[int, object] = OrderedDict({int(inp["shape"][0]): interpreter})
+        # LiteRT's Interpreter (untyped): one per batch size
+        self._interpreters: OrderedDict[int, Any] = OrderedDict({int(inp["shape"][0]): interpreter})
         self._lock = threading.Lock()
 
-    def _new_interpreter(self):
+    def _new_interpreter(self) -> Any:
         try:
             interpreter = load_interpreter(self._content, self.threads)
             interpreter.allocate_tensors()
@@ -60,7 +62,7 @@ class ExpressionClassifier:
             raise ValueError(f"{self.path} is not a usable TFLite model ({exc})") from None
         return interpreter
 
-    def _interpreter_for(self, n: int):
+    def _interpreter_for(self, n: int) -> Any:
         """An interpreter whose input is (n,48,48,1): a cached one, or the least recently used resized."""
         if n in self._interpreters:
             self._interpreters.move_to_end(n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from typing import Any
 from pathlib import Path
 
 import cv2
@@ -51,15 +52,15 @@ def ssd_anchors(size: int, strides: tuple[int, ...], per_location: int) -> np.nd
     return np.concatenate(centres).astype(np.float32)
 
 
-def load_interpreter(path: Path | str | bytes, threads: int):
+def load_interpreter(path: Path | str | bytes, threads: int) -> Any:
     """TFLite interpreter from LiteRT if installed, else tflite_runtime, else TensorFlow's (tf.lite).
     LiteRT (ai-edge-litert) is a dependency of every install, so the bot never imports TensorFlow; the
     fallbacks are for a checkout run on a platform that has no LiteRT wheel."""
     try:
-        from ai_edge_litert.interpreter import Interpreter  # type: ignore
+        from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # type: ignore
+            from tflite_runtime.interpreter import Interpreter
         except ImportError:
             Interpreter = None
     if Interpreter is None:
@@ -288,7 +289,8 @@ class AutoDetector:
         return self.short.detect(frames, margin=CLOSE_UP_PAD)
 
 
-def make_detector(kind: str = "auto", threads: int = 1, min_score: float = 0.5, tiles: int | str | None = None):
+def make_detector(kind: str = "auto", threads: int = 1, min_score: float = 0.5,
+                  tiles: int | str | None = None) -> FaceDetector | AutoDetector:
     """'auto' (short, then full range where nothing was found), 'short' or 'full'. `tiles` ("auto" or a
     window side) tiles the full-range passes of big frames: for photos and galleries, not for webcams."""
     if kind == "auto":
