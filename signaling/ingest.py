@@ -231,8 +231,9 @@ class MeetingPeer(Peer):
     """A meeting participant seated as a student: messages to students (the bot's presence) have nowhere to
     go, so nothing is queued and no writer task runs."""
 
-    def __init__(self, peer_id: str, name: str, analysis: bool) -> None:
+    def __init__(self, peer_id: str, name: str, analysis: bool, owner: IngestConnection) -> None:
         super().__init__(peer_id, "student", NullSocket(), name, analysis)
+        self.owner = owner       # the service connection that seated it (a reconnected one takes it over)
 
     def start(self) -> None:
         return None
@@ -375,10 +376,12 @@ class IngestConnection:
         room = self.room
         existing = room.students.get(seat.peer_id)
         if isinstance(existing, MeetingPeer):
-            seat.peer = existing        # a reconnected service takes over its participants
+            # The service reconnected before its old socket was found dead: take the participant over, so
+            # that the old connection's end does not unseat them.
+            existing.owner, seat.peer = self, existing
             return seat
         analysis = self._analysis(seat.peer_id, who.name)
-        peer = MeetingPeer(seat.peer_id, who.name, analysis)
+        peer = MeetingPeer(seat.peer_id, who.name, analysis, self)
         try:
             self.state.registry.join(room, peer)
         except RoomFull:
@@ -406,7 +409,7 @@ class IngestConnection:
 
     def _unseat(self, seat: Seat) -> None:
         peer = seat.peer
-        if peer is None or self.room.students.get(peer.peer_id) is not peer:
+        if not isinstance(peer, MeetingPeer) or peer.owner is not self or self.room.students.get(peer.peer_id) is not peer:
             return
         if self.state.registry.leave(self.room, peer):
             _to_watchers(self.room, protocol.participant("left", peer.peer_id, peer.name, peer.analysis))

@@ -22,6 +22,7 @@ from bot import ingest_replay
 from bot.students import load_video_frames
 from core.records import AlertRecord
 from signaling.ingest import INGEST_KEY
+from signaling.state import STATE_KEY
 from tests.spine import PROJECT, VIDEOS, LiveClass, eventually, start_class, stop_class
 
 FACE_VIDEO = VIDEOS / "short_hamilton_clip.mp4"
@@ -228,6 +229,28 @@ async def test_an_attendee_meeting_is_analysed_and_alerts_reach_only_the_host_in
     finally:
         await stop_class(live)
         await chat.runner.cleanup()
+
+
+async def test_a_service_that_reconnects_keeps_its_participants_seated(tmp_path, faces):
+    live = await class_with_bot(tmp_path)
+    try:
+        url = await ingest_url(live, "recall")
+        old = await live.http.ws_connect(url)
+        asha = person(100, "Asha")
+        await old.send_str(recall_event("join", asha))
+        students = live.runner.app[STATE_KEY].registry.get(live.room["room"]).students
+        assert await eventually(lambda: "rc-100" in students)
+        new = await live.http.ws_connect(url)              # before the old socket is found dead
+        await new.send_str(recall_frame(asha, faces["png"][0]))
+        assert await eventually(lambda: samples(live, "rc-100") >= 1, 20)
+        await old.close()
+        hub = live.runner.app[INGEST_KEY]
+        assert await eventually(lambda: len(hub.connections) == 1)
+        assert "rc-100" in students                         # taken over by the new connection, not unseated
+        await new.close()
+        assert await eventually(lambda: "rc-100" not in students)
+    finally:
+        await stop_class(live)
 
 
 # ---- consent in someone else's meeting ---------------------------------------------------------------------
