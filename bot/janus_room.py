@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import json
@@ -25,6 +24,7 @@ import secrets
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from core.optout import GREETING, NOTICE, OPT_OUT, analysable  # noqa: F401  (re-exported: tests and callers use them here)
 from signaling.janus import JanusClient, JanusError, Message
 
 if TYPE_CHECKING:
@@ -33,24 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("classmood.bot.janus_room")
 
 DISPLAY = "classmood assistant (expression analysis)"
-OPT_OUT = re.compile(r"\[no[- ]analysis\]|\(no[- ]analysis\)|#optout", re.I)
 NO_SUCH_ROOM, UNAUTHORIZED = 426, 433
 TEXTROOM = "janus.plugin.textroom"
-NOTICE = ("An expression-analysis assistant (classmood) has joined this class. It estimates facial expressions "
-          "from students' video (never audio, never recordings), stores only those estimates, and alerts the "
-          "teacher privately. To opt out at any time, add [no-analysis] to your display name: analysis of "
-          "your video stops at once.")
-GREETING = "Welcome {name}: an expression-analysis assistant is in this class. To opt out, add [no-analysis] to your name."
 
 
 class JanusRoomError(RuntimeError):
     """The external room cannot be joined (no such room, wrong PIN or secret, Janus down)."""
-
-
-def analysable(display: str, teacher: str) -> bool:
-    name = display.strip()
-    return not (OPT_OUT.search(name) or (teacher and name.lower() == teacher.strip().lower())
-                or name.lower().startswith("classmood"))
 
 
 def student_name(display: str) -> str:

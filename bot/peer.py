@@ -20,6 +20,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from bot.analyzer import FrameKey, PendingFrame
 from bot.ice_filter import filter_candidates, is_loopback_host
+from bot.ingest import IngestFrames
 from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
 from bot.room import ClassRoom
@@ -80,6 +81,7 @@ class BotPeer:
         # Students from another app's Janus room (python -m bot join --janus): the classmood room's own
         # roster and offers are then not the bot's students.
         self.external = external
+        self.ingest = IngestFrames(self)  # students of a Zoom/Meet/Teams class, via a meeting-bot service
         # Students' loopback candidates are only reachable (and only legitimate) on a development machine.
         host = urlsplit(server if "://" in server else f"http://{server}").hostname or ""
         self._server_is_loopback = is_loopback_host(host)
@@ -129,11 +131,16 @@ class BotPeer:
 
     async def _session(self, http: aiohttp.ClientSession) -> bool:
         """One signaling connection; returns True when the server refused us for good."""
-        async with http.ws_connect(ws_url(self.server), heartbeat=20, max_msg_size=1 << 20) as ws:
+        # Binary frames from a meeting-bot service (bot/ingest.py) may be up to the server's ingest.max_message_bytes.
+        max_size = max(1 << 20, self.settings.ingest.max_message_bytes + 1024)
+        async with http.ws_connect(ws_url(self.server), heartbeat=20, max_msg_size=max_size) as ws:
             self._ws = ws
             await ws.send_json({"v": VERSION, "type": "hello", "role": "bot", "room": self.room_id, "token": self.token,
                                 "key": self.settings.server.worker_key})
             async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self.ingest.on_binary(msg.data)
+                    continue
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
                 try:
@@ -224,6 +231,9 @@ class BotPeer:
                 self.room.set_consent(peer, analysis)
                 if not analysis:
                     await self._drop_peer(peer)
+                student = self.room.students.get(peer)
+                if student is not None and isinstance(data.get("name"), str) and data["name"]:
+                    student.name = data["name"]     # a meeting participant renamed (signaling/ingest.py)
         elif kind == "signal":
             payload = data.get("data") or {}
             if isinstance(payload, dict) and payload.get("type") == "offer" and isinstance(payload.get("sdp"), str):

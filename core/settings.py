@@ -148,6 +148,20 @@ class SignalSettings:
 
 
 @dataclass(frozen=True)
+class IngestSettings:
+    # Video from a meeting-bot service (Recall.ai, Attendee) in Zoom/Meet/Teams: signaling/ingest.py
+    max_message_bytes: int = 4_194_304     # one JSON message from the service (a base64 PNG of 640x360 is ~0.5 MB)
+    max_width: int = 1920                  # frames larger than this (from their header) are skipped, never decoded
+    max_height: int = 1080
+    max_fps: float = 2.5                   # per participant; the excess is dropped and counted (the services send 2)
+    # Attendee's chat API (off while empty): the consent notice at start, a greeting for newcomers, and each
+    # alert as a DIRECT message to the meeting's host (never to everyone; not at all without private chat)
+    attendee_api_url: str = ""             # e.g. https://attendee.example.org (POST .../api/v1/bots/{id}/send_chat_message)
+    attendee_api_key: str = ""             # sent as `Authorization: Token <key>`
+    attendee_platform: str = ""            # zoom | teams | google_meet ("" = unknown: no private alerts)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     bot: BotSettings = field(default_factory=BotSettings)
@@ -155,6 +169,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     signals: SignalSettings = field(default_factory=SignalSettings)
     janus: JanusSettings = field(default_factory=JanusSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
 
     def base_url(self) -> str:
         return self.server.public_url.rstrip("/") or f"http://{self.server.host}:{self.server.port}"
@@ -261,6 +276,16 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from check("janus", "rtp_ports", low.isdigit() and high.isdigit() and 0 < int(low) < int(high) <= 65535,
                      "must be a UDP port range LOW-HIGH")
     yield from positive("janus", "connect_timeout_seconds")
+    # --- ingest (meeting-bot services) ---
+    yield from at_least("ingest", "max_message_bytes", 1024)
+    yield from at_least("ingest", "max_width max_height", 8)
+    yield from positive("ingest", "max_fps")
+    ingest = settings.ingest
+    yield from check("ingest", "attendee_api_url",
+                     not ingest.attendee_api_url or ingest.attendee_api_url.startswith(("http://", "https://")),
+                     "must be empty or an http:// or https:// URL")
+    yield from check("ingest", "attendee_platform", ingest.attendee_platform in ("", "zoom", "teams", "google_meet"),
+                     "must be empty, zoom, teams or google_meet")
     # --- storage ---
     try:
         from sqlalchemy.engine import make_url

@@ -1,6 +1,8 @@
 """What every response goes through: security headers, the client's address, the access log."""
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
@@ -20,6 +22,7 @@ PAGE_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 
+INGEST_SECRET = re.compile(r"^(/ingest/[^/]*/)[^/]+")   # the secret in a meeting-bot service's URL (signaling/ingest.py)
 # request key: the client's address, past trusted reverse proxies (None: unknown, e.g. a unix socket)
 CLIENT: web.RequestKey[str | None] = web.RequestKey("client")
 
@@ -30,10 +33,11 @@ def client_of(request: web.BaseRequest) -> str:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """Access log without query strings (student links carry the join key in `?k=`)."""
+    """Access log without query strings (student links carry the join key in `?k=`) or ingest secrets."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %s %.1fms", client_of(request), request.method, request.path,
+        self.logger.info("%s %s %s %s %.1fms", client_of(request), request.method,
+                         INGEST_SECRET.sub(r"\1***", request.path),
                          response.status, time * 1000)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
 
-from signaling import protocol
+from signaling import ingest, protocol
 from signaling.auth import same, token_hash
 from signaling.forwarded import address_block
 from signaling.middleware import client_of, with_headers
@@ -381,6 +381,7 @@ def on_state(room: Room, _peer: Peer, data: dict[str, Any]) -> None:
 @from_serving_bot
 def on_alert(room: Room, _peer: Peer, data: dict[str, Any]) -> None:
     to_teachers(room, protocol.message(MessageType.ALERT, alert=data["alert"]))
+    ingest.on_alert(room, data["alert"])     # a meeting on Zoom/Teams via Attendee: also a DM to the host
 
 
 # Every type in protocol.INBOUND has its handler here (tests/test_signaling.py checks they match).

@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 log = logging.getLogger("classmood.signaling")
 
 QUEUE_MESSAGES = 256        # outgoing messages buffered per peer before it counts as stalled
+QUEUE_FRAME_BYTES = 16 << 20   # binary frames (signaling/ingest.py) queued for the bot before new ones are dropped
 SEND_TIMEOUT_S = 10.0       # one frame that takes longer than this to write: the peer is stalled
 INVITE_PENDING_S = 20.0     # an invited bot that has not arrived yet: do not invite a second one
 
@@ -30,6 +31,8 @@ class Socket(Protocol):
     def closed(self) -> bool: ...
 
     async def send_str(self, data: str) -> None: ...
+
+    async def send_bytes(self, data: bytes) -> None: ...
 
     async def close(self, *, code: int = 1000, message: bytes = b"") -> bool: ...
 
@@ -55,7 +58,8 @@ class Peer:
                  send_timeout: float = SEND_TIMEOUT_S) -> None:
         self.peer_id, self.role, self.ws, self.name, self.analysis = peer_id, role, ws, name, analysis
         self._abort = abort
-        self._queue: asyncio.Queue[str | int] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[str | bytes | int] = asyncio.Queue(queue_size)
+        self._queued_frame_bytes = 0
         self._send_timeout = send_timeout
         self._writer: asyncio.Task | None = None
         self.closing = False
@@ -79,6 +83,17 @@ class Peer:
             log.warning("%s %s is not reading its messages; dropping it", self.role, self.peer_id)
             self.drop()
             return False
+
+    def send_frame(self, data: bytes) -> bool:
+        """Queue one binary video frame (never blocks). A frame is worth less than a message: when frames
+        pile up (the bot reads slowly) the new one is dropped (False) instead of dropping the peer, and
+        half the queue stays free for JSON messages."""
+        if self.closing or self.ws.closed or self._queued_frame_bytes + len(data) > QUEUE_FRAME_BYTES \
+                or self._queue.qsize() >= self._queue.maxsize // 2:
+            return False
+        self._queue.put_nowait(data)
+        self._queued_frame_bytes += len(data)
+        return True
 
     def close(self, code: int = 1000) -> None:
         """Send what is queued, then close the socket with `code`."""
@@ -129,7 +144,11 @@ class Peer:
                         self.drop()
                 return
             try:
-                await asyncio.wait_for(self.ws.send_str(item), self._send_timeout)
+                if isinstance(item, bytes):
+                    self._queued_frame_bytes -= len(item)
+                    await asyncio.wait_for(self.ws.send_bytes(item), self._send_timeout)
+                else:
+                    await asyncio.wait_for(self.ws.send_str(item), self._send_timeout)
             except asyncio.TimeoutError:
                 log.warning("%s %s: sending timed out; dropping it", self.role, self.peer_id)
                 self.drop()

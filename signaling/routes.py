@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from signaling import api, lifecycle, pages, relay
+from signaling import api, ingest, lifecycle, pages, relay
 
 ROUTES: list[web.RouteDef] = [
     # pages and their assets
@@ -21,6 +21,11 @@ ROUTES: list[web.RouteDef] = [
     web.get("/api/rooms/{room}", api.room_info),
     web.post("/api/rooms/{room}/invite", api.invite),
     web.post("/api/rooms/{room}/end", lifecycle.end_class),
+    # meeting-bot services (Recall.ai, Attendee): signaling/ingest.py
+    web.post("/api/rooms/{room}/ingest", ingest.create),
+    web.get("/api/rooms/{room}/ingest", ingest.status),
+    web.delete("/api/rooms/{room}/ingest", ingest.revoke),
+    web.post("/api/rooms/{room}/ingest/consent", ingest.consent),
     # review (teacher token of the session's room)
     web.get("/api/rooms/{room}/sessions", api.sessions),
     web.get("/api/sessions/{sid}/review", api.review),
@@ -31,4 +36,5 @@ ROUTES: list[web.RouteDef] = [
     # WebSockets
     web.get("/ws", relay.ws_room),
     web.get("/ws/worker", relay.ws_worker),
+    web.get("/ingest/{service}/{secret}", ingest.ws_ingest),
 ]
