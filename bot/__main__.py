@@ -72,7 +72,6 @@ async def _until_signalled() -> None:
 async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     from aiohttp import web
 
-    from bot.service import BotService
     from storage import Repository
 
     repository = Repository.from_settings(settings.storage)
@@ -92,6 +91,8 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
         finally:
             if media is not None:
                 await media.close()
+    # Only now: bot.service brings aiortc, OpenCV and the models, which `serve` (the server image) has not got.
+    from bot.service import BotService
     try:
         service = BotService(settings, repository)
     except (FileNotFoundError, ValueError) as exc:
