@@ -86,6 +86,7 @@ class Analyzer:
         self.frames = 0
         self.errors = 0
         self.busy_seconds = 0.0
+        self.observe_round: Callable[[float], None] | None = None   # seconds of each round (bot/metrics.py)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="classmood-inference", daemon=True)
@@ -110,7 +111,10 @@ class Analyzer:
                 self.errors += len(batch)
                 results = [FrameResult(key, item.received_at, item.received_mono, False, error="inference failed")
                            for key, item in batch]
-            self.busy_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.busy_seconds += elapsed
+            if self.observe_round is not None:
+                self.observe_round(elapsed)
             self.rounds += 1
             self.frames += len(batch)
             try:

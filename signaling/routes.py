@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from signaling import api, pages, relay
+from signaling import api, metrics, pages, relay
 
 ROUTES: list[web.RouteDef] = [
     # pages and their assets
@@ -14,6 +14,7 @@ ROUTES: list[web.RouteDef] = [
     web.get("/static/{name}", pages.static_file),
     # public
     web.get("/healthz", api.healthz),
+    web.get("/metrics", metrics.metrics),   # Prometheus text format (counts only: no names, no ids)
     web.get("/api/policy", api.policy),
     # rooms (teacher token)
     web.post("/api/rooms", api.create_room),
