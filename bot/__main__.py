@@ -18,6 +18,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from core import logs
 from core import settings as settings_mod
 
 if TYPE_CHECKING:   # the sub-commands import what they need when they run (serve loads no models)
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the signaling server with the database, no bot (for deployments)")
     worker = sub.add_parser("worker", help="a bot worker: joins rooms when invited")
     worker.add_argument("--server", default=None, help="server base URL (default: from server settings)")
+    worker.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve this worker's Prometheus metrics on PORT (GET /metrics); `run` and `serve` "
+                             "have /metrics on the server's port")
+    worker.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="address of --metrics-port (default 127.0.0.1; 0.0.0.0 in a container)")
     join = sub.add_parser("join", help="join one room now")
     join.add_argument("--room", required=True)
     join.add_argument("--server", default=None)
@@ -54,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                           "--janus-room, if that Janus has one; 'none': post nothing)")
     for p in (run, serve, worker, join):
         p.add_argument("--log-level", default=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO"))
+        p.add_argument("--log-format", choices=logs.LOG_FORMATS, default=os.environ.get("CLASSMOOD_LOG_FORMAT", "text"),
+                       help="text, or json: one JSON object per line (env CLASSMOOD_LOG_FORMAT)")
         settings_mod.add_arguments(p)
     return parser
 
@@ -72,7 +80,6 @@ async def _until_signalled() -> None:
 async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     from aiohttp import web
 
-    from bot.service import BotService
     from storage import Repository
 
     repository = Repository.from_settings(settings.storage)
@@ -92,6 +99,8 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
         finally:
             if media is not None:
                 await media.close()
+    # Only now: bot.service brings aiortc, OpenCV and the models, which `serve` (the server image) has not got.
+    from bot.service import BotService
     try:
         service = BotService(settings, repository)
     except (FileNotFoundError, ValueError) as exc:
@@ -105,7 +114,12 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
     try:
         if args.command == "run":
             from signaling.server import create_app
+            from bot import metrics as bot_metrics
+            from signaling.metrics import METRICS_KEY
             app = create_app(settings, store=repository, sfu=media.sfu if media else None)
+            # One process, one endpoint: the bot's metrics join the server's /metrics (which already
+            # reports this repository's writer).
+            bot_metrics.install(app[METRICS_KEY], service, with_storage=False)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, settings.server.host, settings.server.port)
@@ -136,6 +150,14 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
             worker.cancel()
         elif args.command == "worker":
             server = args.server or f"http://{settings.server.host}:{settings.server.port}"
+            if args.metrics_port is not None:
+                from bot import metrics as bot_metrics
+                try:
+                    bot_metrics.serve(service, args.metrics_host, args.metrics_port)
+                except OSError as exc:
+                    print(f"error: cannot serve metrics on {args.metrics_host}:{args.metrics_port} ({exc.strerror})",
+                          file=sys.stderr)
+                    return 2
             worker = asyncio.ensure_future(service.serve_worker(server, settings.server.worker_key))
             await _until_signalled()
             worker.cancel()
@@ -231,10 +253,11 @@ def check_model(settings: settings_mod.Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("aioice", "aiortc", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as exc:   # CLASSMOOD_LOG_FORMAT with another value (argparse checks only the flag)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         settings = settings_mod.load(args)
         if args.command != "serve":

@@ -102,6 +102,7 @@ class Analyzer:
         self.errors = 0
         self.busy_seconds = 0.0
         self._decode_pool: ThreadPoolExecutor | None = None
+        self.observe_round: Callable[[float], None] | None = None   # seconds of each round (bot/metrics.py)
 
     def _decoder(self) -> ThreadPoolExecutor:
         if self._decode_pool is None:
@@ -133,7 +134,10 @@ class Analyzer:
                 self.errors += len(batch)
                 results = [FrameResult(key, item.received_at, item.received_mono, False, error="inference failed")
                            for key, item in batch]
-            self.busy_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.busy_seconds += elapsed
+            if self.observe_round is not None:
+                self.observe_round(elapsed)
             self.rounds += 1
             self.frames += len(batch)
             try:

@@ -180,7 +180,9 @@ class JanusRoomFeeds:
             room.set_consent(feed, wanted)
         if not wanted:
             await self._unsubscribe(feed)
-            log.info("VideoRoom %s: %r is not analysed (teacher, opted out or a bot)", self.room, display)
+            # Display names are people's names: the feed id at INFO (core/logs.py), the name only when debugging.
+            log.info("VideoRoom %s: feed %s is not analysed (teacher, opted out or a bot)", self.room, feed)
+            log.debug("VideoRoom %s: feed %s is %r", self.room, feed, display)
             return
         if feed in self.subscriptions or not videos:
             return
@@ -216,7 +218,7 @@ class JanusRoomFeeds:
             await pc.setLocalDescription(await pc.createAnswer())
             await client.request(handle, {"request": "start"}, jsep={"type": "answer", "sdp": pc.localDescription.sdp})
             self.subscriptions[feed] = handle
-            log.info("VideoRoom %s: analysing %r", self.room, self.feeds[feed]["display"])
+            log.info("VideoRoom %s: analysing feed %s", self.room, feed)
         except JanusError as exc:
             log.warning("VideoRoom %s: subscribing to %s failed: %s", self.room, feed, exc)
             await client.detach(handle)

@@ -60,7 +60,8 @@ class ClassRoom:
         if not analysis:
             self.repository.set_opt_out(self.session_id, peer_id, True)
         self.students[peer_id] = Student(peer_id, name, analysis, StudentSignals(self.settings.signals))
-        log.info("room %s: %s joined (analysis %s)", self.room_id, name, "on" if analysis else "off")
+        # The participant id, never the name: logs are outside retention and erasure (core/logs.py).
+        log.info("room %s: participant %s joined (analysis %s)", self.room_id, peer_id, "on" if analysis else "off")
 
     def remove_student(self, peer_id: str) -> None:
         student = self.students.pop(peer_id, None)
@@ -69,7 +70,7 @@ class ClassRoom:
         self.engine.remove_student(peer_id)
         self.muted.discard(peer_id)
         self.repository.participant_left(self.session_id, peer_id)
-        log.info("room %s: %s left", self.room_id, student.name)
+        log.info("room %s: participant %s left", self.room_id, peer_id)
 
     def set_consent(self, peer_id: str, analysis: bool) -> None:
         student = self.students.get(peer_id)
@@ -82,7 +83,7 @@ class ClassRoom:
             self.engine.remove_student(peer_id)
             student.signals = StudentSignals(self.settings.signals)
             student.state, student.last_probs, student.face = None, None, False
-        log.info("room %s: %s turned analysis %s", self.room_id, student.name, "on" if analysis else "off")
+        log.info("room %s: participant %s turned analysis %s", self.room_id, peer_id, "on" if analysis else "off")
 
     def sync_roster(self, roster: dict[str, tuple[str, bool]]) -> list[str]:
         """Make the roster match the server's list {peer_id: (name, analysis)} (a welcome after a reconnect).

@@ -17,6 +17,7 @@ import numpy as np
 from bot.analyzer import Analyzer, FrameKey, FrameResult, PendingFrame
 from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
+from bot.metrics import round_histogram
 from bot.recorder import Recorder
 from bot.peer import BotPeer
 from bot.room import ClassRoom
@@ -39,6 +40,8 @@ class BotService:
             analyse = build_analyse(settings.model, threads=settings.bot.inference_threads,
                                     min_score=settings.bot.min_face_score)
         self.analyzer = Analyzer(analyse, self.mailbox, self._from_worker, max_batch=settings.bot.max_batch)
+        self.round_seconds = round_histogram()
+        self.analyzer.observe_round = self.round_seconds.observe
         self.rooms: dict[str, ClassRoom] = {}
         self.peers: dict[str, BotPeer] = {}
         self.tasks: dict[str, asyncio.Task] = {}

@@ -207,7 +207,7 @@ class SimulatedStudent:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("student %s: %s", self.name, exc)
+            log.warning("simulated student %s: %s", self.peer_id or "(not joined)", exc)
 
     async def _connect_to_bot(self) -> None:
         await self._close_pc()

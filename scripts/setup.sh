@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Create .venv and install classmood into it. Idempotent: a second run is quick.
-# Usage: scripts/setup.sh [--dev] [--with-browser] [--with-janus]
+# Usage: scripts/setup.sh [--dev] [--with-browser] [--with-janus] [--with-postgres]
 #   (no flag)       what the server and the bot need: `pip install -e .`
 #   --dev           also training and test tools: `pip install -e ".[dev]"` (TensorFlow, pytest, ...)
 #   --with-browser  also Debian's chromium, for the browser end-to-end tests
 #   --with-janus    also Debian's janus, the meetings' media server (scripts/run.sh, the meeting tests)
+#   --with-postgres also Debian's postgresql server binaries, for the storage tests on PostgreSQL (the tests
+#                   start their own server in a temporary folder; the package's system service is not used)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-want="runtime"; browser=""; janus=""
+want="runtime"; browser=""; janus=""; postgres=""
 for arg in "$@"; do
     case "$arg" in
         --dev) want="dev" ;;
         --with-browser) browser=1 ;;
         --with-janus) janus=1 ;;
-        *) echo "setup: unknown option $arg (use --dev, --with-browser, --with-janus)" >&2; exit 2 ;;
+        --with-postgres) postgres=1 ;;
+        *) echo "setup: unknown option $arg (use --dev, --with-browser, --with-janus, --with-postgres)" >&2; exit 2 ;;
     esac
 done
 if [ ! -x .venv/bin/pip ]; then
@@ -55,4 +58,8 @@ fi
 # package's own system service is not used (Debian enables it; containers have no systemd).
 if [ -n "$janus" ] && [ ! -x /usr/bin/janus ]; then
     apt_install janus
+fi
+# PostgreSQL for the storage tests: Debian keeps initdb/pg_ctl in /usr/lib/postgresql/<major>/bin.
+if [ -n "$postgres" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    apt_install postgresql
 fi

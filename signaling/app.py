@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from core.settings import ServerSettings, Settings
-from signaling import housekeeping, ingest
+from signaling import housekeeping, ingest, metrics
 from signaling.meeting import Meeting
 from signaling.middleware import client_address_middleware, security_headers
 from signaling.rooms import Registry
@@ -66,5 +66,6 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     app.cleanup_ctx.append(housekeeping.erase_expired_sessions)
     app.cleanup_ctx.append(housekeeping.dismiss_lonely_bots)
     ingest.setup(app)
+    metrics.install(app)
     app.router.add_routes(ROUTES)
     return app

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from signaling import api, ingest, lifecycle, pages, relay
+from signaling import api, ingest, lifecycle, metrics, pages, relay
 
 ROUTES: list[web.RouteDef] = [
     # pages and their assets
@@ -15,6 +15,7 @@ ROUTES: list[web.RouteDef] = [
     web.get("/favicon.ico", pages.favicon),
     # public
     web.get("/healthz", api.healthz),
+    web.get("/metrics", metrics.metrics),   # Prometheus text format (counts only: no names, no ids)
     web.get("/api/policy", api.policy),
     # rooms (teacher token)
     web.post("/api/rooms", api.create_room),

@@ -1,8 +1,10 @@
 """SQLAlchemy schema (rooms, sessions, participants, samples, alerts), the engine factory and migration.
 
-SQLite gets WAL, synchronous=NORMAL, a busy timeout, foreign keys and secure_delete, so that the bot's writer thread
-and the server's readers do not block each other; any other SQLAlchemy URL works too. Tables are
-created on start and columns an older file lacks are added (forward-only), recorded in schema_version.
+Two databases are supported and tested: SQLite (the default; WAL, synchronous=NORMAL, a busy timeout, foreign keys
+and secure_delete, so that the bot's writer thread and the server's readers do not block each other) and
+PostgreSQL (`postgresql+psycopg://...`, the compose deployment). Migrations are versioned steps applied at start
+(`migrate`): an empty database is created at the current version, an older one runs the steps after its version,
+each recorded in schema_version.
 """
 from __future__ import annotations
 
@@ -10,17 +12,17 @@ import logging
 import time
 from typing import Any, Callable
 
-from sqlalchemy import (Boolean, Column, Float, ForeignKey, ForeignKeyConstraint, Index, Integer, MetaData,
+from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, ForeignKeyConstraint, Index, Integer, MetaData,
                         String, Table, Text, create_engine, event, inspect, select, text)
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from core.emotions import EMOTIONS
 
 log = logging.getLogger("classmood.storage")
 
 # 1: first release; 2: samples.stored_at; 3: schema_version.applied_at, foreign keys on new files,
-# ix_samples_session_participant dropped.
-SCHEMA_VERSION = 3
+# ix_samples_session_participant dropped; 4: on PostgreSQL samples.id is a BIGINT (see MIGRATIONS).
+SCHEMA_VERSION = 4
 PROB_COLUMNS: list[str] = [f"p_{name}" for name in EMOTIONS]
 
 metadata = MetaData()
@@ -56,7 +58,9 @@ participants = Table(
 
 samples = Table(
     "samples", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    # 64-bit on PostgreSQL: a school's 100 classes a day reach 2^31 ids in weeks, and erasing rows does not
+    # rewind the sequence. SQLite keeps INTEGER: only `INTEGER PRIMARY KEY` is its rowid (already 64-bit).
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("session_id", String(64), nullable=False),
     Column("participant_id", String(64), nullable=False),
     Column("t", Float, nullable=False),
@@ -114,7 +118,14 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
 def create_engine_for(url: str, busy_timeout_s: float = 5.0, migrate_schema: bool = True) -> Engine:
     """Engine with SQLite tuned for one writer + many readers; schema created/migrated unless told not to."""
     is_sqlite = url.startswith("sqlite")
-    connect_args: dict[str, Any] = {"check_same_thread": False, "timeout": busy_timeout_s} if is_sqlite else {}
+    connect_args: dict[str, Any] = {}
+    if is_sqlite:
+        connect_args = {"check_same_thread": False, "timeout": busy_timeout_s}
+    elif url.startswith("postgresql"):
+        # PostgreSQL's counterpart of SQLite's busy timeout: a statement waits this long for a lock, then fails
+        # (the writer keeps its rows and retries) instead of stalling without a word; an unreachable server
+        # is an error after 10 s rather than a hang.
+        connect_args = {"options": f"-c lock_timeout={int(busy_timeout_s * 1000)}", "connect_timeout": 10}
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas(int(busy_timeout_s * 1000)))
@@ -123,31 +134,104 @@ def create_engine_for(url: str, busy_timeout_s: float = 5.0, migrate_schema: boo
     return engine
 
 
-def migrate(engine: Engine) -> int:
-    """Create missing tables, add missing columns, record SCHEMA_VERSION; returns the version found before."""
-    metadata.create_all(engine)
-    inspector = inspect(engine)
+# ---- migrations ---------------------------------------------------------------------------------------
+# Step N brings a database from version N-1 to N, on SQLite and PostgreSQL alike; steps are never edited
+# once shipped (a database in the field is at one of them). Step 1 builds the first release's tables.
+
+def _v1_tables() -> MetaData:
+    """The tables of version 1, frozen (the live definitions above move on)."""
+    m = MetaData()
+    Table("rooms", m, *_columns(rooms))
+    Table("sessions", m, *_columns(sessions))
+    Table("participants", m, *_columns(participants))
+    Table("samples", m, Column("id", Integer, primary_key=True, autoincrement=True),
+          *[c for c in _columns(samples) if c.name not in ("id", "stored_at")],
+          Index("ix_samples_session_t", "session_id", "t"),
+          Index("ix_samples_session_participant", "session_id", "participant_id"))
+    Table("alerts", m, *[Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                         for c in alerts.columns], Index("ix_alerts_session_t", "session_id", "t"))
+    Table("schema_version", m, Column("version", Integer, primary_key=True))
+    return m
+
+
+def _columns(table: Table) -> list[Column[Any]]:
+    return [c._copy() for c in table.columns]
+
+
+def _step_1(conn: Connection) -> None:
+    _v1_tables().create_all(conn)
+
+
+def _step_2(conn: Connection) -> None:
+    _add_column(conn, samples.c.stored_at)
+
+
+def _step_3(conn: Connection) -> None:
+    _add_column(conn, schema_version.c.applied_at)
+    # Foreign keys cannot be added to an existing SQLite table; files created from version 3 on have them.
+    conn.execute(text("DROP INDEX IF EXISTS ix_samples_session_participant"))
+
+
+def _step_4(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        # The column and the SERIAL's sequence (created AS integer, whose MAXVALUE follows the new type).
+        conn.execute(text("ALTER TABLE samples ALTER COLUMN id TYPE BIGINT"))
+        conn.execute(text("ALTER SEQUENCE IF EXISTS samples_id_seq AS BIGINT"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1, 2: _step_2, 3: _step_3, 4: _step_4}
+assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1)), "one migration step per version"
+
+
+def _add_column(conn: Connection, column: Column[Any]) -> None:
+    """ALTER TABLE ... ADD COLUMN, nullable (ALTER cannot add NOT NULL without a default: older rows get NULL)."""
+    table = column.table.name
+    if column.name in {c["name"] for c in inspect(conn).get_columns(table)}:
+        return
+    kind = column.type.compile(conn.dialect)
+    conn.execute(text(f'ALTER TABLE {table} ADD COLUMN "{column.name}" {kind}'))
+    log.info("storage: added column %s.%s", table, column.name)
+
+
+# Any constant: the key of PostgreSQL's advisory lock that serialises migrations (the server and the bot
+# worker of the compose file start at the same time against one database; SQLite: BEGIN IMMEDIATE).
+_MIGRATION_LOCK = 0x636C6D64
+
+
+def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
+    """Bring the database to `target` (the current version by default) in one transaction; returns the
+    version found before (0: an empty database, created at `target` directly when that is current)."""
     with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            existing = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in existing:
-                    continue
-                # ALTER TABLE cannot add a NOT NULL column without a default: older rows get NULL.
-                kind = column.type.compile(engine.dialect)
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-                log.info("storage: added column %s.%s", table.name, column.name)
-            for index in table.indexes:   # create_all skips the indexes of tables that already exist
-                index.create(conn, checkfirst=True)
-        found = conn.execute(select(schema_version.c.version)).scalars().all()
-        before = max(found, default=0)
-        if before < 3:
-            conn.execute(text("DROP INDEX IF EXISTS ix_samples_session_participant"))
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        elif conn.dialect.name == "sqlite":
+            # The write lock before looking: Python's sqlite3 starts no transaction for DDL by itself, and two
+            # processes opening one new file would both create the tables.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        tables = set(inspect(conn).get_table_names())
+        if "schema_version" in tables:
+            before = max(conn.execute(select(schema_version.c.version)).scalars().all(), default=1)
+        else:
+            before = 1 if "rooms" in tables else 0   # tables without a version: the first release's
         if before > SCHEMA_VERSION:
-            # Forward-only: a newer file still has every column we use, so carry on, but say so.
+            # Forward-only: a newer database still has every column we use, so carry on, but say so.
             log.warning("storage: database schema version %d is newer than this code's %d", before, SCHEMA_VERSION)
-        elif SCHEMA_VERSION not in found:
-            conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=time.time()))
+            return before
+        if before == 0 and target == SCHEMA_VERSION:
+            metadata.create_all(conn)
+            steps = [SCHEMA_VERSION]
+        else:
+            steps = list(range(before + 1, target + 1))
+            for version in steps:
+                MIGRATIONS[version](conn)
+                if version > 1:
+                    log.info("storage: migrated the database to schema version %d", version)
+        has_applied_at = "applied_at" in {c["name"] for c in inspect(conn).get_columns("schema_version")}
+        for version in steps:
+            values: dict[str, Any] = {"version": version}
+            if has_applied_at:
+                values["applied_at"] = time.time()
+            conn.execute(schema_version.insert().values(**values))
     return before
 
 

@@ -25,15 +25,20 @@ def compose() -> dict:
     return yaml.safe_load((PROJECT / "docker-compose.yml").read_text())
 
 
-def test_compose_file_has_server_bot_and_turn_with_a_named_volume():
+def test_compose_file_has_server_bot_janus_turn_and_postgresql_on_a_named_volume():
     spec = compose()
-    assert set(spec["services"]) == {"server", "bot", "turn", "janus"}
-    assert "classmood-data" in spec["volumes"]
+    assert set(spec["services"]) == {"server", "bot", "turn", "janus", "postgres"}
+    postgres = spec["services"]["postgres"]
+    assert postgres["image"].startswith("postgres:") and "ports" not in postgres   # never published
+    assert any(v.startswith("classmood-db:") for v in postgres["volumes"]) and "classmood-db" in spec["volumes"]
+    assert "${POSTGRES_PASSWORD:?" in postgres["environment"]["POSTGRES_PASSWORD"]
     for name in ("server", "bot"):
         service = spec["services"][name]
-        assert any(v.startswith("classmood-data:") for v in service["volumes"])
         assert (PROJECT / service["build"]["dockerfile"]).exists()
-        assert service["environment"]["CLASSMOOD_STORAGE_URL"].startswith("sqlite:////data/")
+        # Both on the one PostgreSQL, through the driver their images install (tests/test_images.py).
+        assert service["environment"]["CLASSMOOD_STORAGE_URL"].startswith("postgresql+psycopg://classmood:")
+        assert "@postgres:5432/" in service["environment"]["CLASSMOOD_STORAGE_URL"]
+        assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
     ice = spec["services"]["server"]["environment"]["CLASSMOOD_SERVER_ICE_SERVERS"]
     assert "turn:" in ice and "stun:" in ice
     assert any(arg.startswith("--user=classmood:") for arg in spec["services"]["turn"]["command"])
@@ -46,7 +51,8 @@ def test_compose_file_has_server_bot_and_turn_with_a_named_volume():
 @pytest.mark.skipif(shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
                     capture_output=True).returncode != 0, reason="docker compose is not available here")
 def test_docker_compose_accepts_the_file():
-    env = dict(os.environ, WORKER_KEY="k" * 32, TURN_PASSWORD="p" * 16)
+    env = dict(os.environ, WORKER_KEY="k" * 32, TURN_PASSWORD="p" * 16, JANUS_API_SECRET="j" * 16,
+               JANUS_ADMIN_KEY="a" * 16, PUBLIC_IP="203.0.113.1", POSTGRES_PASSWORD="d" * 16)
     result = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=PROJECT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -1,4 +1,8 @@
-"""Storage keeps every accepted row (locked database, full disk, restart), reviews and exports sessions."""
+"""Storage keeps every accepted row (locked database, full disk, restart), reviews, exports and erases sessions.
+
+Every test that is not about SQLite itself runs twice: on SQLite and on a real PostgreSQL that tests/postgres.py
+starts (the `url` fixture gives an empty database of each).
+"""
 from __future__ import annotations
 
 import csv
@@ -20,6 +24,7 @@ from core.emotions import EMOTIONS
 from core.records import AlertRecord, SampleRecord
 from signaling.store import Store
 from storage import Repository, csvrows, export, schema
+from tests.postgres import BACKENDS, postgres_server, url_for  # noqa: F401  (postgres_server: a fixture)
 
 PROJECT = Path(__file__).resolve().parent.parent
 PYTHON = str(PROJECT / ".venv" / "bin" / "python")
@@ -27,13 +32,19 @@ HAPPY = (0.0, 0.0, 0.0, 0.7, 0.1, 0.1, 0.1)
 SAD = (0.1, 0.0, 0.1, 0.0, 0.7, 0.0, 0.1)
 
 
-def count(db: Path, table: str, where: str = "1") -> int:
-    """Count with a fresh connection: what is really in the file, not in the repository's memory."""
-    con = sqlite3.connect(db)
+def query(db: str | Path, statement: str, **params: object) -> list[tuple]:
+    """Run SQL on a fresh connection: what is really in the database, not in the repository's memory."""
+    engine = create_engine(db if isinstance(db, str) else f"sqlite:///{db}")
     try:
-        return con.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()[0]
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), params)
+            return [tuple(row) for row in result] if result.returns_rows else []
     finally:
-        con.close()
+        engine.dispose()
+
+
+def count(db: str | Path, table: str, where: str = "1=1") -> int:
+    return query(db, f"SELECT COUNT(*) FROM {table} WHERE {where}")[0][0]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -45,13 +56,27 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
+@pytest.fixture(params=BACKENDS)
+def url(request, tmp_path) -> str:
+    """An empty database of each backend."""
+    return url_for(request.param, request, tmp_path)
+
+
 @pytest.fixture
 def db(tmp_path) -> Path:
+    """A SQLite file, for the tests of SQLite's own behaviour."""
     return tmp_path / "classmood.sqlite"
 
 
 @pytest.fixture
-def repo(db):
+def repo(url):
+    r = Repository(url, flush_seconds=0.05)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def sqlite_repo(db):
     r = Repository(f"sqlite:///{db}", flush_seconds=0.05)
     yield r
     r.close()
@@ -71,10 +96,29 @@ def samples(sid: str, pid: str, n: int, t0: float, probs=HAPPY, face: bool = Tru
             for i in range(n)]
 
 
-def hold_exclusive_lock(db: Path) -> sqlite3.Connection:
-    blocker = sqlite3.connect(db, timeout=0.1, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
-    return blocker
+class Blocker:
+    """Another client holding the database (SQLite) or the bot's tables (PostgreSQL) locked until release()."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url)
+        self.conn = self.engine.connect()
+        if url.startswith("sqlite"):
+            self.conn.exec_driver_sql("BEGIN EXCLUSIVE")
+        else:
+            self.conn.begin()
+            self.conn.exec_driver_sql("LOCK TABLE samples, alerts, participants IN ACCESS EXCLUSIVE MODE")
+
+    def release(self) -> None:
+        if self.engine.dialect.name == "sqlite":
+            self.conn.exec_driver_sql("COMMIT")
+        else:
+            self.conn.commit()
+        self.conn.close()
+        self.engine.dispose()
+
+
+def hold_exclusive_lock(url: str) -> Blocker:
+    return Blocker(url)
 
 
 def test_repository_satisfies_the_store_protocol():
@@ -85,7 +129,7 @@ def test_repository_satisfies_the_store_protocol():
             list(inspect.signature(member).parameters), name
 
 
-def test_round_trip_of_rooms_sessions_participants_samples_alerts(repo, db):
+def test_round_trip_of_rooms_sessions_participants_samples_alerts(repo, url):
     assert repo.get_room("room1") is None
     sid = new_session(repo, people=("p1", "p2"))
     room = repo.get_room("room1")
@@ -104,40 +148,33 @@ def test_round_trip_of_rooms_sessions_participants_samples_alerts(repo, db):
     (listed,) = repo.list_sessions("room1")
     assert (listed["session_id"], listed["participants"], listed["samples"], listed["alerts"]) == (sid, 2, 3, 2)
     assert listed["ended_at"] is not None and repo.list_sessions("other") == []
-    con = sqlite3.connect(db)
-    assert con.execute("SELECT name, analysis_opt_out, left_at IS NOT NULL FROM participants ORDER BY participant_id"
-                       ).fetchall() == [("P1", 0, 0), ("P2", 1, 1)]
-    row = con.execute(f"SELECT t, face_found, {', '.join(schema.PROB_COLUMNS)}, top_label, confusion, boredom, "
-                      "attention FROM samples ORDER BY t LIMIT 1").fetchone()
-    assert row == (100.0, 1, *HAPPY, "happy", 0.2, 0.1, 0.9)
-    assert con.execute("SELECT alert_id, acknowledged, acknowledged_at IS NOT NULL, participant_id FROM alerts "
-                       "ORDER BY alert_id").fetchall() == [("a1", 1, 1, "p1"), ("a2", 0, 0, None)]
-    con.close()
+    assert query(url, "SELECT name, analysis_opt_out, left_at IS NOT NULL FROM participants ORDER BY participant_id"
+                 ) == [("P1", False, False), ("P2", True, True)]
+    (row,) = query(url, f"SELECT t, face_found, {', '.join(schema.PROB_COLUMNS)}, top_label, confusion, boredom, "
+                   "attention FROM samples ORDER BY t LIMIT 1")
+    assert row == (100.0, True, *HAPPY, "happy", 0.2, 0.1, 0.9)
+    assert query(url, "SELECT alert_id, acknowledged, acknowledged_at IS NOT NULL, participant_id FROM alerts "
+                 "ORDER BY alert_id") == [("a1", True, True, "p1"), ("a2", False, False, None)]
     assert repo.stats()["accepted"] == repo.stats()["written"] == 11 and repo.stats()["pending"] == 0
 
 
-def test_rows_accepted_before_close_are_all_in_the_file(db):
-    repo = Repository(f"sqlite:///{db}", flush_seconds=0.5)   # the default pace: close must not wait for it
+def test_rows_accepted_before_close_are_all_in_the_database(url):
+    repo = Repository(url, flush_seconds=0.5)   # the default pace: close must not wait for it
     sid = new_session(repo, people=("p1", "p2"))
     repo.add_samples(samples(sid, "p1", 300, 1000.0))
     repo.add_samples(samples(sid, "p2", 200, 1000.0, SAD))
     repo.add_alert(AlertRecord("a1", sid, 1010.0, "student", "confusion", "P2 seems confused", 0.6, "p2", "P2"))
     repo.close()
     repo.close()                                                   # idempotent
-    fresh = create_engine(f"sqlite:///{db}")
-    with fresh.connect() as conn:
-        assert conn.execute(text("SELECT COUNT(*) FROM samples")).scalar() == 500
-        assert conn.execute(text("SELECT COUNT(*) FROM alerts")).scalar() == 1
-        assert conn.execute(text("SELECT top_label FROM samples WHERE participant_id='p2' LIMIT 1")).scalar() == "sad"
-        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-    fresh.dispose()
+    assert count(url, "samples") == 500 and count(url, "alerts") == 1
+    assert query(url, "SELECT top_label FROM samples WHERE participant_id='p2' LIMIT 1") == [("sad",)]
     assert repo.stats()["lost"] == 0 and repo.stats()["written_samples"] == 500
     # After close nothing is accepted, nothing raises, and the refusal is counted.
     assert repo.add_samples(samples(sid, "p1", 2, 2000.0)) == 0 and repo.stats()["lost"] == 2
 
 
-def test_sqlite_connections_use_wal_normal_sync_busy_timeout_and_foreign_keys(repo):
-    with repo.engine.connect() as conn:
+def test_sqlite_connections_use_wal_normal_sync_busy_timeout_and_foreign_keys(sqlite_repo):
+    with sqlite_repo.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1          # NORMAL
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
@@ -145,25 +182,25 @@ def test_sqlite_connections_use_wal_normal_sync_busy_timeout_and_foreign_keys(re
         assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1        # erased rows are overwritten
 
 
-def test_writer_survives_a_locked_database_and_loses_nothing(repo, db):
+def test_writer_survives_a_locked_database_and_loses_nothing(repo, url):
     sid = new_session(repo)
     assert repo.flush()
-    blocker = hold_exclusive_lock(db)
+    blocker = hold_exclusive_lock(url)
     started = time.monotonic()
     repo.add_samples(samples(sid, "p1", 50, 2000.0))
     repo.add_alert(AlertRecord("a1", sid, 2001.0, "class", "boredom", "Class seems bored", 0.5))
     assert time.monotonic() - started < 0.2                        # callers never wait for the database
-    assert wait_until(lambda: repo.stats()["write_errors"] >= 1)   # the writer's 1 s busy timeout expired
-    assert "locked" in repo.stats()["last_error"] and repo.stats()["pending"] == 51
+    assert wait_until(lambda: repo.stats()["write_errors"] >= 1)   # the writer's 1 s lock timeout expired
+    assert "lock" in repo.stats()["last_error"] and repo.stats()["pending"] == 51
     assert not repo.flush(timeout=0.2)
-    blocker.execute("COMMIT")
-    blocker.close()
+    blocker.release()
     assert repo.flush(timeout=10)
-    assert count(db, "samples") == 50 and count(db, "alerts") == 1
+    assert count(url, "samples") == 50 and count(url, "alerts") == 1
     assert repo.stats()["lost"] == 0 and repo.stats()["pending"] == 0
 
 
-def test_a_full_disk_keeps_rows_pending_and_recovers_when_space_returns(repo, db, caplog):
+def test_a_full_disk_keeps_rows_pending_and_recovers_when_space_returns(sqlite_repo, db, caplog):
+    repo = sqlite_repo
     sid = new_session(repo)
     repo.add_samples(samples(sid, "p1", 10, 3000.0))
     assert repo.flush()
@@ -191,7 +228,7 @@ def test_a_full_disk_keeps_rows_pending_and_recovers_when_space_returns(repo, db
     assert sum("writable again" in m for m in messages) == 1
 
 
-def test_any_database_error_is_retried_not_dropped(repo, db):
+def test_any_database_error_is_retried_not_dropped(repo, url):
     sid = new_session(repo)
     assert repo.flush()
     real_apply, failures = repo._writer.apply, {"left": 2}
@@ -204,23 +241,23 @@ def test_any_database_error_is_retried_not_dropped(repo, db):
     repo._writer.apply = flaky
     repo.add_samples(samples(sid, "p1", 20, 5000.0))
     assert repo.flush(timeout=10)
-    assert count(db, "samples") == 20 and repo.stats()["write_errors"] == 2 and repo.stats()["lost"] == 0
+    assert count(url, "samples") == 20 and repo.stats()["write_errors"] == 2 and repo.stats()["lost"] == 0
 
 
-def test_a_row_rejected_for_good_is_dropped_alone_and_counted(repo, db, caplog):
+def test_a_row_rejected_for_good_is_dropped_alone_and_counted(repo, url, caplog):
     sid = new_session(repo)
     repo.add_samples(samples(sid, "p1", 5, 6000.0))
     repo.add_samples(samples(sid, "ghost", 1, 6002.0))             # no participant row: foreign key refuses it
     repo.add_samples(samples(sid, "p1", 5, 6010.0))
     assert repo.flush()
-    assert count(db, "samples") == 10 and count(db, "samples", "participant_id='ghost'") == 0
-    assert repo.stats()["lost"] == 1 and "FOREIGN KEY" in repo.stats()["last_error"]
+    assert count(url, "samples") == 10 and count(url, "samples", "participant_id='ghost'") == 0
+    assert repo.stats()["lost"] == 1 and "foreign key" in repo.stats()["last_error"].lower()
     # Logged before flush() returns, so whoever saw the flush finish can also read why a row is missing.
     assert any("rejected a sample row for good" in r.getMessage() for r in caplog.records)
 
 
-def test_an_outage_while_isolating_a_rejected_row_writes_nothing_twice(db):
-    repo = Repository(f"sqlite:///{db}", flush_seconds=5.0)       # slow pace: everything below is one batch
+def test_an_outage_while_isolating_a_rejected_row_writes_nothing_twice(url):
+    repo = Repository(url, flush_seconds=5.0)       # slow pace: everything below is one batch
     sid = new_session(repo)
     assert repo.flush()
     real_apply, calls = repo._writer.apply, []
@@ -237,28 +274,25 @@ def test_an_outage_while_isolating_a_rejected_row_writes_nothing_twice(db):
     assert repo.flush(timeout=5)
     repo.close()
     assert calls[:4] == [7, 1, 1, 1] and repo.stats()["write_errors"] == 1
-    assert count(db, "samples") == 6 and repo.stats()["lost"] == 1
+    assert count(url, "samples") == 6 and repo.stats()["lost"] == 1
 
 
-def test_past_the_memory_cap_the_oldest_rows_are_dropped_and_counted(db, caplog):
-    repo = Repository(f"sqlite:///{db}", flush_seconds=5.0, max_pending_rows=100)
+def test_past_the_memory_cap_the_oldest_rows_are_dropped_and_counted(url, caplog):
+    repo = Repository(url, flush_seconds=5.0, max_pending_rows=100)
     sid = new_session(repo)
     assert repo.flush()
-    blocker = hold_exclusive_lock(db)
+    blocker = hold_exclusive_lock(url)
     repo.add_participant(sid, "p2", "P2")                          # bookkeeping is never dropped
     repo.add_samples(samples(sid, "p2", 150, 7000.0))
     assert repo.stats()["lost"] == 51 and repo.stats()["pending"] == 100   # 1 participant + 99 samples
     assert sum("dropping the oldest" in r.getMessage() for r in caplog.records if r.levelname == "ERROR") == 1
-    blocker.execute("COMMIT")
-    blocker.close()
+    blocker.release()
     repo.close()
-    assert count(db, "samples") == 99 and count(db, "participants", "participant_id='p2'") == 1
-    con = sqlite3.connect(db)
-    assert con.execute("SELECT MIN(t), MAX(t) FROM samples").fetchone() == (7000.0 + 51 * 0.5, 7000.0 + 149 * 0.5)
-    con.close()
+    assert count(url, "samples") == 99 and count(url, "participants", "participant_id='p2'") == 1
+    assert query(url, "SELECT MIN(t), MAX(t) FROM samples") == [(7000.0 + 51 * 0.5, 7000.0 + 149 * 0.5)]
 
 
-def test_flush_returns_under_continuous_load(repo, db):
+def test_flush_returns_under_continuous_load(repo, url):
     sid = new_session(repo)
     stop = threading.Event()
 
@@ -274,7 +308,7 @@ def test_flush_returns_under_continuous_load(repo, db):
         time.sleep(0.1)
         accepted = repo.stats()["accepted"]
         assert repo.flush(timeout=3)
-        assert count(db, "samples") + 1 >= accepted            # +1: the participant row is in `accepted`
+        assert count(url, "samples") + 1 >= accepted            # +1: the participant row is in `accepted`
     finally:
         stop.set()
         thread.join()
@@ -342,14 +376,14 @@ def test_names_that_look_like_formulas_stay_plain_text_in_csv(repo):
         ("'" + evil, "'" + evil + " seems confused"), ("'@home", "'+1 bored")]
 
 
-def test_export_cli_writes_csv_json_and_rejects_bad_input(repo, db, tmp_path):
+def test_export_cli_writes_csv_json_and_rejects_bad_input(repo, url, tmp_path):
     sid = new_session(repo)
     repo.add_samples(samples(sid, "p1", 3, 20_000.0))
     repo.add_samples(samples(sid, "p1", 1, 20_001.5, face=False))
     repo.add_alert(AlertRecord("a1", sid, 20_001.0, "student", "confusion", "P1, seems \"confused\"", 0.6, "p1", "P1"))
     repo.close()
     out = tmp_path / "export"
-    env = {**os.environ, "CLASSMOOD_STORAGE_URL": f"sqlite:///{db}"}   # the URL through core.settings
+    env = {**os.environ, "CLASSMOOD_STORAGE_URL": url}   # the URL through core.settings
     ok = subprocess.run([PYTHON, "-m", "storage.export", "--session", sid, "--out", str(out)],
                         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
@@ -365,12 +399,13 @@ def test_export_cli_writes_csv_json_and_rejects_bad_input(repo, db, tmp_path):
                       '1970-01-01T05:33:21.000Z,20001.000,student,confusion,p1,P1,0.6000,"P1, seems ""confused""",0']
     assert json.loads((out / "review.json").read_text())["students"][0]["samples"] == 4
 
-    bad = subprocess.run([PYTHON, "-m", "storage.export", "--db", str(db), "--session", "nope", "--out", str(out)],
+    bad = subprocess.run([PYTHON, "-m", "storage.export", "--db", url, "--session", "nope", "--out", str(out)],
                          cwd=PROJECT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no session 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_export_cli_lists_sessions_and_fails_cleanly_on_unusable_databases(repo, db, tmp_path, capsys):
+def test_export_cli_lists_sessions_and_fails_cleanly_on_unusable_databases(sqlite_repo, db, tmp_path, capsys):
+    repo = sqlite_repo
     sid = new_session(repo)
     repo.flush()
     assert export.main(["--db", f"sqlite:///{db}", "--list"]) == 0
@@ -385,58 +420,47 @@ def test_export_cli_lists_sessions_and_fails_cleanly_on_unusable_databases(repo,
     assert "--session" in capsys.readouterr().err
 
 
-def row_counts(db: Path, sid: str) -> list[int]:
-    con = sqlite3.connect(db)
-    try:
-        return [con.execute(f"SELECT COUNT(*) FROM {table} WHERE session_id = ?", (sid,)).fetchone()[0]
-                for table in ("sessions", "participants", "samples", "alerts")]
-    finally:
-        con.close()
+def row_counts(url: str, sid: str) -> list[int]:
+    return [count(url, table, f"session_id = '{sid}'") for table in ("sessions", "participants", "samples", "alerts")]
 
 
-def test_deleting_a_session_erases_all_its_rows_and_nothing_else(repo, db):
+def test_deleting_a_session_erases_all_its_rows_and_nothing_else(repo, url):
     gone, kept = new_session(repo, people=("p1", "p2")), new_session(repo, room="room2")
     for sid, pid in ((gone, "p1"), (gone, "p2"), (kept, "p1")):
         repo.add_samples(samples(sid, pid, 5, 100.0))
         repo.add_alert(AlertRecord(f"a-{sid}-{pid}", sid, 101.0, "student", "confusion", "confused", 0.6, pid, pid))
     # no flush: rows still queued for the session are written before it is erased, not after
     assert repo.delete_session(gone) is True
-    assert row_counts(db, gone) == [0, 0, 0, 0] and row_counts(db, kept) == [1, 1, 5, 1]
+    assert row_counts(url, gone) == [0, 0, 0, 0] and row_counts(url, kept) == [1, 1, 5, 1]
     assert repo.delete_session(gone) is False and repo.session_review(gone) is None
     assert [s["session_id"] for s in repo.list_sessions(None)] == [kept]
 
 
-def test_retention_erases_sessions_ended_before_the_cutoff_and_crashed_ones_started_before_it(repo, db):
+def test_retention_erases_sessions_ended_before_the_cutoff_and_crashed_ones_started_before_it(repo, url):
     old, recent, crashed, live, long_running = (new_session(repo, room=f"r{i}") for i in range(5))
     for sid in (old, recent):
         repo.end_session(sid)
     repo.add_samples(samples(long_running, "p1", 3, 6000.0))      # started long ago, still recording
     repo.add_samples(samples(crashed, "p1", 3, 1000.0))           # its last sample is before the cutoff
     repo.flush()
-    con = sqlite3.connect(db)
-    con.execute("UPDATE sessions SET ended_at = 1000 WHERE session_id = ?", (old,))
-    con.execute("UPDATE sessions SET started_at = 1000 WHERE session_id IN (?, ?)", (crashed, long_running))
-    con.commit()
-    con.close()
+    query(url, "UPDATE sessions SET ended_at = 1000 WHERE session_id = :sid", sid=old)
+    query(url, "UPDATE sessions SET started_at = 1000 WHERE session_id IN (:a, :b)", a=crashed, b=long_running)
     assert sorted(repo.delete_sessions_before(5000.0)) == sorted([old, crashed])
     assert sorted(s["session_id"] for s in repo.list_sessions(None)) == sorted([recent, live, long_running])
 
 
-def test_export_cli_deletes_sessions_and_erases_expired_ones(repo, db, capsys):
+def test_export_cli_deletes_sessions_and_erases_expired_ones(repo, url, capsys):
     keep, drop, expired = (new_session(repo, room=f"r{i}") for i in range(3))
     repo.end_session(expired)
     repo.flush()
-    con = sqlite3.connect(db)
-    con.execute("UPDATE sessions SET ended_at = 1000 WHERE session_id = ?", (expired,))
-    con.commit()
-    con.close()
-    assert export.main(["--db", str(db), "--delete", drop]) == 0
+    query(url, "UPDATE sessions SET ended_at = 1000 WHERE session_id = :sid", sid=expired)
+    assert export.main(["--db", url, "--delete", drop]) == 0
     assert capsys.readouterr().out.strip() == f"deleted {drop}"
-    assert export.main(["--db", str(db), "--delete", "nope"]) == 2
+    assert export.main(["--db", url, "--delete", "nope"]) == 2
     assert "no session 'nope'" in capsys.readouterr().err
-    assert export.main(["--db", str(db), "--erase-expired", "--storage-retention-days", "0"]) == 2
+    assert export.main(["--db", url, "--erase-expired", "--storage-retention-days", "0"]) == 2
     assert "nothing expires" in capsys.readouterr().err
-    assert export.main(["--db", str(db), "--erase-expired"]) == 0
+    assert export.main(["--db", url, "--erase-expired"]) == 0
     assert f"erased 1 session(s) older than 90 days\n  {expired}" in capsys.readouterr().out
     assert [s["session_id"] for s in repo.list_sessions(None)] == [keep]
 
@@ -454,36 +478,7 @@ def test_a_restarted_bot_continues_the_open_session(repo):
     assert repo.resume_or_start_session("room1", sid, grace_seconds=0) != sid   # a long-ended class is not reopened
 
 
-def test_an_older_database_file_is_migrated_forward(db):
-    con = sqlite3.connect(db)
-    con.executescript("""
-        CREATE TABLE rooms (room_id VARCHAR(64) PRIMARY KEY, title VARCHAR(200) NOT NULL, join_key VARCHAR(128) NOT NULL,
-                            teacher_token_hash VARCHAR(64) NOT NULL, created_at FLOAT NOT NULL);
-        CREATE TABLE samples (id INTEGER PRIMARY KEY, session_id VARCHAR(64) NOT NULL, participant_id VARCHAR(64) NOT NULL,
-                              t FLOAT NOT NULL, face_found BOOLEAN NOT NULL);
-        CREATE TABLE schema_version (version INTEGER PRIMARY KEY);
-        CREATE INDEX ix_samples_session_participant ON samples (session_id, participant_id);
-        INSERT INTO schema_version VALUES (1);
-        INSERT INTO rooms VALUES ('old', 'Old class', 'k', 'h', 1.0);
-    """)
-    con.close()
-    repo = Repository(f"sqlite:///{db}", flush_seconds=0.05)
-    assert repo.get_room("old")["title"] == "Old class"
-    sid = repo.start_session("old")
-    repo.add_participant(sid, "p1", "P1")
-    repo.add_samples(samples(sid, "p1", 3, 100.0, SAD))
-    repo.close()
-    con = sqlite3.connect(db)
-    columns = {row[1] for row in con.execute("PRAGMA table_info(samples)")}
-    assert {*schema.PROB_COLUMNS, "top_label", "stored_at"} <= columns
-    assert con.execute("SELECT top_label FROM samples").fetchall() == [("sad",)] * 3
-    assert [v for v, in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, schema.SCHEMA_VERSION]
-    indexes = {name for name, in con.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='samples'")}
-    assert indexes == {"ix_samples_session_t"}    # created on the existing table; the obsolete one dropped
-    con.close()
-
-
-def test_writes_from_many_threads_all_land(repo, db):
+def test_writes_from_many_threads_all_land(repo, url):
     sid = new_session(repo, people=tuple(f"p{i}" for i in range(8)))
 
     def writer(i: int) -> None:
@@ -495,7 +490,7 @@ def test_writes_from_many_threads_all_land(repo, db):
     for th in threads:
         th.join()
     assert repo.flush()
-    assert count(db, "samples") == 400 and repo.stats()["written_samples"] == 400
+    assert count(url, "samples") == 400 and repo.stats()["written_samples"] == 400
 
 
 def test_errors_are_described_in_one_line_with_the_drivers_message():
