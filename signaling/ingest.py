@@ -385,12 +385,14 @@ class IngestConnection:
         try:
             self.state.registry.join(room, peer)
         except RoomFull:
-            self.refuse("room_full", f"room full: {who.name!r} not seated")
+            self.refuse("room_full", f"room full: participant {who.id!r} not seated")
             return seat
         seat.peer = peer
         _to_watchers(room, protocol.participant("joined", peer.peer_id, peer.name, peer.analysis))
-        log.info("ingest %s room %s: %s joined as %s (analysis %s)", self.service, room.room_id, who.name,
+        # Names stay out of INFO logs: retention and delete must cover everything that names a student.
+        log.info("ingest %s room %s: participant joined as %s (analysis %s)", self.service, room.room_id,
                  peer.peer_id, "on" if analysis else "off")
+        log.debug("ingest %s room %s: %s is %r", self.service, room.room_id, peer.peer_id, who.name)
         if self.chat is not None:
             self.chat.post(GREETING.format(name=who.name))
         return seat
