@@ -162,7 +162,7 @@ def evaluate(s: SignalSettings, clips: list[tuple[str, np.ndarray, np.ndarray]],
 def configs() -> list[tuple[str, SignalSettings]]:
     new = SignalSettings()
     out = [("old defaults (absolute 0.50, 20 s)", OLD), ("new defaults", new)]
-    for th, hold in ((0.20, 10.0), (0.25, 10.0), (0.30, 10.0), (0.25, 20.0), (0.25, 5.0)):
+    for th, hold in ((0.15, 10.0), (0.20, 10.0), (0.30, 10.0), (0.25, 20.0), (0.25, 5.0)):
         if (th, hold) != (new.confusion_threshold, new.student_min_seconds):
             out.append((f"baseline, threshold {th:.2f}, hold {hold:g} s",
                         dataclasses.replace(new, confusion_threshold=th, student_min_seconds=hold)))

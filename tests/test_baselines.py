@@ -135,6 +135,15 @@ def test_hysteresis_and_cooldown_still_apply_on_adjusted_scores():
     assert len(confusion_alerts(dataclasses.replace(S, cooldown_seconds=0.0), probs)[0]) == 2
 
 
+def test_a_raised_condition_clears_when_the_face_is_back_to_its_usual():
+    # The clear level (threshold - hysteresis) must lie above the usual (the reference), or a raised
+    # condition would clear only when the face reads *calmer* than usual, and never alert again.
+    assert S.confusion_threshold - S.hysteresis > S.baseline_reference_confusion
+    probs = stream(np.random.default_rng(17), [(NEUTRAL, 240), (rising(NEUTRAL), 60), (NEUTRAL, 60)])
+    alerts, _ = confusion_alerts(S, probs)
+    assert len(alerts) == 1 and confusion_alerts.engine.active() == []
+
+
 @pytest.mark.parametrize("change, message", [
     ({"baseline_seconds": -1.0}, "signals.baseline_seconds"),
     ({"baseline_seconds": 60.0, "baseline_warmup_seconds": 120.0}, "signals.baseline_warmup_seconds"),
