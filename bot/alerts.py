@@ -6,7 +6,9 @@ reads when `t` is passed (the same t values always give the same alerts; alert i
 Rules, per (student, kind) and per (class, kind), kind in {"confusion", "boredom"} (docs/signals.md):
 - RAISE when the value is >= its threshold continuously for >= student_min_seconds (class: the share of
   scored students at or above the student threshold is >= class_share_threshold, with at least
-  min_students_for_class_alert scored students, for >= class_min_seconds). A value of None (not enough
+  min_students_for_class_alert scored students of whom at least min_students_above_for_class_alert are at
+  or above it, for >= class_min_seconds). A student's value is their score relative to their own baseline
+  (StudentState.<kind>_adjusted) when the state carries one, else the raw score. A value of None (not enough
   samples) breaks a pending run but does not clear a raised condition.
 - CLEAR only when the value drops below threshold - hysteresis (a class with fewer scored students than
   the minimum clears too).
@@ -101,17 +103,25 @@ class AlertEngine:
         out: list[AlertRecord] = []
         for kind in KINDS:
             raw = getattr(state, kind, None) if state is not None else None
-            value = None if raw is None else float(raw)
+            # The rule runs on the score relative to the student's own baseline when there is one
+            # (StudentState.<kind>_adjusted); plain score objects without it use the raw score.
+            adjusted = getattr(state, f"{kind}_adjusted", None) if state is not None else None
+            baseline = getattr(state, f"{kind}_baseline", None) if state is not None else None
+            value = None if raw is None else float(adjusted if adjusted is not None else raw)
             cond = conds[kind]
             if cond.step(value, self._thresholds[kind], s.hysteresis, s.student_min_seconds, t) \
-                    and cond.cooled_down(t, s.cooldown_seconds) and value is not None:
+                    and cond.cooled_down(t, s.cooldown_seconds) and value is not None and raw is not None:
                 cond.last_alert_t = t
                 held = t - (cond.above_since if cond.above_since is not None else t)
                 who = (name or "").strip() or "A student"
-                out.append(self._record(
-                    t, "student", kind, f"{who} seems {_ADJECTIVE[kind]} for {_secs(held)} s", float(value),
-                    participant_id=participant_id, name=name,
-                    extra={"threshold": self._thresholds[kind], "held_seconds": round(held, 3)}))
+                message = f"{who} seems {_ADJECTIVE[kind]} for {_secs(held)} s"
+                extra: dict[str, Any] = {"threshold": self._thresholds[kind], "held_seconds": round(held, 3)}
+                if baseline is not None:
+                    # Say the rise: "more than usual" is what the alert means once a baseline exists.
+                    message += f" (score {float(raw):.2f}, usually {float(baseline):.2f})"
+                    extra.update(score=round(float(raw), 4), baseline=round(float(baseline), 4))
+                out.append(self._record(t, "student", kind, message, float(value),
+                                        participant_id=participant_id, name=name, extra=extra))
         return out
 
     def class_update(self, class_state: ClassState, t: float | None = None) -> list[AlertRecord]:
@@ -131,7 +141,10 @@ class AlertEngine:
                 n = int(getattr(class_state, f"n_{kind}", getattr(class_state, "analysed", 0)) or 0)
                 share = float(getattr(class_state, f"{kind}_share", 0.0) or 0.0)
                 count = int(round(share * n))
-            value = share if n >= s.min_students_for_class_alert else 0.0
+            # A class alert needs enough scored students and at least min_students_above of them at or
+            # above the threshold: in a pair, one student's rise is that student's alert, not the class's.
+            enough = n >= s.min_students_for_class_alert and count >= s.min_students_above_for_class_alert
+            value = share if enough else 0.0
             cond = self._class[kind]
             if cond.step(value, self._thresholds["class_share"], s.hysteresis, s.class_min_seconds, t) \
                     and cond.cooled_down(t, s.cooldown_seconds):

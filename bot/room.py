@@ -163,6 +163,11 @@ class ClassRoom:
                 "probs": [round(p, 3) for p in s.last_probs] if s.analysis and s.last_probs else None,
                 "confusion": _f(st.confusion if st else None), "boredom": _f(st.boredom if st else None),
                 "attention": _f(st.attention if st else None), "muted": s.peer_id in self.muted,
+                # What the alerts compare with the thresholds (relative to the student's usual), and that usual.
+                "confusion_adjusted": _f(st.confusion_adjusted if st else None),
+                "boredom_adjusted": _f(st.boredom_adjusted if st else None),
+                "confusion_baseline": _f(st.confusion_baseline if st else None),
+                "boredom_baseline": _f(st.boredom_baseline if st else None),
                 "last_seen": s.last_seen,
             })
         return {"t": now, "session_id": self.session_id, "students": students,

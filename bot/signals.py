@@ -12,6 +12,11 @@ limits, in docs/signals.md. In short, over a sliding window of `window_seconds`:
                      + w_away * away_share + w_absent * absent_share, 0, 1)
     attention = 1 - away_share - absent_share
 
+Alerts use each student's *adjusted* scores (docs/signals.md, "Baselines"): once a student has
+baseline_warmup_seconds of history, adjusted = clip(score - baseline + reference, 0, 1), where baseline is
+the median of the student's own scores over the last baseline_seconds; before that (the warm-up),
+adjusted = clip(score - baseline_warmup_margin, 0, 1); with baselines off, adjusted = score.
+
 These are proxies computed from facial behaviour; FER-7 has no "confused" or "bored" class.
 """
 from __future__ import annotations
@@ -145,6 +150,11 @@ class StudentState:
     top_label: argmax of mean_probs (window mean of the face samples' probabilities), or None without faces.
     components: the window terms the scores are made of (low_arousal, stillness, expressiveness,
     away_share, absent_share; None where there were too few face samples).
+    confusion_baseline / boredom_baseline: the median of this student's own scores over the last
+    baseline_seconds, None during the warm-up (or with baselines off).
+    confusion_adjusted / boredom_adjusted: what the alerts compare with the thresholds:
+    clip(score - baseline + baseline_reference, 0, 1) with a baseline, clip(score - baseline_warmup_margin, 0, 1)
+    during the warm-up, the score itself with baselines off (baseline_seconds 0).
     """
 
     t: float
@@ -157,13 +167,57 @@ class StudentState:
     top_label: str | None
     mean_probs: tuple[float, ...] | None
     components: Mapping[str, float | None] = field(default_factory=dict)
+    confusion_baseline: float | None = None
+    boredom_baseline: float | None = None
+    confusion_adjusted: float | None = None
+    boredom_adjusted: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"t": self.t, "n": self.n, "n_face": self.n_face, "face_share": _r(self.face_share),
                 "confusion": _r(self.confusion), "boredom": _r(self.boredom), "attention": _r(self.attention),
                 "top_label": self.top_label,
                 "mean_probs": None if self.mean_probs is None else [_r(p) for p in self.mean_probs],
-                "components": {k: _r(v) for k, v in self.components.items()}}
+                "components": {k: _r(v) for k, v in self.components.items()},
+                "confusion_baseline": _r(self.confusion_baseline), "boredom_baseline": _r(self.boredom_baseline),
+                "confusion_adjusted": _r(self.confusion_adjusted), "boredom_adjusted": _r(self.boredom_adjusted)}
+
+
+class Baseline:
+    """One student's usual level of one score: the median of their scores over the last `seconds`.
+
+    A median, not a mean or an EMA, so that a confused minute inside five does not move it: an episode
+    changes the baseline only once it fills half of the span (then it *is* this student's usual).
+    `ready` once the kept history spans `warmup_seconds`; until then `value` is None and the raw score
+    is used, so that a student who looks confused from the start is not taken as their own normal.
+    """
+
+    def __init__(self, seconds: float, warmup_seconds: float) -> None:
+        self.seconds, self.warmup_seconds = float(seconds), float(warmup_seconds)
+        self._history: deque[tuple[float, float]] = deque()
+
+    def reset(self) -> None:
+        self._history.clear()
+
+    def add(self, t: float, score: float | None) -> None:
+        if self.seconds <= 0 or score is None:
+            return
+        self._history.append((t, float(score)))
+        while self._history and self._history[0][0] < t - self.seconds:
+            self._history.popleft()
+
+    @property
+    def value(self) -> float | None:
+        if self.seconds <= 0 or not self._history or \
+                self._history[-1][0] - self._history[0][0] < self.warmup_seconds - _EPS:
+            return None
+        return float(np.median([v for _, v in self._history]))
+
+
+def adjusted_score(score: float | None, baseline: float | None, reference: float) -> float | None:
+    """The score the alerts use: relative to the student's baseline, on the scale of a typical resting face."""
+    if score is None or baseline is None:
+        return score
+    return _clip(score - baseline + reference, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -182,10 +236,15 @@ class StudentSignals:
         self._window: deque[_Sample] = deque()
         self._last_t: float | None = None
         self.state: StudentState | None = None
+        s = self.settings
+        self._baselines = {kind: Baseline(s.baseline_seconds, s.baseline_warmup_seconds)
+                           for kind in ("confusion", "boredom")}
 
     def reset(self) -> None:
         """Forget every sample (e.g. when the student opts out)."""
         self._window.clear()
+        for baseline in self._baselines.values():
+            baseline.reset()
         self._last_t = None
         self.state = None
 
@@ -208,8 +267,25 @@ class StudentSignals:
         horizon = t - s.window_seconds
         while self._window and self._window[0].t <= horizon:
             self._window.popleft()
-        self.state = self._compute(t)
+        state = self._compute(t)
+        base_c, base_b = self._baselines["confusion"], self._baselines["boredom"]
+        base_c.add(t, state.confusion)
+        base_b.add(t, state.boredom)
+        bc, bb = base_c.value, base_b.value
+        self.state = replace(state, confusion_baseline=bc, boredom_baseline=bb,
+                             confusion_adjusted=self._adjusted(state.confusion, bc, s.baseline_reference_confusion),
+                             boredom_adjusted=self._adjusted(state.boredom, bb, s.baseline_reference_boredom))
         return self.state
+
+    def _adjusted(self, score: float | None, baseline: float | None, reference: float) -> float | None:
+        s = self.settings
+        if score is None or s.baseline_seconds <= 0:
+            return score
+        if baseline is None:
+            # Warm-up: no usual yet, so the raw score counts, less a margin (the threshold plus the margin is
+            # the old absolute threshold): a face that reads sad at rest does not alert before its usual is known.
+            return _clip(score - s.baseline_warmup_margin, 0.0, 1.0)
+        return adjusted_score(score, baseline, reference)
 
     def _compute(self, t: float) -> StudentState:
         s = self.settings
@@ -269,8 +345,8 @@ class ClassState:
     analysed: students counted; n_confusion / n_boredom: those with a confusion / boredom score.
     confusion_share / boredom_share: share of the scored students at or above the threshold (0 when none).
     mean_confusion / mean_boredom / mean_probs: means over the scored students (None when none).
-    confusion_scores / boredom_scores: the per-student scores behind the shares, so the alert engine can
-    recompute the shares with the thresholds in force. thresholds: those used for the shares here.
+    confusion_scores / boredom_scores: the per-student scores behind the shares (each student's adjusted
+    score, see StudentState), so the alert engine can recompute the shares with the thresholds in force. thresholds: those used for the shares here.
     history: one point per history_step_seconds, oldest first, at most history_seconds long.
     """
 
@@ -339,17 +415,20 @@ class ClassSignals:
         th = self.thresholds()
         conf = tuple(float(st.confusion) for st in fresh if st.confusion is not None)
         bore = tuple(float(st.boredom) for st in fresh if st.boredom is not None)
+        # Shares count students against their own baseline, as their alerts do; means stay absolute.
+        conf_alert = tuple(alert_score(st, "confusion") for st in fresh if st.confusion is not None)
+        bore_alert = tuple(alert_score(st, "boredom") for st in fresh if st.boredom is not None)
         att = [float(st.attention) for st in fresh if st.attention is not None]
         probs = [st.mean_probs for st in fresh if st.mean_probs is not None]
         state = ClassState(
             t=float(t), analysed=len(fresh), n_confusion=len(conf), n_boredom=len(bore),
-            confusion_share=share_at_or_above(conf, th["confusion"]),
-            boredom_share=share_at_or_above(bore, th["boredom"]),
+            confusion_share=share_at_or_above(conf_alert, th["confusion"]),
+            boredom_share=share_at_or_above(bore_alert, th["boredom"]),
             mean_confusion=sum(conf) / len(conf) if conf else None,
             mean_boredom=sum(bore) / len(bore) if bore else None,
             mean_attention=sum(att) / len(att) if att else None,
             mean_probs=tuple(float(x) for x in np.mean(np.asarray(probs, dtype=np.float64), axis=0)) if probs else None,
-            confusion_scores=conf, boredom_scores=bore, thresholds=th,
+            confusion_scores=conf_alert, boredom_scores=bore_alert, thresholds=th,
             history_max_points=s.history_max_points)
         last = self._history[-1].t if self._history else None
         if last is None or t - last >= 0.9 * s.history_step_seconds or t < last:
@@ -363,6 +442,12 @@ class ClassSignals:
     @property
     def history(self) -> tuple[HistoryPoint, ...]:
         return tuple(self._history)
+
+
+def alert_score(state: Any, kind: str) -> float:
+    """A state's adjusted score of `kind` when it has one, else its raw score (states built without baselines)."""
+    adjusted = getattr(state, f"{kind}_adjusted", None)
+    return float(adjusted if adjusted is not None else getattr(state, kind))
 
 
 def share_at_or_above(scores: Sequence[float], threshold: float) -> float:

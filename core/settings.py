@@ -113,14 +113,29 @@ class StorageSettings:
 @dataclass(frozen=True)
 class SignalSettings:
     window_seconds: float = 30.0           # sliding window for per-student confusion/boredom
-    confusion_threshold: float = 0.5
+    # Thresholds on the score relative to the student's own baseline (docs/signals.md, "Choosing the
+    # defaults", measured with `python -m bot.signals_bench`).
+    confusion_threshold: float = 0.25
     boredom_threshold: float = 0.5
     hysteresis: float = 0.1                # a raised condition clears only below threshold - hysteresis
-    student_min_seconds: float = 20.0      # a student's condition must hold this long before an alert
+    student_min_seconds: float = 10.0      # a student's condition must hold this long before an alert
     class_share_threshold: float = 0.4     # share of analysed students above threshold for a class alert
     class_min_seconds: float = 10.0
     cooldown_seconds: float = 120.0        # no repeat of the same alert within this time
-    min_students_for_class_alert: int = 3
+    # Scored students a class needs for a class alert: 2, so that one opt-out in a class of three does not
+    # switch class alerts off (issue 20); with min_students_above_for_class_alert a class alert still needs
+    # two students at once, so in a pair it never just repeats one student's alert.
+    min_students_for_class_alert: int = 2
+    min_students_above_for_class_alert: int = 2
+    # --- per-student baselines (docs/signals.md, "Baselines"): alerts compare each student with their own
+    # usual face, because the classifier reads some resting faces as sad or angry ---
+    baseline_seconds: float = 300.0        # the baseline is the median of the student's scores over this span; 0 = off
+    baseline_warmup_seconds: float = 60.0  # until a student has this much history, their raw score is used
+    baseline_reference_confusion: float = 0.1   # adjusted = clip(score - baseline + reference): a student at
+    baseline_reference_boredom: float = 0.3     # their usual reads as a typical resting face does (measured)
+    # During the warm-up the raw score must clear the threshold by this margin (0.25 + 0.25 = the old absolute
+    # 0.5): a face that reads sad or angry at rest would otherwise alert once in every class's first minute.
+    baseline_warmup_margin: float = 0.25
     # --- bot.signals: formulas and their weights (see docs/signals.md) ---
     min_samples: int = 6                   # window samples (with a face, for confusion) before a score is given
     confusion_w_angry: float = 1.0         # per-sample confusion: AU4 brow lowerer + AU7 lid tightener
@@ -308,7 +323,14 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from positive("signals", "window_seconds stillness_full_scale yaw_nose_full_scale state_max_age_seconds "
                                    "history_step_seconds history_seconds")
     yield from at_least("signals", "student_min_seconds class_min_seconds cooldown_seconds", 0)
-    yield from at_least("signals", "min_students_for_class_alert min_samples history_max_points", 1)
+    yield from at_least("signals", "min_students_for_class_alert min_students_above_for_class_alert min_samples "
+                                   "history_max_points", 1)
+    yield from at_least("signals", "baseline_seconds baseline_warmup_seconds", 0)    # baseline_seconds 0: off
+    yield from check("signals", "baseline_warmup_seconds",
+                     sig.baseline_seconds == 0 or sig.baseline_warmup_seconds <= sig.baseline_seconds,
+                     f"must be at most signals.baseline_seconds ({sig.baseline_seconds:g}): the baseline's "
+                     f"history never grows longer than that, so a longer warm-up would never end")
+    yield from unit("signals", "baseline_reference_confusion baseline_reference_boredom baseline_warmup_margin")
     yield from unit("signals", "confusion_w_angry confusion_w_fear confusion_w_sad confusion_w_disgust "
                                "confusion_w_surprise confusion_w_happy low_arousal_w_neutral low_arousal_w_sad "
                                "boredom_w_low_arousal boredom_w_stillness boredom_w_away boredom_w_absent "

@@ -200,7 +200,14 @@ async def review(request: web.Request) -> web.Response:
     if not 1.0 <= bucket <= 3600.0:
         return json_error(400, "bucket must be a number of seconds in [1, 3600]")
     data = await asyncio.to_thread(state_of(request).store.session_review, sid, bucket)
-    return web.json_response(data) if data is not None else json_error(404, "unknown session")
+    if data is None:
+        return json_error(404, "unknown session")
+    # The start-up thresholds, for the marks on the review's charts (a teacher may have moved them in class;
+    # each alert's own threshold is in its row).
+    sig = state_of(request).settings.signals
+    data = {"thresholds": {"confusion": sig.confusion_threshold, "boredom": sig.boredom_threshold,
+                           "class_share": sig.class_share_threshold}, **data}
+    return web.json_response(data)
 
 
 async def delete_session(request: web.Request) -> web.Response:

@@ -3,10 +3,11 @@
 Shape: {"session": {session_id, room_id, title, started_at, ended_at}, "emotions": [7 labels],
 "bucket_seconds", "timeline": [{t, n, probs[7], confusion, boredom, students}], "alerts": [...],
 "students": [{participant_id, name, opted_out, joined_at, left_at, seconds_analysed, samples,
-face_share, share{label: share of top label among face samples}, mean_confusion, mean_boredom, alerts}]}
+face_share, share{label: share of top label among face samples}, mean_confusion, mean_boredom, alerts}],
+"student_series": {participant_id: [{t, confusion, boredom}]}}
 
-Two scans of the session's samples through the (session_id, t) index: one GROUP BY time bucket, one
-GROUP BY participant (all label shares in that same pass).
+Three scans of the session's samples through the (session_id, t) index: one GROUP BY time bucket, one
+GROUP BY participant (all label shares in that same pass), one GROUP BY participant and bucket.
 """
 from __future__ import annotations
 
@@ -44,7 +45,25 @@ def build_review(conn: Connection, session_id: str, bucket_seconds: float = 10.0
                         "title": session["title"] or "", "started_at": session["started_at"],
                         "ended_at": session["ended_at"]},
             "emotions": list(EMOTIONS), "bucket_seconds": bucket_seconds,
-            "timeline": _timeline(conn, session_id, bucket_seconds), "alerts": alerts, "students": students}
+            "timeline": _timeline(conn, session_id, bucket_seconds), "alerts": alerts, "students": students,
+            "student_series": _student_series(conn, session_id, bucket_seconds)}
+
+
+def _student_series(conn: Connection, session_id: str, bucket_seconds: float) -> dict[str, list[dict[str, Any]]]:
+    """Each student's confusion and boredom over time (bucket means of the stored, absolute scores), for
+    the review's per-student timeline: {participant_id: [{t, confusion, boredom}, ...]}, oldest first."""
+    sm = schema.samples
+    bucket = _bucket_index(conn, sm.c.t, bucket_seconds).label("b")
+    query = (select(sm.c.participant_id, bucket, func.avg(sm.c.confusion).label("confusion"),
+                    func.avg(sm.c.boredom).label("boredom"))
+             .where(sm.c.session_id == session_id).group_by(sm.c.participant_id, bucket)
+             .order_by(sm.c.participant_id, bucket))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in conn.execute(query).mappings():
+        out.setdefault(row["participant_id"], []).append(
+            {"t": float(row["b"]) * bucket_seconds, "confusion": _round(row["confusion"]),
+             "boredom": _round(row["boredom"])})
+    return out
 
 
 def _timeline(conn: Connection, session_id: str, bucket_seconds: float) -> list[dict[str, Any]]:

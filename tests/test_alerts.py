@@ -1,6 +1,7 @@
 """bot.alerts: raise / clear / cooldown / mute rules on scripted 2 Hz streams."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from types import SimpleNamespace
@@ -13,7 +14,11 @@ from core.settings import SignalSettings
 
 HZ = 2.0
 DT = 1 / HZ
-S = SignalSettings()
+# The rules (raise, clear, cooldown, mute, class share) are checked with absolute scores: baselines off and
+# the thresholds these streams were written for; per-student baselines and the defaults are in
+# tests/test_baselines.py.
+S = SignalSettings(confusion_threshold=0.5, student_min_seconds=20.0, baseline_seconds=0.0,
+                   min_students_for_class_alert=3, min_students_above_for_class_alert=1)
 THR = S.confusion_threshold
 
 CONFUSED = (0.30, 0.05, 0.10, 0.00, 0.30, 0.05, 0.20)
@@ -26,7 +31,7 @@ def no_clock():
 
 
 def engine(**overrides):
-    return AlertEngine(SignalSettings(**overrides) if overrides else S, "sess-1", clock=no_clock)
+    return AlertEngine(dataclasses.replace(S, **overrides), "sess-1", clock=no_clock)
 
 
 def feed(eng, pid, name, values, t0=0.0, kind="confusion"):

@@ -121,6 +121,18 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             # Bars are meters and buttons say whom they are about, for screen readers.
             meter = asha_row.get_by_role("meter", name="confusion of Asha")
             assert 0 <= int(await meter.get_attribute("aria-valuenow")) <= 100
+            # Readable scores: a number beside each bar, a mark at the alert threshold on it, and one
+            # sentence of help under each threshold slider.
+            for kind in ("confusion", "boredom"):
+                assert re.fullmatch(r"[01]\.\d\d", await asha_row.get_by_test_id(kind + "-value").inner_text())
+            assert await asha_row.get_by_test_id("threshold-mark").count() == 2
+            mark_left = await asha_row.get_by_test_id("student-confusion").get_by_test_id("threshold-mark").evaluate(
+                "(m) => m.style.left")
+            threshold = await teacher.locator("#threshold-confusion").input_value()
+            assert mark_left == f"{round(float(threshold) * 100)}%", (mark_left, threshold)
+            for kind, words in (("confusion", "than that student usually"), ("boredom", "looking away"),
+                                ("class_share", "share of analysed students")):
+                assert words in await teacher.get_by_test_id("help-" + kind).inner_text()
             await asha_row.get_by_role("button", name="Mute alerts about Asha").wait_for(timeout=5_000)
             # Muted, the wider "Unmute" button still fits in the table at 1280 px; a second click unmutes.
             await asha_row.get_by_test_id("mute-button").click()
@@ -166,6 +178,19 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             review = await (await teacher_browser.new_context(viewport={"width": 1280, "height": 1000})).new_page()
             await review.goto(f"{live.server}/review/{room_id}#t={token}")
             await review.get_by_test_id("review-students").filter(has_text="Asha").wait_for(timeout=30_000)
+            # The teacher's classes in this room (title and date), the one shown marked.
+            item = review.get_by_test_id("class-item")
+            assert await item.count() == 1 and await item.get_attribute("aria-current") == "true"
+            assert re.search(r"\d", await item.inner_text())
+            # Join and leave times per student; clicking a student shows their own timeline.
+            asha_review = review.get_by_test_id("review-student-row").filter(has_text="Asha")
+            joined = await asha_review.get_by_test_id("student-joined").inner_text()
+            assert re.search(r"\d{1,2}:\d{2}", joined), joined
+            assert await asha_review.get_by_test_id("student-left").inner_text() == "still in class"
+            await asha_review.click()
+            await review.get_by_test_id("student-detail").filter(has_text="Asha").wait_for(state="visible", timeout=5_000)
+            assert "Asha's confusion" in await review.get_by_test_id("student-timeline").get_attribute("aria-label")
+            assert await review.evaluate("current.thresholds.confusion") == float(threshold)
             await review.screenshot(path=str(ARTIFACTS / "review-page.png"), full_page=True)
             # Both charts show data, even for a class this short (it may fit in one 10 s bucket).
             painted = await review.evaluate("""() => ['timeline', 'signals'].map((id) => {
@@ -178,6 +203,13 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
                 return n;
             })""")
             assert painted[0] > 5000 and painted[1] > 200, painted
+            line = await review.evaluate("""() => {   // the per-student chart has Asha's lines in it
+                const c = document.getElementById('student-timeline'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0;
+                for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 60) n++;
+                return n;
+            }""")
+            assert line > 200, line
 
             # The teacher may delete a stored session, but not the one the assistant is still recording.
             await review.get_by_test_id("retention").filter(has_text="erased automatically").wait_for(timeout=5_000)

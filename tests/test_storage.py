@@ -343,6 +343,11 @@ def test_review_aggregates_buckets_and_students(repo):
     assert p2["mean_confusion"] == pytest.approx((10 * 0.8 + 10 * 0.5 + 4 * 0.4) / 24, abs=1e-4)
     assert p2["seconds_analysed"] == 11.5 and p2["name"] == "P2"
     assert p3["samples"] == 0 and p3["opted_out"] is True and p3["face_share"] is None
+    # Each student's own timeline, in the same buckets; a student without samples has none.
+    series = review["student_series"]
+    assert [(b["t"], b["confusion"]) for b in series["p1"]] == [(10_000.0, 0.2)]
+    assert [(b["t"], b["confusion"]) for b in series["p2"]] == [(10_000.0, pytest.approx(0.65)), (10_010.0, 0.4)]
+    assert "p3" not in series
     assert repo.session_review("nope") is None
     json.dumps(review)                                             # the server sends it as JSON
 

@@ -41,6 +41,22 @@ const CM = {
     bar.appendChild(fill);
     return bar;
   },
+  // A score bar with its number beside it and a mark at the alert threshold (teacher page): the bar is
+  // what the alerts compare (the score relative to the student's usual, once known); `detail` says more.
+  scoreBar(kind, value, threshold, label, detail) {
+    const wrap = CM.el("span", { class: "score" });
+    const bar = CM.bar(kind, value, label);
+    if (threshold != null && Number.isFinite(threshold)) {
+      const mark = CM.el("i", { class: "mark", testid: "threshold-mark", title: "alert threshold " + Number(threshold).toFixed(2) });
+      mark.style.left = Math.round(Math.max(0, Math.min(1, threshold)) * 100) + "%";
+      bar.appendChild(mark);
+    }
+    if (detail) bar.title = detail;
+    wrap.appendChild(bar);
+    const known = value != null && Number.isFinite(value);
+    wrap.appendChild(CM.el("span", { class: "score-value", testid: kind + "-value" }, known ? Number(value).toFixed(2) : "—"));
+    return wrap;
+  },
   // Vanilla ICE (no trickle): the server relays whole SDPs, so wait until every candidate is in the description.
   waitForIce(peer, timeoutMs) {
     return new Promise((resolve) => {

@@ -1,10 +1,11 @@
-// Review page. testids: session-select, session-info, timeline, signals, review-students, review-alerts,
+// Review page. testids: session-select, session-info, class-list, class-item, timeline, signals, review-students,
+// review-student-row, student-joined, student-left, student-detail, student-timeline, review-alerts,
 // download-samples, download-alerts, delete-session, retention
 "use strict";
 const room = CM.roomFromPath("/review/");
 const token = CM.tokenFromHash();
 const $ = (id) => document.getElementById(id);
-let current = null;
+let current = null, sessions = [], roomTitle = "", selectedStudent = null;
 
 for (let i = 0; i < CM.EMOTIONS.length; i++) {
   const span = CM.el("span"); const dot = CM.el("i"); dot.style.background = CM.COLORS[i];
@@ -26,6 +27,7 @@ async function loadSessions() {
     select.appendChild(CM.el("option", { value: s.session_id },
       new Date(s.started_at * 1000).toLocaleString() + ` — ${s.participants} students, ${s.samples} samples, ${s.alerts} alerts`));
   }
+  sessions = res.data.sessions; renderClassList();
   // Nothing stored is not an error: a plain note, and nothing to download or delete.
   for (const id of ["delete-session", "download-samples", "download-alerts"]) $(id).disabled = !res.data.sessions.length;
   $("review-error").textContent = "";
@@ -39,8 +41,35 @@ async function loadReview(sid) {
   if (!res.ok) { $("review-error").textContent = "Cannot load the session: " + ((res.data && res.data.error) || res.status); return; }
   current = res.data; $("review-error").textContent = "";
   const s = current.session;
+  if (s.title) roomTitle = s.title;          // every session of a room has the room's title
+  $("session-select").value = sid; selectedStudent = null; $("student-detail").classList.add("hidden");
+  renderClassList();
   $("session-info").textContent = (s.title ? s.title + " · " : "") + CM.clock(s.started_at) + " – " + (s.ended_at ? CM.clock(s.ended_at) : "ongoing");
   drawTimeline(); drawSignals(); renderStudents(); renderAlerts();
+}
+
+// The teacher's classes in this room, newest first: title, date and time, size; the one shown is marked.
+function renderClassList() {
+  const list = $("class-list"); list.replaceChildren();
+  for (const s of sessions) {
+    const shown = current && current.session.session_id === s.session_id;
+    const button = CM.el("button", { class: "link", testid: "class-item" },
+      `${roomTitle || "Class"} — ${new Date(s.started_at * 1000).toLocaleDateString()} ${CM.clock(s.started_at)}` +
+      (s.ended_at ? `–${CM.clock(s.ended_at)}` : " (ongoing)") + ` · ${s.participants} students, ${s.alerts} alerts`);
+    if (shown) button.setAttribute("aria-current", "true");
+    button.addEventListener("click", () => loadReview(s.session_id));
+    list.appendChild(CM.el("li", shown ? { class: "current" } : {})).appendChild(button);
+  }
+}
+
+// A dashed horizontal line at an alert threshold, labelled at the right.
+function thresholdLine(ctx, canvas, value, color, label) {
+  if (value == null || !Number.isFinite(value)) return;
+  const y = Y(canvas, value);
+  ctx.save(); ctx.strokeStyle = color; ctx.lineWidth = 1; ctx.setLineDash([6, 4]);
+  ctx.beginPath(); ctx.moveTo(40, y); ctx.lineTo(canvas.width - 10, y); ctx.stroke();
+  ctx.setLineDash([]); ctx.fillStyle = color; ctx.textAlign = "right"; ctx.font = "11px system-ui";
+  ctx.fillText(label + " " + Number(value).toFixed(2), canvas.width - 12, y - 3); ctx.restore();
 }
 
 function axes(ctx, canvas, t0, t1) {
@@ -117,6 +146,9 @@ function drawSignals() {
     }
     ctx.stroke();
   }
+  const th = current.thresholds || {};
+  thresholdLine(ctx, canvas, th.confusion, "#d97706", "confusion threshold");
+  thresholdLine(ctx, canvas, th.boredom, "#7c3aed", "boredom threshold");
   ctx.strokeStyle = "#b91c1c"; ctx.lineWidth = 1;
   for (const a of current.alerts) {
     const x = X(canvas, a.t, t0, t1); ctx.beginPath(); ctx.moveTo(x, 10); ctx.lineTo(x, canvas.height - 20); ctx.stroke();
@@ -135,8 +167,13 @@ function drawSignals() {
 function renderStudents() {
   const body = $("students"); body.replaceChildren();
   for (const s of current.students) {
-    const tr = CM.el("tr");
+    const tr = CM.el("tr", { testid: "review-student-row", tabindex: "0", class: "clickable",
+                             "aria-label": "Show the timeline of " + s.name });
+    tr.addEventListener("click", () => showStudent(s));
+    tr.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); showStudent(s); } });
     tr.appendChild(CM.el("td", {}, s.name + (s.opted_out ? " (opted out)" : "")));
+    tr.appendChild(CM.el("td", { testid: "student-joined" }, CM.clock(s.joined_at)));
+    tr.appendChild(CM.el("td", { testid: "student-left" }, s.left_at ? CM.clock(s.left_at) : (current.session.ended_at ? "at the end" : "still in class")));
     tr.appendChild(CM.el("td", {}, Math.round(s.seconds_analysed) + " s"));
     tr.appendChild(CM.el("td", {}, CM.pct(s.face_share)));
     const shares = CM.el("td");
@@ -153,6 +190,44 @@ function renderStudents() {
     tr.appendChild(CM.el("td", {}, s.alerts));
     body.appendChild(tr);
   }
+}
+
+// One student's confusion and boredom over the session (stored scores, bucket means), their alerts and
+// the thresholds: what the teacher clicked a row for.
+function showStudent(student) {
+  selectedStudent = student.participant_id;
+  $("student-detail").classList.remove("hidden");
+  $("student-detail-title").textContent = student.name + ": confusion and boredom over time";
+  const canvas = $("student-timeline"); const ctx = canvas.getContext("2d"); const [t0, t1] = span();
+  axes(ctx, canvas, t0, t1);
+  const series = (current.student_series || {})[student.participant_id] || [];
+  const width = current.bucket_seconds || 10;
+  if (!series.length) {
+    ctx.fillText(student.opted_out ? "Opted out: not analysed." : "No analysed samples.", 60, 60);
+    canvas.setAttribute("aria-label", `${student.name}: no analysed samples.`);
+    return;
+  }
+  const th = current.thresholds || {};
+  thresholdLine(ctx, canvas, th.confusion, "#d97706", "confusion threshold");
+  thresholdLine(ctx, canvas, th.boredom, "#7c3aed", "boredom threshold");
+  for (const [field, color] of [["confusion", "#d97706"], ["boredom", "#7c3aed"]]) {
+    ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.beginPath(); let started = false;
+    for (const b of series) {
+      if (b[field] === null || b[field] === undefined) continue;
+      const x0 = X(canvas, b.t, t0, t1), x1 = X(canvas, b.t + width, t0, t1), y = Y(canvas, b[field]);
+      if (!started) { ctx.moveTo(x0, y); started = true; } else ctx.lineTo(x0, y);
+      ctx.lineTo(x1, y);
+    }
+    ctx.stroke();
+  }
+  const mine = current.alerts.filter((a) => a.participant_id === student.participant_id);
+  ctx.strokeStyle = "#b91c1c"; ctx.lineWidth = 1;
+  for (const a of mine) {
+    const x = X(canvas, a.t, t0, t1); ctx.beginPath(); ctx.moveTo(x, 10); ctx.lineTo(x, canvas.height - 20); ctx.stroke();
+  }
+  const peak = (field) => Math.max(...series.map((b) => b[field] || 0));
+  canvas.setAttribute("aria-label", `${student.name}'s confusion (peak ${CM.pct(peak("confusion"))}) and boredom ` +
+    `(peak ${CM.pct(peak("boredom"))}) from ${CM.clock(t0)} to ${CM.clock(t1)}; ${mine.length} alert${mine.length === 1 ? "" : "s"} marked.`);
 }
 
 function renderAlerts() {
@@ -191,7 +266,8 @@ function clearReview() {
   for (const id of ["timeline", "signals"]) {
     const c = $(id); c.getContext("2d").clearRect(0, 0, c.width, c.height); c.setAttribute("aria-label", "No session selected.");
   }
-  $("students").replaceChildren(); $("alerts").replaceChildren();
+  $("students").replaceChildren(); $("alerts").replaceChildren(); $("class-list").replaceChildren();
+  $("student-detail").classList.add("hidden");
 }
 
 async function deleteSession() {

@@ -214,8 +214,19 @@ function render() {
     tr.appendChild(CM.el("td")).appendChild(pill);
     tr.appendChild(CM.el("td", { testid: "student-face" }, !analysis ? "—" : s.face ? "yes" : (s.connected ? "no" : "—")));
     tr.appendChild(CM.el("td", { testid: "student-label" }, analysis && s.top_label ? s.top_label : "—"));
-    tr.appendChild(CM.el("td", { testid: "student-confusion" })).appendChild(CM.bar("confusion", analysis ? s.confusion : null, "confusion of " + name));
-    tr.appendChild(CM.el("td", { testid: "student-boredom" })).appendChild(CM.bar("boredom", analysis ? s.boredom : null, "boredom of " + name));
+    const th = (lastState && lastState.thresholds) || {};
+    for (const kind of ["confusion", "boredom"]) {
+      // The bar shows what the alerts compare with the threshold: the score relative to this student's
+      // usual once it is known (docs/signals.md, "Baselines"); the raw score and the usual are in the tooltip.
+      const adjusted = s[kind + "_adjusted"] != null ? s[kind + "_adjusted"] : s[kind];
+      const usual = s[kind + "_baseline"];
+      const detail = s[kind] == null ? "not enough data yet" : `${kind} score ${Number(s[kind]).toFixed(2)}` +
+        (usual != null ? `, usually ${Number(usual).toFixed(2)}: ${Number(adjusted).toFixed(2)} against this student's usual`
+                       : " (this student's usual is still being learnt)") +
+        (th[kind] != null ? `; alerts at ${Number(th[kind]).toFixed(2)}` : "");
+      tr.appendChild(CM.el("td", { testid: "student-" + kind }))
+        .appendChild(CM.scoreBar(kind, analysis ? adjusted : null, th[kind], kind + " of " + name, analysis ? detail : null));
+    }
     tr.appendChild(CM.el("td", {}, analysis ? CM.pct(s.attention) : "—"));
     const mute = CM.el("button", { class: "secondary", testid: "mute-button" }, s.muted ? "Unmute" : "Mute");
     mute.title = s.muted ? "Alerts about this student are muted" : "Stop alerts about this student";
