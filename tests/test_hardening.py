@@ -1,0 +1,144 @@
+"""Issue 23, the adversarial probe's findings, each as the behaviour that must hold now: erased data is gone
+from every database file, no public shared secret seats a bot, every door has a limit, control stays in its
+room, TURN credentials are per connection, and the headers give nothing away.
+
+Real components throughout: the real server on a loopback port, real sockets, a real SQLite file.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bot.simulate import free_port
+from core.records import AlertRecord, SampleRecord
+from core.settings import Settings
+from signaling.server import ServerRunner, create_app
+from storage import Repository
+
+
+class Served:
+    """The real server with the real database on a loopback port."""
+
+    def __init__(self, settings: Settings, repository: Repository, runner: ServerRunner, http: aiohttp.ClientSession):
+        self.settings, self.repository, self.runner, self.http = settings, repository, runner, http
+        self.url = f"http://127.0.0.1:{settings.server.port}"
+
+    async def room(self, title: str = "class") -> dict[str, Any]:
+        async with self.http.post(self.url + "/api/rooms", json={"title": title}) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    def auth(self, room: dict[str, Any]) -> dict[str, str]:
+        return {"Authorization": f"Bearer {room['teacher_token']}"}
+
+    async def hello(self, payload: dict[str, Any], path: str = "/ws") -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+        ws = await self.http.ws_connect(self.url.replace("http", "ws", 1) + path)
+        await ws.send_json({"v": 1, "type": "hello", **payload})
+        return ws, await receive(ws)
+
+    async def student(self, room: dict[str, Any], name: str) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+        return await self.hello({"role": "student", "room": room["room"], "key": room["student_url"].split("k=")[1],
+                                 "name": name})
+
+    async def teacher(self, room: dict[str, Any]) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+        return await self.hello({"role": "teacher", "room": room["room"], "token": room["teacher_token"]})
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict:
+    msg = await ws.receive(timeout)
+    if msg.type == aiohttp.WSMsgType.TEXT:
+        return msg.json()
+    return {"type": "closed", "code": ws.close_code}
+
+
+async def serve(tmp_path: Path, **server: Any) -> Served:
+    port = free_port()
+    settings = Settings().replace(server={"port": port, **server},
+                                  storage={"url": f"sqlite:///{tmp_path / 'classmood.sqlite'}", "flush_seconds": 0.05})
+    repository = Repository.from_settings(settings.storage)
+    runner = ServerRunner(create_app(settings, store=repository))
+    await runner.setup()
+    from aiohttp import web
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return Served(settings, repository, runner, aiohttp.ClientSession())
+
+
+@pytest.fixture
+async def served(tmp_path):
+    started: list[Served] = []
+
+    async def make(**server: Any) -> Served:
+        started.append(await serve(tmp_path, **server))
+        return started[-1]
+    yield make
+    for s in started:
+        await s.http.close()
+        await s.runner.cleanup()
+        s.repository.close()
+
+
+def database_bytes(db: Path) -> dict[str, bytes]:
+    """The main file, the -wal and the -shm, as they are on disk right now."""
+    return {path.name: path.read_bytes() for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if path.exists()}
+
+
+# ---- 1. erased means erased -----------------------------------------------------------------------------
+async def test_a_deleted_students_name_is_in_no_database_file_while_the_server_keeps_writing(served, tmp_path):
+    server = await served()
+    repo = server.repository
+    room = await server.room()
+    erased, kept = repo.start_session(room["room"]), repo.start_session(room["room"])
+    name = "Xanthippe Erasedottir"
+    repo.add_participant(erased, "p-erased", name)
+    repo.add_participant(kept, "p-kept", "Kept Student")
+    t0 = time.time()
+    repo.add_samples(SampleRecord(erased, "p-erased", t0 + i, True, (0.0,) * 6 + (1.0,), 0.1, 0.2, 0.9, 0.01)
+                     for i in range(200))
+    repo.add_alert(AlertRecord(uuid.uuid4().hex[:12], erased, t0, "student", "confusion",
+                               f"{name} seems confused", 0.8, "p-erased", name, False))
+    assert repo.flush()
+    db = tmp_path / "classmood.sqlite"
+    assert any(name.encode() in data for data in database_bytes(db).values())   # it was written somewhere
+
+    # Another class keeps being recorded throughout: the erase must not wait for a quiet moment.
+    stop = threading.Event()
+
+    def record_the_other_class() -> None:
+        while not stop.is_set():
+            repo.add_samples([SampleRecord(kept, "p-kept", time.time(), True, (0.0,) * 6 + (1.0,),
+                                           0.1, 0.1, 0.9, 0.01)])
+            time.sleep(0.01)
+    writer = threading.Thread(target=record_the_other_class)
+    writer.start()
+    try:
+        await asyncio.sleep(0.3)
+        async with server.http.delete(f"{server.url}/api/sessions/{erased}", headers=server.auth(room)) as r:
+            assert r.status == 200, await r.text()
+        leftovers = {file: data.count(name.encode()) for file, data in database_bytes(db).items()}
+        assert not any(leftovers.values()), leftovers
+        await asyncio.sleep(0.3)   # the other class's rows kept landing after the erase
+    finally:
+        stop.set()
+        writer.join()
+    assert repo.flush()
+    assert not any(name.encode() in data for data in database_bytes(db).values())
+    assert [s["samples"] > 0 for s in repo.list_sessions(room["room"])] == [True]
+
+
+async def test_the_retention_sweep_also_leaves_no_copy_in_the_wal(tmp_path):
+    db = tmp_path / "classmood.sqlite"
+    with Repository(f"sqlite:///{db}", flush_seconds=0.05) as repo:
+        old = repo.start_session("room-a")
+        name = "Oldname Retentionsweep"
+        repo.add_participant(old, "p-old", name)
+        repo.end_session(old)
+        assert repo.flush()
+        assert repo.delete_sessions_before(time.time() + 1) == [old]
+        assert not any(name.encode() in data for data in database_bytes(db).values())
