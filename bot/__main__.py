@@ -98,9 +98,9 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
     runner = None
     try:
         if args.command == "run":
-            from signaling.server import create_app
+            from signaling.server import ServerRunner, create_app
             app = create_app(settings, store=repository, sfu=media.sfu if media else None)
-            runner = web.AppRunner(app, access_log=None)
+            runner = ServerRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, settings.server.host, settings.server.port)
             try:
@@ -167,8 +167,8 @@ async def serve_only(settings: settings_mod.Settings, repository, sfu=None) -> i
     """The signaling server with the real database; bot workers connect from elsewhere."""
     from aiohttp import web
 
-    from signaling.server import create_app
-    runner = web.AppRunner(create_app(settings, store=repository, sfu=sfu), access_log=None)
+    from signaling.server import ServerRunner, create_app
+    runner = ServerRunner(create_app(settings, store=repository, sfu=sfu), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.server.host, settings.server.port).start()

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from core.settings import ServerSettings, Settings
 from signaling import housekeeping
+from signaling.guard import GUARD_KEY, ConnectionGuard, guard_middleware
 from signaling.meeting import Meeting
 from signaling.middleware import client_address_middleware, security_headers
 from signaling.rooms import Registry
@@ -40,8 +41,14 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     registry = Registry(cfg.max_rooms, cfg.max_participants_per_room, cfg.room_idle_seconds,
                         cfg.max_teachers_per_room)
     static = Path(static_dir or STATIC_DIR).resolve()
-    app = web.Application(middlewares=[client_address_middleware(settings.trusted_proxy_networks()),
-                                       security_headers], client_max_size=CLIENT_MAX_SIZE)
+    trusted = settings.trusted_proxy_networks()
+    guard = ConnectionGuard(cfg.header_timeout_seconds, cfg.max_connections_per_address, trusted)
+    # keepalive_timeout: aiohttp closes a connection this long after its last response (or after it opened)
+    # unless a complete request head has arrived; trickled bytes do not extend it (signaling/guard.py).
+    app = web.Application(middlewares=[client_address_middleware(trusted), guard_middleware(guard),
+                                       security_headers], client_max_size=CLIENT_MAX_SIZE,
+                          handler_args={"keepalive_timeout": cfg.idle_timeout_seconds})
+    app[GUARD_KEY] = guard
     default_key = cfg.worker_key == ServerSettings.worker_key
     if default_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("server.worker_key is the development default on a non-loopback host: set your own")
