@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 
@@ -223,12 +224,21 @@ def check_model(settings: settings_mod.Settings) -> None:
         resolve_model(model)
 
 
+def ensure_worker_key(args: argparse.Namespace, environ) -> None:
+    """`run` with no worker key given (flag or env): the server and its in-process worker share one made up
+    for this process, never the public development key (with it, anyone holding a teacher link could seat
+    a bot and receive the students' cameras)."""
+    if args.command == "run" and args.cm__server__worker_key is None and not environ.get("CLASSMOOD_SERVER_WORKER_KEY"):
+        args.cm__server__worker_key = secrets.token_urlsafe(32)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aioice", "aiortc", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    ensure_worker_key(args, os.environ)
     try:
         settings = settings_mod.load(args)
         if args.command != "serve":

@@ -103,7 +103,12 @@ async def create_room(request: web.Request) -> web.Response:
     if (request.content_length or 0) > MAX_BODY:
         return json_error(413, f"request body larger than {MAX_BODY} bytes")
     title = ""
-    raw = await request.read() if request.can_read_body else b""    # capped by client_max_size (413)
+    try:
+        # capped by client_max_size (413); a body trickled in byte by byte must not hold the connection
+        raw = await asyncio.wait_for(request.read(), state.cfg.body_timeout_seconds) if request.can_read_body else b""
+    except asyncio.TimeoutError:
+        return json_error(408, f"request body not received within {state.cfg.body_timeout_seconds:g} s",
+                          headers={"Connection": "close"})
     if len(raw) > MAX_BODY:
         return json_error(413, f"request body larger than {MAX_BODY} bytes")
     if raw.strip():

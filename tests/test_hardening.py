@@ -7,6 +7,10 @@ Real components throughout: the real server on a loopback port, real sockets, a 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -142,3 +146,68 @@ async def test_the_retention_sweep_also_leaves_no_copy_in_the_wal(tmp_path):
         assert repo.flush()
         assert repo.delete_sessions_before(time.time() + 1) == [old]
         assert not any(name.encode() in data for data in database_bytes(db).values())
+
+
+# ---- 2. no public shared secret ---------------------------------------------------------------------------
+PROJECT = Path(__file__).resolve().parent.parent
+DEV_KEY = Settings().server.worker_key
+
+
+def test_the_development_worker_key_is_refused_off_loopback_in_one_line():
+    with pytest.raises(ValueError, match="server.worker_key: is the public development key"):
+        Settings().replace(server={"host": "0.0.0.0"}).validate()
+    Settings().replace(server={"host": "0.0.0.0", "worker_key": "a-real-secret-key"}).validate()
+    Settings().replace(server={"host": "::1"}).validate()          # loopback keeps the easy default
+    done = subprocess.run([sys.executable, "-m", "bot", "serve", "--server-host", "0.0.0.0"], cwd=PROJECT,
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("CLASSMOOD_")})
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "server.worker_key" in done.stderr
+
+
+def test_bot_run_without_a_key_makes_one_up_per_process():
+    from bot.__main__ import _parser, ensure_worker_key
+    keys = set()
+    for _ in range(2):
+        args = _parser().parse_args(["run"])
+        ensure_worker_key(args, {})
+        keys.add(args.cm__server__worker_key)
+    assert len(keys) == 2 and DEV_KEY not in keys and all(len(k) >= 32 for k in keys)
+    given = _parser().parse_args(["run", "--server-worker-key", "operator-key-123"])
+    ensure_worker_key(given, {})
+    assert given.cm__server__worker_key == "operator-key-123"
+    from_env = _parser().parse_args(["run"])
+    ensure_worker_key(from_env, {"CLASSMOOD_SERVER_WORKER_KEY": "env-key-123456"})
+    assert from_env.cm__server__worker_key is None          # settings read it from the environment
+
+
+def test_run_sh_keeps_a_random_worker_key_in_a_private_file_beside_the_database(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLASSMOOD_")}
+    env["CLASSMOOD_STORAGE_URL"] = f"sqlite:///{tmp_path / 'data' / 'classmood.sqlite'}"
+    first = subprocess.run([str(PROJECT / "scripts" / "worker-key.sh")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    again = subprocess.run([str(PROJECT / "scripts" / "worker-key.sh")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    key_file = tmp_path / "data" / ".classmood-worker-key"
+    assert first == again == key_file.read_text() and len(first) >= 40 and first != DEV_KEY
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    given = subprocess.run([str(PROJECT / "scripts" / "worker-key.sh")], cwd=tmp_path,
+                           env={**env, "CLASSMOOD_SERVER_WORKER_KEY": "operator-chosen-key"},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert given == "operator-chosen-key"
+    run_sh = (PROJECT / "scripts" / "run.sh").read_text()
+    assert "scripts/worker-key.sh" in run_sh and "exec .venv/bin/python -m bot run" in run_sh
+
+
+async def test_the_dev_key_and_a_teacher_token_alone_never_seat_a_bot_or_a_worker(served):
+    server = await served(worker_key="the-operators-own-secret-key")
+    room = await server.room()
+    for hello in ({"role": "bot", "room": room["room"], "token": room["teacher_token"]},
+                  {"role": "bot", "room": room["room"], "token": room["teacher_token"], "key": DEV_KEY}):
+        ws, answer = await server.hello(hello)
+        assert answer["type"] == "error" and answer["code"] == "unauthorized"
+        assert (await receive(ws))["code"] == 4401
+        await ws.close()
+    ws, answer = await server.hello({"role": "worker", "key": DEV_KEY}, path="/ws/worker")
+    assert answer["code"] == "unauthorized"
+    await ws.close()
