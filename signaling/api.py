@@ -107,8 +107,9 @@ async def create_room(request: web.Request) -> web.Response:
         # capped by client_max_size (413); a body trickled in byte by byte must not hold the connection
         raw = await asyncio.wait_for(request.read(), state.cfg.body_timeout_seconds) if request.can_read_body else b""
     except asyncio.TimeoutError:
-        return json_error(408, f"request body not received within {state.cfg.body_timeout_seconds:g} s",
-                          headers={"Connection": "close"})
+        late = json_error(408, f"request body not received within {state.cfg.body_timeout_seconds:g} s")
+        late.force_close()        # rather than wait for the rest of the body (aiohttp's lingering close)
+        return late
     if len(raw) > MAX_BODY:
         return json_error(413, f"request body larger than {MAX_BODY} bytes")
     if raw.strip():

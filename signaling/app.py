@@ -47,7 +47,9 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     # unless a complete request head has arrived; trickled bytes do not extend it (signaling/guard.py).
     app = web.Application(middlewares=[client_address_middleware(trusted), guard_middleware(guard),
                                        security_headers], client_max_size=CLIENT_MAX_SIZE,
-                          handler_args={"keepalive_timeout": cfg.idle_timeout_seconds})
+                          handler_args={"keepalive_timeout": cfg.idle_timeout_seconds,
+                                        # unread body after a response: drained at most this long
+                                        "lingering_time": cfg.body_timeout_seconds})
     app[GUARD_KEY] = guard
     default_key = cfg.worker_key == ServerSettings.worker_key
     if default_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):

@@ -23,6 +23,7 @@ import pytest
 from bot.simulate import free_port
 from core.records import AlertRecord, SampleRecord
 from core.settings import Settings
+from signaling.guard import GUARD_KEY, ConnectionGuard
 from signaling.server import ServerRunner, create_app
 from storage import Repository
 
@@ -211,3 +212,73 @@ async def test_the_dev_key_and_a_teacher_token_alone_never_seat_a_bot_or_a_worke
     ws, answer = await server.hello({"role": "worker", "key": DEV_KEY}, path="/ws/worker")
     assert answer["code"] == "unauthorized"
     await ws.close()
+
+
+# ---- 3. every connection has a deadline and every address a cap -----------------------------------------
+async def open_raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def cut_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sent before closing the connection; fails if it is still open after `seconds`."""
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+async def test_a_partial_request_head_is_cut_at_the_header_timeout_however_slowly_it_trickles(served):
+    server = await served(header_timeout_seconds=1.0)
+    reader, writer = await open_raw(server.url)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+
+    async def trickle() -> None:
+        for _ in range(40):
+            await asyncio.sleep(0.2)
+            writer.write(b"X")
+            await writer.drain()
+    dripping = asyncio.ensure_future(trickle())
+    try:
+        assert await cut_within(reader, 10.0) == b""          # cut, no answer: the head never completed
+    finally:
+        dripping.cancel()
+        writer.close()
+
+
+async def test_an_idle_kept_alive_connection_is_closed_and_a_slow_body_gets_408(served):
+    server = await served(idle_timeout_seconds=1.0, body_timeout_seconds=1.0)
+    reader, writer = await open_raw(server.url)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await cut_within(reader, 10.0)        # answered, then closed once idle
+    assert answer.startswith(b"HTTP/1.1 200")
+    writer.close()
+    reader, writer = await open_raw(server.url)
+    writer.write(b"POST /api/rooms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{")
+    assert (await cut_within(reader, 10.0)).startswith(b"HTTP/1.1 408")
+    writer.close()
+
+
+async def test_one_address_may_hold_only_so_many_connections_and_gets_in_again_once_they_go(served):
+    server = await served(max_connections_per_address=20, header_timeout_seconds=2.0)
+    held = [await open_raw(server.url) for _ in range(20)]
+    for _, writer in held:
+        writer.write(b"GET / HTTP/1.1\r\n")               # never finished
+    extra_reader, extra_writer = await open_raw(server.url)
+    assert await cut_within(extra_reader, 5.0) == b""    # the 21st is cut at once
+    extra_writer.close()
+    for reader, writer in held:                            # the held ones at their header deadline
+        assert await cut_within(reader, 10.0) == b""
+        writer.close()
+    for _ in range(50):                                    # the count goes back down as they close
+        if not server.runner.app[GUARD_KEY].open:
+            break
+        await asyncio.sleep(0.1)
+    async with server.http.get(server.url + "/healthz") as r:
+        assert r.status == 200
+
+
+def test_the_connection_cap_counts_a_proxied_connection_under_its_forwarded_client():
+    import ipaddress
+    guard = ConnectionGuard(10.0, 2, [ipaddress.ip_network("10.0.0.0/8")])
+    assert guard._is_proxy("10.1.2.3") and not guard._is_proxy("192.0.2.1")
+    from signaling.forwarded import address_block
+    assert address_block("2001:db8:1:2::5") == address_block("2001:db8:1:2:ffff::9")   # one /64, one count
