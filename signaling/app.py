@@ -15,6 +15,7 @@ from aiohttp import web
 from core.settings import ServerSettings, Settings
 from signaling import housekeeping
 from signaling.guard import GUARD_KEY, ConnectionGuard, guard_middleware
+from signaling.joins import JoinLimits
 from signaling.meeting import Meeting
 from signaling.middleware import client_address_middleware, security_headers
 from signaling.rooms import Registry
@@ -59,7 +60,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     bot_token_secret = secrets.token_urlsafe(32) if default_key else cfg.worker_key
     state = ServerState(settings=settings, store=store, registry=registry, static=static, ice_servers=ice_servers,
                         video={"width": cfg.video_width, "height": cfg.video_height, "fps": cfg.video_fps},
-                        bot_token_secret=bot_token_secret)
+                        bot_token_secret=bot_token_secret, joins=JoinLimits(cfg))
     if sfu is not None:
         state.meeting = Meeting(sfu, lambda: list(registry.rooms.values()),
                                 students_see_students=cfg.students_see_students,

@@ -175,8 +175,10 @@ class Repository:
     def add_alert(self, alert: AlertRecord) -> None:
         self._writer.put("alert", alert)
 
-    def acknowledge_alert(self, alert_id: str) -> None:
-        self._writer.put("ack", (alert_id, time.time()))
+    def acknowledge_alert(self, alert_id: str, room_id: str | None = None) -> None:
+        """Mark an alert acknowledged; with `room_id`, only if it belongs to a session of that room (the bot
+        passes its own room: an acknowledgement is scoped to the room of the teacher who sent it)."""
+        self._writer.put("ack", (alert_id, time.time(), room_id))
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:

@@ -72,7 +72,8 @@ async def serve(tmp_path: Path, **server: Any) -> Served:
     await runner.setup()
     from aiohttp import web
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    return Served(settings, repository, runner, aiohttp.ClientSession())
+    # limit=0: a flood holds more sockets than the default pool of 100 (it would wait for itself)
+    return Served(settings, repository, runner, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
 
 
 @pytest.fixture
@@ -282,3 +283,69 @@ def test_the_connection_cap_counts_a_proxied_connection_under_its_forwarded_clie
     assert guard._is_proxy("10.1.2.3") and not guard._is_proxy("192.0.2.1")
     from signaling.forwarded import address_block
     assert address_block("2001:db8:1:2::5") == address_block("2001:db8:1:2:ffff::9")   # one /64, one count
+
+
+# ---- 4. joins have a rate, per address and per room -------------------------------------------------------
+async def join_many(server: Served, room: dict[str, Any], n: int, forwarded_for: str | None = None,
+                    prefix: str = "s") -> list[tuple[aiohttp.ClientWebSocketResponse, dict]]:
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+
+    async def one(i: int) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+        ws = await server.http.ws_connect(server.url.replace("http", "ws", 1) + "/ws", headers=headers)
+        await ws.send_json({"v": 1, "type": "hello", "role": "student", "room": room["room"],
+                            "key": room["student_url"].split("k=")[1], "name": f"{prefix}{i}"})
+        return ws, await receive(ws)
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_a_class_of_50_behind_one_address_all_get_in_at_once(served):
+    server = await served()
+    room = await server.room()
+    started = time.monotonic()
+    joined = await join_many(server, room, 50)
+    took = time.monotonic() - started
+    assert [answer["type"] for _, answer in joined] == ["welcome"] * 50
+    assert took < 10.0, took          # generous; measured well under 2 s on loopback
+    for ws, _ in joined:
+        await ws.close()
+
+
+async def test_a_join_flood_from_one_address_is_cut_off_and_leaves_seats_for_the_real_class(served):
+    server = await served(trusted_proxies="127.0.0.1")
+    room = await server.room()
+    teacher, _ = await server.teacher(room)
+    # 120 at once: below server.max_pending_hellos_per_address (128), which would refuse more with `busy`
+    flood = await join_many(server, room, 120, forwarded_for="203.0.113.66", prefix="flood")
+    admitted = [ws for ws, answer in flood if answer["type"] == "welcome"]
+    refused = [(ws, answer) for ws, answer in flood if answer["type"] != "welcome"]
+    cfg = server.settings.server
+    assert cfg.join_burst_per_address <= len(admitted) <= cfg.join_burst_per_address + 5
+    assert all(answer["code"] == "rate_limited" for _, answer in refused)
+    assert {(await receive(ws))["code"] for ws, _ in refused} == {4429}
+    # Only the admitted ones are announced to the teacher (a refused join is never seated).
+    roster = []
+    while True:
+        try:
+            message = await receive(teacher, timeout=1.0)
+        except asyncio.TimeoutError:
+            break
+        roster.append(message)
+    assert len([m for m in roster if m.get("event") == "joined"]) == len(admitted)
+    # A real student from the school's own address still gets a seat.
+    real = await join_many(server, room, 1, forwarded_for="198.51.100.7", prefix="real")
+    assert real[0][1]["type"] == "welcome"
+    for ws in [*admitted, real[0][0], teacher]:
+        await ws.close()
+
+
+async def test_many_addresses_together_are_held_to_the_rooms_join_rate(served):
+    server = await served(trusted_proxies="127.0.0.1", join_burst_per_room=30, joins_per_second_per_room=1.0)
+    room, other = await server.room(), await server.room()
+    answers = []
+    for i in range(45):
+        answers += await join_many(server, room, 1, forwarded_for=f"192.0.2.{i + 1}", prefix=f"a{i}-")
+    assert 30 <= sum(a["type"] == "welcome" for _, a in answers) <= 33
+    elsewhere = await join_many(server, other, 5, forwarded_for="192.0.2.200")   # another room is unaffected
+    assert all(a["type"] == "welcome" for _, a in elsewhere)
+    for ws, _ in [*answers, *elsewhere]:
+        await ws.close()
