@@ -44,7 +44,8 @@ async def authorise(request: web.Request, room_id: str) -> web.Response | dict[s
 
 
 async def review_access(request: web.Request, sid: str) -> web.Response | str:
-    """The session's room id when the bearer token owns that room; else a 401 / 404 / 403 response."""
+    """The session's room id when the bearer token owns that room; else a 401 / 404 response (the same 404
+    for a session that does not exist and one of another room)."""
     state = state_of(request)
     token = bearer(request)
     if token is None:
@@ -54,7 +55,8 @@ async def review_access(request: web.Request, sid: str) -> web.Response | str:
         return json_error(404, "unknown session")
     record = await state.room_record(room_id)
     if record is None or not same(token_hash(token), record["teacher_token_hash"]):
-        return json_error(403, "this token does not own that session")
+        # 404, not 403: a teacher of another room must not learn that a session id exists
+        return json_error(404, "unknown session")
     return room_id
 
 

@@ -17,7 +17,7 @@ from signaling import housekeeping
 from signaling.guard import GUARD_KEY, ConnectionGuard, guard_middleware
 from signaling.joins import JoinLimits
 from signaling.meeting import Meeting
-from signaling.middleware import client_address_middleware, security_headers
+from signaling.middleware import client_address_middleware, response_headers, security_headers
 from signaling.rooms import Registry
 from signaling.routes import ROUTES
 from signaling.sfu import Sfu
@@ -52,6 +52,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                                         # unread body after a response: drained at most this long
                                         "lingering_time": cfg.body_timeout_seconds})
     app[GUARD_KEY] = guard
+    app.on_response_prepare.append(response_headers(cfg.public_url))
     default_key = cfg.worker_key == ServerSettings.worker_key
     if default_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("server.worker_key is the development default on a non-loopback host: set your own")

@@ -349,3 +349,107 @@ async def test_many_addresses_together_are_held_to_the_rooms_join_rate(served):
     assert all(a["type"] == "welcome" for _, a in elsewhere)
     for ws, _ in [*answers, *elsewhere]:
         await ws.close()
+
+
+# ---- 5. a credential acts on its own room only ------------------------------------------------------------
+async def test_every_control_and_api_call_stays_in_the_room_of_the_credential_that_sent_it(served):
+    server = await served(worker_key="operator-secret-key-1")
+    room_c, room_d = await server.room("C"), await server.room("D")
+    repo = server.repository
+    session_d = repo.start_session(room_d["room"])
+    repo.add_alert(AlertRecord("alert-of-d", session_d, time.time(), "student", "confusion", "x", 0.8, "p1", "Di"))
+    repo.end_session(session_d)
+    assert repo.flush()
+    # The store: C's acknowledgement of D's alert changes nothing; D's own does.
+    repo.acknowledge_alert("alert-of-d", room_c["room"])
+    assert repo.flush()
+    assert repo.session_review(session_d)["alerts"][0]["acknowledged"] is False
+    # The relay: controls from C's teacher reach C's bot only, whatever ids they name.
+    bots = {}
+    for room in (room_c, room_d):
+        bots[room["room"]], welcome = await server.hello(
+            {"role": "bot", "room": room["room"], "token": room["teacher_token"], "key": "operator-secret-key-1"})
+        assert welcome["type"] == "welcome"
+    student_d, _ = await server.student(room_d, "Dora")
+    teacher_c, _ = await server.teacher(room_c)
+    controls = [{"action": "ack", "alert_id": "alert-of-d"}, {"action": "mute", "peer_id": "somepeer1"},
+                {"action": "threshold", "kind": "confusion", "value": 0.9}]
+    for control in controls:
+        await teacher_c.send_json({"v": 1, "type": "control", **control})
+    got_c = [m for m in [await receive(bots[room_c["room"]]) for _ in controls]]
+    assert [m["action"] for m in got_c] == ["ack", "mute", "threshold"]
+    seen_by_d = []
+    try:
+        while True:
+            seen_by_d.append(await receive(bots[room_d["room"]], timeout=0.5))
+    except asyncio.TimeoutError:
+        pass
+    assert not [m for m in seen_by_d if m["type"] == "control"]
+    # The HTTP API: C's token neither reads nor deletes D's session, and cannot tell it exists.
+    for method, path in (("GET", f"/api/sessions/{session_d}/review"), ("GET", f"/api/sessions/{session_d}/alerts.csv"),
+                         ("GET", f"/api/sessions/{session_d}/samples.csv"), ("DELETE", f"/api/sessions/{session_d}")):
+        async with server.http.request(method, server.url + path, headers=server.auth(room_c)) as r:
+            assert r.status == 404, (method, path)
+        async with server.http.request(method, server.url + path.replace(session_d, "nosuchsession"),
+                                       headers=server.auth(room_c)) as r:
+            assert r.status == 404
+    assert repo.session_room(session_d) == room_d["room"]
+    repo.acknowledge_alert("alert-of-d", room_d["room"])
+    assert repo.flush()
+    assert repo.session_review(session_d)["alerts"][0]["acknowledged"] is True
+    for ws in [*bots.values(), student_d, teacher_c]:
+        await ws.close()
+
+
+# ---- 6. TURN credentials are minted per connection --------------------------------------------------------
+async def test_each_connection_gets_its_own_expiring_turn_credential(served):
+    import base64
+    import hashlib
+    import hmac
+    secret = "coturn-static-auth-secret"
+    server = await served(turn_urls="turn:turn.example.org:3478?transport=udp, turns:turn.example.org:5349",
+                          turn_secret=secret, turn_ttl_seconds=600, worker_key="operator-secret-key-2",
+                          ice_servers='[{"urls": "stun:stun.example.org:3478"}]')
+    room = await server.room()
+    before = time.time()
+    (s1, w1), (s2, w2) = await server.student(room, "A"), await server.student(room, "B")
+    teacher, wt = await server.teacher(room)
+    bot, wb = await server.hello({"role": "bot", "room": room["room"], "token": room["teacher_token"],
+                                  "key": "operator-secret-key-2"})
+    turns = []
+    for welcome in (w1, w2, wt, wb):
+        assert welcome["ice_servers"][0] == {"urls": "stun:stun.example.org:3478"}
+        turn = welcome["ice_servers"][1]
+        assert turn["urls"] == ["turn:turn.example.org:3478?transport=udp", "turns:turn.example.org:5349"]
+        expiry, who = turn["username"].split(":", 1)
+        assert who == welcome["peer_id"]
+        assert before + 600 - 5 <= int(expiry) <= time.time() + 600
+        digest = hmac.new(secret.encode(), turn["username"].encode(), hashlib.sha1).digest()
+        assert turn["credential"] == base64.b64encode(digest).decode()
+        turns.append(turn["username"])
+    assert len(set(turns)) == 4
+    for ws in (s1, s2, teacher, bot):
+        await ws.close()
+
+
+def test_turn_settings_are_checked():
+    with pytest.raises(ValueError, match="server.turn_secret"):
+        Settings().replace(server={"turn_urls": "turn:x:3478"}).validate()
+    with pytest.raises(ValueError, match="server.turn_urls"):
+        Settings().replace(server={"turn_urls": "http://x", "turn_secret": "s"}).validate()
+
+
+# ---- 7. headers give nothing away --------------------------------------------------------------------------
+async def test_sockets_only_to_our_own_origin_and_no_server_version(served):
+    server = await served()
+    async with server.http.get(server.url + "/join/abc?k=x") as r:
+        csp = r.headers["Content-Security-Policy"]
+        port = server.settings.server.port
+        assert f"connect-src 'self' ws://127.0.0.1:{port};" in csp
+        assert " ws:;" not in csp and "wss:" not in csp
+        assert r.headers["Server"] == "classmood"
+    async with server.http.get(server.url + "/healthz") as r:
+        assert "aiohttp" not in r.headers.get("Server", "") and "Python" not in r.headers.get("Server", "")
+    from signaling.middleware import own_origin_csp
+    assert "connect-src 'self' wss://class.example.org;" in own_origin_csp("https://class.example.org/", "http", "x")
+    assert "connect-src 'self';" in own_origin_csp("", "http", "evil;script-src *")
