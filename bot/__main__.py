@@ -14,9 +14,10 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from core import logs
 from core import settings as settings_mod
@@ -113,14 +114,14 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
     runner = None
     try:
         if args.command == "run":
-            from signaling.server import create_app
             from bot import metrics as bot_metrics
             from signaling.metrics import METRICS_KEY
+            from signaling.server import ServerRunner, create_app
             app = create_app(settings, store=repository, sfu=media.sfu if media else None)
             # One process, one endpoint: the bot's metrics join the server's /metrics (which already
             # reports this repository's writer).
             bot_metrics.install(app[METRICS_KEY], service, with_storage=False)
-            runner = web.AppRunner(app, access_log=None)
+            runner = ServerRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, settings.server.host, settings.server.port)
             try:
@@ -195,8 +196,8 @@ async def serve_only(settings: settings_mod.Settings, repository: Repository, sf
     """The signaling server with the real database; bot workers connect from elsewhere."""
     from aiohttp import web
 
-    from signaling.server import create_app
-    runner = web.AppRunner(create_app(settings, store=repository, sfu=sfu), access_log=None)
+    from signaling.server import ServerRunner, create_app
+    runner = ServerRunner(create_app(settings, store=repository, sfu=sfu), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.server.host, settings.server.port).start()
@@ -251,6 +252,14 @@ def check_model(settings: settings_mod.Settings) -> None:
         resolve_model(model)
 
 
+def ensure_worker_key(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """`run` with no worker key given (flag or env): the server and its in-process worker share one made up
+    for this process, never the public development key (with it, anyone holding a teacher link could seat
+    a bot and receive the students' cameras)."""
+    if args.command == "run" and args.cm__server__worker_key is None and not environ.get("CLASSMOOD_SERVER_WORKER_KEY"):
+        args.cm__server__worker_key = secrets.token_urlsafe(32)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:   # CLASSMOOD_LOG_FORMAT with another value (argparse checks only the flag)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    ensure_worker_key(args, os.environ)
     try:
         settings = settings_mod.load(args)
         if args.command != "serve":

@@ -181,7 +181,7 @@ class ClassRoom:
             if action == "ack" and isinstance(message.get("alert_id"), str):
                 # Stored even when this engine did not issue it (an alert from before a bot restart).
                 self.engine.acknowledge(message["alert_id"])
-                self.repository.acknowledge_alert(message["alert_id"])
+                self.repository.acknowledge_alert(message["alert_id"], self.room_id)
             elif action in ("mute", "unmute") and isinstance(message.get("peer_id"), str):
                 peer = message["peer_id"]
                 if action == "mute":

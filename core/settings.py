@@ -19,6 +19,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from core.protocol import MAX_WORKER_KEY
 
+DEV_WORKER_KEY = "dev-worker-key-change-me"   # server.worker_key's public default (loopback only)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DETECTORS = ("auto", "short", "full")     # models.runtime.detector.make_detector's choices
 
 
@@ -37,7 +39,9 @@ class ServerSettings:
     max_participants_per_room: int = 200  # students per room
     max_teachers_per_room: int = 10       # teacher connections (tabs, devices) per room, seated apart from students
     # Shared secret that bot workers present to receive room assignments.
-    worker_key: str = "dev-worker-key-change-me"
+    # `python -m bot run` makes up a random one per process when none is given (scripts/run.sh keeps one in
+    # .classmood-worker-key beside the database); this public development value is refused off loopback.
+    worker_key: str = DEV_WORKER_KEY
     # Capture constraints the server asks student browsers for: what analysis needs, no more.
     video_width: int = 320
     video_height: int = 240
@@ -58,6 +62,26 @@ class ServerSettings:
     # Only a request from one of them has its client address (rate limit, logs) taken from
     # X-Forwarded-For; anyone else's header is ignored. Empty = no proxy trusted.
     trusted_proxies: str = ""
+    # --- limits on every connection (signaling/guard.py) ---
+    header_timeout_seconds: float = 10.0   # a new connection must send a complete request head within this
+    body_timeout_seconds: float = 10.0     # a request body (POST /api/rooms) must arrive within this
+    idle_timeout_seconds: float = 30.0     # a kept-alive connection with no new request is closed after this
+    # Open connections (HTTP and WebSocket) per client address (IPv6: its /64); beyond, new ones are cut at
+    # once. Generous: behind a school NAT a class of 200 shares one address (one socket + page loads each).
+    max_connections_per_address: int = 512
+    # Student joins: each address (IPv6: /64) may join `join_burst_per_address` students at once, then
+    # `joins_per_second_per_address`; each room `join_burst_per_room`, then `joins_per_second_per_room`.
+    # Beyond: error rate_limited, close 4429, nothing written. A class of 50 behind one NAT joins at once.
+    joins_per_second_per_address: float = 2.0
+    join_burst_per_address: int = 60
+    joins_per_second_per_room: float = 5.0
+    join_burst_per_room: int = 100
+    # TURN relays with coturn's REST-API credentials (use-auth-secret): the server mints a username
+    # "<expiry>:<peer id>" and credential base64(HMAC-SHA1(turn_secret, username)) per connection for
+    # these comma-separated turn:/turns: URLs, valid for turn_ttl_seconds. Empty = none (only ice_servers).
+    turn_urls: str = ""
+    turn_secret: str = ""
+    turn_ttl_seconds: float = 14_400.0     # longer than a class: coturn refuses to refresh an expired one
     # --- meetings on the SFU (janus.mode != off) ---
     students_see_students: bool = False   # students watch each other too (the teacher always sees everyone)
     meeting_video_width: int = 640        # camera constraints in a meeting: for people; the bot subscribes
@@ -223,6 +247,13 @@ class Settings:
         return dataclasses.replace(self, **changed)
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host in LOOPBACK_HOSTS
+
+
 def _problems(settings: Settings) -> Iterator[str]:
     """Each setting that is out of its range, as 'setting section.name: what is wrong (got value)'."""
     for section, _ in _sections():
@@ -264,6 +295,18 @@ def _problems(settings: Settings) -> Iterator[str]:
         yield f"setting {exc}"
     yield from check("server", "worker_key", 1 <= len(server.worker_key) <= MAX_WORKER_KEY,
                      f"must be 1 to {MAX_WORKER_KEY} characters (the server refuses a longer key in hello)")
+    yield from check("server", "worker_key", server.worker_key != DEV_WORKER_KEY or is_loopback(server.host),
+                     "is the public development key, and server.host is not loopback: anyone could present it "
+                     "and take the bot's seat; set your own (e.g. CLASSMOOD_SERVER_WORKER_KEY=$(openssl rand "
+                     "-hex 32))")
+    turn_urls = [u.strip() for u in server.turn_urls.split(",") if u.strip()]
+    yield from check("server", "turn_urls", all(u.startswith(("turn:", "turns:")) for u in turn_urls),
+                     "must be comma-separated turn: or turns: URLs")
+    yield from check("server", "turn_secret", bool(server.turn_secret) or not turn_urls,
+                     "must be set when server.turn_urls is (coturn's static-auth-secret)")
+    yield from positive("server", "header_timeout_seconds body_timeout_seconds idle_timeout_seconds "
+                                  "joins_per_second_per_address joins_per_second_per_room turn_ttl_seconds")
+    yield from at_least("server", "max_connections_per_address join_burst_per_address join_burst_per_room", 1)
     yield from at_least("server", "max_message_bytes max_bot_message_bytes", 1024)   # a hello with its token fits
     yield from at_least("server", "max_rooms max_participants_per_room max_teachers_per_room "
                                   "video_width video_height video_fps max_pending_hellos_per_address message_burst", 1)

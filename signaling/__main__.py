@@ -11,11 +11,11 @@ import sys
 from aiohttp import web
 
 from core import settings as settings_mod
-from signaling.server import AccessLogger, create_app
+from signaling.server import AccessLogger, ServerRunner, create_app
 
 
 async def serve(settings: settings_mod.Settings) -> None:
-    runner = web.AppRunner(create_app(settings), access_log_class=AccessLogger)
+    runner = ServerRunner(create_app(settings), access_log_class=AccessLogger)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()

@@ -45,7 +45,8 @@ async def authorise(request: web.Request, room_id: str) -> web.Response | dict[s
 
 
 async def review_access(request: web.Request, sid: str) -> web.Response | str:
-    """The session's room id when the bearer token owns that room; else a 401 / 404 / 403 response."""
+    """The session's room id when the bearer token owns that room; else a 401 / 404 response (the same 404
+    for a session that does not exist and one of another room)."""
     state = state_of(request)
     token = bearer(request)
     if token is None:
@@ -55,7 +56,8 @@ async def review_access(request: web.Request, sid: str) -> web.Response | str:
         return json_error(404, "unknown session")
     record = await state.room_record(room_id)
     if record is None or not same(token_hash(token), record["teacher_token_hash"]):
-        return json_error(403, "this token does not own that session")
+        # 404, not 403: a teacher of another room must not learn that a session id exists
+        return json_error(404, "unknown session")
     return room_id
 
 
@@ -104,7 +106,13 @@ async def create_room(request: web.Request) -> web.Response:
     if (request.content_length or 0) > MAX_BODY:
         return json_error(413, f"request body larger than {MAX_BODY} bytes")
     title = ""
-    raw = await request.read() if request.can_read_body else b""    # capped by client_max_size (413)
+    try:
+        # capped by client_max_size (413); a body trickled in byte by byte must not hold the connection
+        raw = await asyncio.wait_for(request.read(), state.cfg.body_timeout_seconds) if request.can_read_body else b""
+    except asyncio.TimeoutError:
+        late = json_error(408, f"request body not received within {state.cfg.body_timeout_seconds:g} s")
+        late.force_close()        # rather than wait for the rest of the body (aiohttp's lingering close)
+        return late
     if len(raw) > MAX_BODY:
         return json_error(413, f"request body larger than {MAX_BODY} bytes")
     if raw.strip():

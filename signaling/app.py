@@ -14,8 +14,10 @@ from aiohttp import web
 
 from core.settings import ServerSettings, Settings
 from signaling import housekeeping, ingest, metrics
+from signaling.guard import GUARD_KEY, ConnectionGuard, guard_middleware
+from signaling.joins import JoinLimits
 from signaling.meeting import Meeting
-from signaling.middleware import client_address_middleware, security_headers
+from signaling.middleware import client_address_middleware, response_headers, security_headers
 from signaling.rooms import Registry
 from signaling.routes import ROUTES
 from signaling.sfu import Sfu
@@ -40,8 +42,17 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     registry = Registry(cfg.max_rooms, cfg.max_participants_per_room, cfg.room_idle_seconds,
                         cfg.max_teachers_per_room)
     static = Path(static_dir or STATIC_DIR).resolve()
-    app = web.Application(middlewares=[client_address_middleware(settings.trusted_proxy_networks()),
-                                       security_headers], client_max_size=CLIENT_MAX_SIZE)
+    trusted = settings.trusted_proxy_networks()
+    guard = ConnectionGuard(cfg.header_timeout_seconds, cfg.max_connections_per_address, trusted)
+    # keepalive_timeout: aiohttp closes a connection this long after its last response (or after it opened)
+    # unless a complete request head has arrived; trickled bytes do not extend it (signaling/guard.py).
+    app = web.Application(middlewares=[client_address_middleware(trusted), guard_middleware(guard),
+                                       security_headers], client_max_size=CLIENT_MAX_SIZE,
+                          handler_args={"keepalive_timeout": cfg.idle_timeout_seconds,
+                                        # unread body after a response: drained at most this long
+                                        "lingering_time": cfg.body_timeout_seconds})
+    app[GUARD_KEY] = guard
+    app.on_response_prepare.append(response_headers(cfg.public_url))
     default_key = cfg.worker_key == ServerSettings.worker_key
     if default_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("server.worker_key is the development default on a non-loopback host: set your own")
@@ -50,7 +61,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     bot_token_secret = secrets.token_urlsafe(32) if default_key else cfg.worker_key
     state = ServerState(settings=settings, store=store, registry=registry, static=static, ice_servers=ice_servers,
                         video={"width": cfg.video_width, "height": cfg.video_height, "fps": cfg.video_fps},
-                        bot_token_secret=bot_token_secret)
+                        bot_token_secret=bot_token_secret, joins=JoinLimits(cfg))
     if sfu is not None:
         state.meeting = Meeting(sfu, lambda: list(registry.rooms.values()),
                                 students_see_students=cfg.students_see_students,

@@ -198,6 +198,11 @@ async def admit(state: ServerState, request: web.Request, ws: web.WebSocketRespo
     if ws.closed:   # went away while the room was being loaded
         log.info("room %s: %s left during the handshake", room.room_id, role)
         return None, None
+    if role == Role.STUDENT and state.joins is not None and not state.joins.allow(client_of(request), room.room_id):
+        log.warning("room %s: student join rate exceeded (from %s); refused", room.room_id, client_of(request))
+        await reject(ws, ErrorCode.RATE_LIMITED, "too many students joining at once: try again in a few seconds",
+                     CloseCode.LIMIT)
+        return None, None
     peer = Peer(new_id(), role, ws, hello.get("name", ""), hello.get("analysis", True), abort=aborter(request))
     try:
         replaced = state.registry.join(room, peer)
@@ -207,7 +212,7 @@ async def admit(state: ServerState, request: web.Request, ws: web.WebSocketRespo
         return None, None
     peer.start()
     bot_id = room.bot.peer_id if room.bot else None
-    welcome = functools.partial(protocol.welcome, peer.peer_id, role, ice_servers=state.ice_servers,
+    welcome = functools.partial(protocol.welcome, peer.peer_id, role, ice_servers=state.ice_servers_for(peer.peer_id),
                                 video=state.video, bot=bot_id, session_id=room.session_id, media=state.media())
     if role == Role.STUDENT:
         peer.send(welcome())

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from signaling.app import STATIC_DIR, create_app
 from signaling.auth import bot_token_for, token_hash
+from signaling.guard import ServerRunner
 from signaling.middleware import CSP, PAGE_HEADERS, AccessLogger
 from signaling.state import REGISTRY_KEY, SETTINGS_KEY, SOCKETS_KEY, STATE_KEY, ServerState
 from signaling.store import Store
 
-__all__ = ["create_app", "AccessLogger", "Store", "token_hash", "bot_token_for", "CSP", "PAGE_HEADERS",
+__all__ = ["create_app", "ServerRunner", "AccessLogger", "Store", "token_hash", "bot_token_for", "CSP", "PAGE_HEADERS",
            "STATIC_DIR", "ServerState", "STATE_KEY", "SETTINGS_KEY", "REGISTRY_KEY", "SOCKETS_KEY"]

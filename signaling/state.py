@@ -16,9 +16,11 @@ from aiohttp import web
 from core.settings import ServerSettings, Settings
 from signaling import protocol
 from signaling.auth import bot_token_for
+from signaling.joins import JoinLimits
 from signaling.meeting import Meeting
 from signaling.rooms import RateLimit, Registry, Room
 from signaling.store import Store
+from signaling.turn import turn_server, turn_urls
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ServerState:
     room_buckets: dict[str, RateLimit] = field(default_factory=dict)    # room creations per address block
     pending_hellos: dict[str, int] = field(default_factory=dict)        # sockets awaiting hello per address block
     meeting: Meeting | None = None         # rooms are meetings on this SFU (None: students send video to the bot)
+    joins: JoinLimits | None = None        # student join rates per address and per room (set by create_app)
 
     @property
     def cfg(self) -> ServerSettings:
@@ -42,6 +45,14 @@ class ServerState:
     def new_room(self, room_id: str, title: str, join_key: str, teacher_token_hash: str) -> Room:
         return Room(room_id, title, join_key, teacher_token_hash,
                     bot_token=bot_token_for(room_id, self.bot_token_secret), meeting=self.meeting)
+
+    def ice_servers_for(self, peer_id: str) -> list[dict[str, Any]]:
+        """welcome.ice_servers: server.ice_servers plus, with server.turn_urls, TURN credentials minted for
+        this connection alone (signaling/turn.py)."""
+        urls = turn_urls(self.cfg.turn_urls)
+        if not urls or not self.cfg.turn_secret:
+            return self.ice_servers
+        return [*self.ice_servers, turn_server(urls, self.cfg.turn_secret, self.cfg.turn_ttl_seconds, peer_id)]
 
     def media(self) -> dict[str, Any] | None:
         """welcome.media: how the rooms' audio and video flow."""

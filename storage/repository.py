@@ -6,6 +6,7 @@ start/resume and all reads are synchronous and quick (callers in async code use 
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Iterable, Iterator
@@ -23,6 +24,9 @@ from storage.writes import apply_batch
 # The writer gives up on a lock sooner than readers do: it retries anyway (with the rows kept), and a
 # short wait means an outage shows up in stats()/logs within a second instead of silently stalling.
 WRITER_BUSY_TIMEOUT_S = 1.0
+# After an erase, how long to keep retrying a WAL checkpoint that readers or the writer hold up.
+ERASE_CHECKPOINT_S = 10.0
+log = logging.getLogger("classmood.storage")
 
 
 class Repository:
@@ -107,7 +111,30 @@ class Repository:
             for table in (schema.samples, schema.alerts, schema.participants):
                 conn.execute(delete(table).where(table.c.session_id.in_(chosen)))
             conn.execute(delete(s).where(which))
+        if ids:
+            self._checkpoint_after_erase()
         return ids
+
+    def _checkpoint_after_erase(self) -> None:
+        """Make the erase final on disk. secure_delete zeroes the freed cells in the database file, but in
+        WAL mode the old page images (names, samples) stay in the -wal file until a checkpoint copies the
+        new pages back and the log restarts; with a busy class that took minutes (issue 23). TRUNCATE
+        checkpoints every frame and empties the -wal file; the writer keeps running (its next commit starts
+        a fresh log, made from pages that no longer hold the erased rows). Retried while other connections
+        hold it up (busy=1)."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        deadline = time.monotonic() + ERASE_CHECKPOINT_S
+        while True:
+            with self.engine.connect() as conn:
+                busy, _frames, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+            if not busy:
+                return
+            if time.monotonic() >= deadline:
+                log.error("storage: could not checkpoint the WAL after an erase (busy for %.0f s); erased rows "
+                          "may remain in the -wal file until the next checkpoint", ERASE_CHECKPOINT_S)
+                return
+            time.sleep(0.05)
 
     # ---- sessions (synchronous: the bot needs the id before anything else is written) ----------------
     def start_session(self, room_id: str) -> str:
@@ -171,8 +198,10 @@ class Repository:
     def add_alert(self, alert: AlertRecord) -> None:
         self._writer.put("alert", alert)
 
-    def acknowledge_alert(self, alert_id: str) -> None:
-        self._writer.put("ack", (alert_id, time.time()))
+    def acknowledge_alert(self, alert_id: str, room_id: str | None = None) -> None:
+        """Mark an alert acknowledged; with `room_id`, only if it belongs to a session of that room (the bot
+        passes its own room: an acknowledgement is scoped to the room of the teacher who sent it)."""
+        self._writer.put("ack", (alert_id, time.time(), room_id))
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:

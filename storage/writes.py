@@ -89,10 +89,16 @@ def _alert(conn: Connection, a: AlertRecord) -> None:
         acknowledged=bool(a.acknowledged)))
 
 
-def _ack(conn: Connection, payload: tuple[str, float]) -> None:
-    alert_id, t = payload
-    conn.execute(update(schema.alerts).where(schema.alerts.c.alert_id == alert_id)
-                 .values(acknowledged=True, acknowledged_at=t))
+def _ack(conn: Connection, payload: tuple) -> None:
+    """(alert_id, t) or (alert_id, t, room_id): with a room, only an alert of that room's sessions is marked,
+    so a teacher who learns another room's alert id cannot acknowledge it (issue 23)."""
+    alert_id, t, *scope = payload
+    a = schema.alerts
+    which = a.c.alert_id == alert_id
+    if scope and scope[0] is not None:
+        s = schema.sessions
+        which = which & a.c.session_id.in_(select(s.c.session_id).where(s.c.room_id == scope[0]))
+    conn.execute(update(a).where(which).values(acknowledged=True, acknowledged_at=t))
 
 
 def _end_session(conn: Connection, payload: tuple[str, float]) -> None:

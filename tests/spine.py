@@ -19,7 +19,7 @@ from bot.service import BotService
 from bot.simulate import free_port
 from bot.students import SimulatedStudent, load_video_frames, no_face_frames
 from core.settings import Settings
-from signaling.server import create_app
+from signaling.server import ServerRunner, create_app
 from storage import Repository
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ async def start_class(tmp_path: Path, janus: bool = False, **overrides: dict[str
     if janus:
         require_janus()
         media = await open_media_server(settings.replace(janus={"mode": "embedded"}))
-    runner = web.AppRunner(create_app(settings, store=repository, sfu=media.sfu if media else None))
+    runner = ServerRunner(create_app(settings, store=repository, sfu=media.sfu if media else None))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     server = f"http://127.0.0.1:{port}"

@@ -174,7 +174,7 @@ async def test_the_alert_feed_reloads_with_acknowledgements_for_the_rooms_teache
         other = await (await live.http.post(live.server + "/api/rooms", json={})).json()
         async with live.http.get(f"{live.server}/api/sessions/{session}/alerts",
                                  headers={"Authorization": f"Bearer {other['teacher_token']}"}) as r:
-            assert r.status == 403, "another room's teacher must not read these alerts"
+            assert r.status == 404, "another room's teacher must not read these alerts (nor learn they exist)"
         async with live.http.get(f"{live.server}/api/sessions/{session}/alerts") as r:
             assert r.status == 401
         async with live.http.get(f"{live.server}/api/sessions/nosuchsession/alerts", headers=auth) as r:

