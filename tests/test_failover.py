@@ -27,7 +27,7 @@ from core.settings import Settings
 from signaling.server import REGISTRY_KEY, create_app
 from storage import Repository
 from tests.postgres import BACKENDS, postgres_server, url_for  # noqa: F401  (postgres_server: a fixture)
-from tests.spine import PROJECT, VIDEOS, eventually
+from tests.spine import PROJECT, VIDEOS, eventually, start_class, stop_class
 
 WORKER_KEY = "failover-test-worker-key"
 STUDENTS = 10
@@ -207,3 +207,40 @@ async def test_a_killed_worker_loses_its_class_to_another_which_continues_the_sa
         await http.close()
         await runner.cleanup()
         repository.close()
+
+
+async def test_a_worker_whose_room_was_given_to_another_leaves_it_without_ending_the_session(tmp_path):
+    live = await start_class(tmp_path)
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        room_id = live.room["room"]
+        registry = live.runner.app[REGISTRY_KEY]
+        assert live.service.worker_id in registry.workers, "the server knows the worker by its own id"
+        [lease] = live.repository.room_assignments(room_id)
+        assert lease["worker_id"] == live.service.worker_id
+        session = live.service.peers[room_id].room.session_id
+
+        # Another server gave the room to another worker (this one was frozen past its lease).
+        live.repository.assign_room(room_id, "another-worker", lease_until=time.time() + 60)
+        assert await eventually(lambda: room_id not in live.service.peers, 10), "the worker must leave the room"
+        assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session) == [(None,)], \
+            "the class goes on elsewhere: its session stays open"
+        assert live.repository.room_assignments(room_id)[0]["worker_id"] == "another-worker"
+    finally:
+        await stop_class(live)
+
+
+async def test_a_class_that_ends_releases_its_room_so_nobody_is_sent_back(tmp_path):
+    live = await start_class(tmp_path)
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        room_id = live.room["room"]
+        assert live.repository.room_assignments(room_id) != []
+        async with live.http.post(f"{live.server}/api/rooms/{room_id}/end",
+                                  headers={"Authorization": f"Bearer {live.token}"}) as r:
+            assert r.status == 200
+        assert live.repository.room_assignments(room_id) == []
+    finally:
+        await stop_class(live)
