@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                              "have /metrics on the server's port")
     worker.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="address of --metrics-port (default 127.0.0.1; 0.0.0.0 in a container)")
+    worker.add_argument("--ready-file", default=None,
+                        help="write {\"worker_id\", \"pid\"} as JSON here once connected to the server (for scripts)")
+    worker.add_argument("--stats-file", default=None, help="write storage and inference counters as JSON here on exit")
     join = sub.add_parser("join", help="join one room now")
     join.add_argument("--room", required=True)
     join.add_argument("--server", default=None)
@@ -159,9 +162,18 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
                     print(f"error: cannot serve metrics on {args.metrics_host}:{args.metrics_port} ({exc.strerror})",
                           file=sys.stderr)
                     return 2
-            worker = asyncio.ensure_future(service.serve_worker(server, settings.server.worker_key))
+            connected = asyncio.Event()
+            worker = asyncio.ensure_future(service.serve_worker(server, settings.server.worker_key, connected))
+            if args.ready_file:
+                async def announce() -> None:
+                    await connected.wait()
+                    with open(args.ready_file, "w") as f:
+                        json.dump({"worker_id": service.worker_id, "pid": os.getpid()}, f)
+                announcing = asyncio.ensure_future(announce())
             await _until_signalled()
             worker.cancel()
+            if args.ready_file:
+                announcing.cancel()
         else:
             if not args.token:
                 print("error: --token (the room's teacher token) is required", file=sys.stderr)
@@ -177,7 +189,9 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
             await asyncio.wait([done, service.tasks[args.room]], return_when=asyncio.FIRST_COMPLETED)
             await peer.stop()
     finally:
-        await service.stop()
+        # A bot worker that is stopped hands its classes over to the other workers (they continue the
+        # sessions); `run` stops the server with it, so there the classes end.
+        await service.stop(handover=args.command == "worker")
         if runner is not None:
             await runner.cleanup()
         if media is not None:

@@ -157,6 +157,36 @@ class AlertEngine:
                     "count": count, "scored": n, "held_seconds": round(held, 3)}))
         return out
 
+    def restore(self, stored: list[dict[str, Any]]) -> int:
+        """Continue a session another bot recorded (a worker died; this one took the room over): its stored
+        alerts, oldest first (storage's session_alerts rows), come back with their acknowledgements, and
+        each (target, kind) keeps its cooldown from its last alert, so the teacher is not told again what the
+        previous bot already said. Rows that are not alerts of this session are skipped. How many came back."""
+        restored = 0
+        for row in stored:
+            try:
+                kind, level, t = str(row["kind"]), str(row["level"]), float(row["t"])
+                alert = AlertRecord(alert_id=str(row["alert_id"]), session_id=self.session_id, t=t, level=level,
+                                    kind=kind, message=str(row.get("message") or ""), value=float(row["value"]),
+                                    participant_id=row.get("participant_id"), name=row.get("name"),
+                                    acknowledged=bool(row.get("acknowledged")))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if row.get("session_id") not in (None, self.session_id) or kind not in KINDS or not math.isfinite(t):
+                continue
+            self._alerts[alert.alert_id] = alert
+            if level == "class":
+                cond = self._class[kind]
+            elif alert.participant_id:
+                cond = self._students.setdefault(alert.participant_id, {k: Condition() for k in KINDS})[kind]
+            else:
+                continue
+            cond.last_alert_t = max(t, cond.last_alert_t or t)
+            restored += 1
+        while len(self._alerts) > self.keep_alerts:
+            self._alerts.popitem(last=False)
+        return restored
+
     # ---- teacher controls ------------------------------------------------------------------------
     def remove_student(self, participant_id: str) -> None:
         """A student who left or opted out: everything about them is forgotten (conditions, cooldown, mute).

@@ -77,6 +77,7 @@ class BotPeer:
         self.ice_servers: list[dict[str, Any]] = []
         self.joined = asyncio.Event()
         self.replaced = False             # another bot took over the room: its session is not ours to end
+        self.handover = False             # this worker shuts down and another continues the class: same
         self.ended_at: float | None = None  # the class's true end, when the server told us (End class, idle)
         # Students from another app's Janus room (python -m bot join --janus): the classmood room's own
         # roster and offers are then not the bot's students.
@@ -125,7 +126,7 @@ class BotPeer:
         if self.room is not None:
             self.room.close()
             self.register(self.room_id, None, self.room)
-            if not self.replaced:      # a replacing bot carries the session on
+            if not (self.replaced or self.handover):      # a replacing bot carries the session on
                 await asyncio.to_thread(self.repository.end_session, self.room.session_id, self.ended_at)
             self.room = None
 
@@ -248,6 +249,15 @@ class BotPeer:
             session_id = await asyncio.to_thread(self.repository.resume_or_start_session, self.room_id,
                                                  data.get("session_id"))
             self.room = ClassRoom(self.settings, self.room_id, session_id, self.repository, self.send_soon)
+            if session_id == data.get("session_id") and hasattr(self.repository, "session_alerts"):
+                # Taking over a running class (its worker died): the alerts already raised and acknowledged.
+                try:
+                    stored = await asyncio.to_thread(self.repository.session_alerts, session_id)
+                    restored = self.room.engine.restore(stored)
+                    if restored:
+                        log.info("room %s: %d alert(s) of session %s restored", self.room_id, restored, session_id)
+                except Exception as exc:     # the class goes on without them
+                    log.warning("room %s: could not restore the session's alerts (%s)", self.room_id, describe(exc))
             self.register(self.room_id, self.room)
             self._spawn(self._tick_loop(self.room))
         await self.send({"type": "session", "session_id": self.room.session_id})

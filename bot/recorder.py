@@ -5,7 +5,7 @@ else that has them. bot/ never imports storage/.
 """
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 from core.records import AlertRecord, SampleRecord
 
@@ -19,3 +19,11 @@ class Recorder(Protocol):
     def add_samples(self, rows: Iterable[SampleRecord]) -> int: ...
     def add_alert(self, alert: AlertRecord) -> None: ...
     def acknowledge_alert(self, alert_id: str, room_id: str | None = None) -> None: ...
+
+
+@runtime_checkable
+class LeaseStore(Protocol):
+    """The room leases of a bot worker (storage.Repository has them; storage/assignments.py)."""
+    def renew_leases(self, worker_id: str, rooms: dict[str, tuple[str | None, int]], lease_until: float) -> list[str]: ...
+    def release_room(self, room_id: str, worker_id: str | None = None) -> bool: ...
+    def expire_leases(self, worker_id: str) -> int: ...

@@ -9,6 +9,8 @@ import asyncio
 import functools
 import json
 import logging
+import secrets
+import time
 from typing import Any, Callable
 
 import aiohttp
@@ -18,9 +20,10 @@ from bot.analyzer import Analyzer, FrameKey, FrameResult, PendingFrame
 from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
 from bot.metrics import round_histogram
-from bot.recorder import Recorder
+from bot.recorder import LeaseStore, Recorder
 from bot.peer import BotPeer
 from bot.room import ClassRoom
+from core.errors import describe
 from core.faces import Faces
 from core.settings import Settings
 
@@ -46,16 +49,35 @@ class BotService:
         self.peers: dict[str, BotPeer] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # This process's id in the database's room leases (sent in the worker hello; the server invites
+        # under it). Rooms it was invited to are `leased`: it renews them while it serves them.
+        self.worker_id = secrets.token_urlsafe(9)
+        self.leases: LeaseStore | None = repository if isinstance(repository, LeaseStore) else None
+        self.leased: set[str] = set()
+        self.handover = False             # stopping so that other workers continue the classes
+        self.leases_lost = 0
+        self.served: set[str] = set()     # every room this process was in (bot.simulate's per-worker table)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.analyzer.start()
 
-    async def stop(self) -> None:
-        for peer in list(self.peers.values()):
+    async def stop(self, handover: bool = False) -> None:
+        """Leave every room. handover=True (a bot worker shutting down, not the class ending): the sessions
+        stay open and the leases end now, so other workers continue the classes within a second or two
+        instead of after a whole lease; otherwise the sessions end and the rooms are released."""
+        self.handover = handover
+        for room_id, peer in list(self.peers.items()):
+            if handover and room_id in self.leased:
+                peer.handover = True
             await peer.stop()
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()), timeout=10)
+        if handover and self.leases is not None:
+            try:
+                await asyncio.to_thread(self.leases.expire_leases, self.worker_id)
+            except Exception as exc:     # the leases then run out by themselves
+                log.warning("could not hand the rooms over (%s); they move when their leases run out", describe(exc))
         self.analyzer.stop()
 
     def _from_worker(self, results: list[FrameResult]) -> None:
@@ -90,10 +112,49 @@ class BotService:
         peer = BotPeer(self.settings, server, room_id, token, self.repository, self.mailbox, self._register,
                        external=external)
         self.peers[room_id] = peer
-        task = asyncio.ensure_future(peer.run())
+        self.served.add(room_id)
+        task = asyncio.ensure_future(self._serve_room(peer))
         self.tasks[room_id] = task
         task.add_done_callback(functools.partial(self._joined_done, room_id))
         return peer
+
+    async def _serve_room(self, peer: BotPeer) -> None:
+        await peer.run()
+        room_id = peer.room_id
+        if room_id in self.leased and self.peers.get(room_id) in (peer, None):
+            self.leased.discard(room_id)
+            if not peer.replaced and not peer.handover and self.leases is not None:
+                # The class is over (ended, idle, refused): nobody is to be sent back to the room.
+                try:
+                    await asyncio.to_thread(self.leases.release_room, room_id, self.worker_id)
+                except Exception as exc:
+                    log.warning("room %s: could not release its lease (%s)", room_id, describe(exc))
+
+    async def keep_leases(self) -> None:
+        """Renew the lease of every room this worker was invited to, every fifth of the lease, with each
+        room's session and analysed students (the server balances rooms by them). A room whose lease
+        another worker holds now (this one was too slow, or cut off from the database) is left at once."""
+        lease = self.settings.server.worker_lease_seconds
+        while self.leases is not None:
+            await asyncio.sleep(lease / 5)
+            rooms = {room_id: (peer.room.session_id if peer.room else None,
+                               sum(1 for s in peer.room.students.values() if s.analysis) if peer.room else 0)
+                     for room_id, peer in list(self.peers.items()) if room_id in self.leased}
+            if not rooms:
+                continue
+            try:
+                lost = await asyncio.to_thread(self.leases.renew_leases, self.worker_id, rooms, time.time() + lease)
+            except Exception as exc:      # the database is away: the leases may run out and the rooms move
+                log.warning("could not renew the leases of %d room(s) (%s)", len(rooms), describe(exc))
+                continue
+            for room_id in lost:
+                self.leased.discard(room_id)
+                self.leases_lost += 1
+                peer = self.peers.get(room_id)
+                if peer is not None:
+                    log.warning("room %s: another worker holds it now; leaving", room_id)
+                    peer.replaced = True       # the session goes on there: not ours to end
+                    await peer.stop()
 
     def _joined_done(self, room_id: str, task: asyncio.Task) -> None:
         if self.tasks.get(room_id) is task:
@@ -105,24 +166,33 @@ class BotService:
     async def serve_worker(self, server: str, key: str, ready: asyncio.Event | None = None) -> None:
         """Stay connected to the server's /ws/worker and join rooms when a teacher invites the bot."""
         url = server.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws/worker"
+        leases = asyncio.ensure_future(self.keep_leases())
+        try:
+            await self._serve_worker(server, url, key, ready)
+        finally:
+            leases.cancel()
+
+    async def _serve_worker(self, server: str, url: str, key: str, ready: asyncio.Event | None) -> None:
         backoff = 0.5
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
                     async with http.ws_connect(url, heartbeat=20) as ws:
-                        await ws.send_json({"v": 1, "type": "hello", "role": "worker", "key": key})
+                        await ws.send_json({"v": 1, "type": "hello", "role": "worker", "key": key,
+                                            "worker": self.worker_id})
                         async for msg in ws:
                             if msg.type != aiohttp.WSMsgType.TEXT:
                                 break
                             data = json.loads(msg.data)
                             if data.get("type") == "welcome":
                                 backoff = 0.5
-                                log.info("bot worker connected to %s", server)
+                                log.info("bot worker %s connected to %s", self.worker_id, server)
                                 if ready is not None:
                                     ready.set()
                             elif data.get("type") == "invite" and data.get("room") and data.get("token"):
                                 log.info("invited to room %s", data["room"])
                                 self.join(server, str(data["room"]), str(data["token"]))
+                                self.leased.add(str(data["room"]))
                             elif data.get("type") == "error":
                                 log.error("worker refused by server: %s", data.get("message"))
                 except (aiohttp.ClientError, OSError, ValueError) as exc:
@@ -131,7 +201,8 @@ class BotService:
                 backoff = min(backoff * 2, 10.0)
 
     def stats(self) -> dict[str, Any]:
-        return {"rooms": len(self.rooms), "frames_analysed": self.analyzer.frames,
+        return {"worker_id": self.worker_id, "rooms": len(self.rooms), "rooms_served": sorted(self.served),
+                "leases_lost": self.leases_lost, "frames_analysed": self.analyzer.frames,
                 "inference_rounds": self.analyzer.rounds, "inference_busy_s": round(self.analyzer.busy_seconds, 3),
                 "frames_dropped": self.mailbox.dropped, "frames_accepted": self.mailbox.accepted,
                 "frame_errors": self.analyzer.errors}

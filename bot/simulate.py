@@ -5,7 +5,8 @@ aiortc peers in this process) streaming a video; prints a summary read back from
 
 The last line with --json is one JSON object: students, samples, samples_per_student_per_s,
 p50/p95_frame_to_row_s, alerts, alert_latency_s, bot_cpu_percent, bot_peak_rss_mb, frames_dropped,
-errors, rows_lost, ...
+errors, rows_lost, ... With --workers N: `workers` (per worker process: worker_id, rooms, students,
+samples, samples_per_s, cpu_percent, peak_rss_mb), server_cpu_percent, rooms and session_ids.
 """
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--via", choices=("direct", "janus"), default="direct",
                    help="direct: students send video to the bot (default); janus: a meeting on an embedded Janus "
                         "(students publish to it, the bot subscribes; Janus's own CPU is reported too)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="N bot worker processes (`python -m bot worker`) beside the server (`python -m bot serve`), "
+                        "instead of one `python -m bot run`; the summary gains a per-worker table (`workers`)")
+    p.add_argument("--rooms", type=int, default=1,
+                   help="spread the students over this many rooms (classes), so rooms can spread over workers")
     return p.parse_args(argv)
 
 
@@ -142,12 +148,18 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     ready_file, stats_file = workdir / "ready.json", workdir / "stats.json"
     log_path = Path(args.keep_log) if args.keep_log else workdir / "bot.log"
     env = dict(os.environ, CLASSMOOD_LOG_LEVEL=os.environ.get("CLASSMOOD_LOG_LEVEL", "INFO"))
-    cmd = [sys.executable, "-m", "bot", "run", "--no-room", "--ready-file", str(ready_file),
-           "--stats-file", str(stats_file), *bot_settings_flags(args, port, db)]
+    flags = bot_settings_flags(args, port, db)
+    if args.workers:
+        # The server alone, and N bot workers as separate processes (what a deployment runs).
+        cmd = [sys.executable, "-m", "bot", "serve", *flags]
+    else:
+        cmd = [sys.executable, "-m", "bot", "run", "--no-room", "--ready-file", str(ready_file),
+               "--stats-file", str(stats_file), *flags]
     log_file = open(log_path, "w")
     bot = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     monitor = ProcessMonitor(bot.pid)
     monitor_task = asyncio.ensure_future(monitor.run())
+    pool = WorkerPool(args.workers or 0, server, flags, workdir, env)
     janus_monitor: ProcessMonitor | None = None
     janus_task: asyncio.Task | None = None
     students: list[SimulatedStudent] = []
@@ -157,24 +169,21 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     leaked_sets: list[set[str]] = []
     try:
         deadline = time.monotonic() + 120
-        while not ready_file.exists():
+        while not (await serving(server) if args.workers else ready_file.exists()):
             if bot.poll() is not None:
                 raise RuntimeError(f"bot exited with code {bot.returncode} before serving; log: {log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError("bot did not start within 120 s")
             await asyncio.sleep(0.2)
+        await pool.start(deadline)
         if args.via == "janus":
             janus_monitor = ProcessMonitor(janus_child(bot.pid))
             janus_task = asyncio.ensure_future(janus_monitor.run())
         async with aiohttp.ClientSession() as http:
-            async with http.post(server + "/api/rooms", json={"title": "simulated class"}) as r:
-                room = await r.json()
-            room_id, token = room["room"], room["teacher_token"]
-            key = room["student_url"].split("k=", 1)[1]
-            teacher = await http.ws_connect(server.replace("http", "ws") + "/ws")
-            await teacher.send_json({"v": 1, "type": "hello", "role": "teacher", "room": room_id, "token": token})
+            rooms: list[dict[str, Any]] = []
+            teachers: list[aiohttp.ClientWebSocketResponse[bool]] = []
 
-            async def read_teacher() -> None:
+            async def read_teacher(teacher: aiohttp.ClientWebSocketResponse[bool]) -> None:
                 nonlocal teacher_states
                 async for msg in teacher:
                     data = json.loads(msg.data)
@@ -182,16 +191,29 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                         teacher_alerts.append({**data["alert"], "received_at": time.time()})
                     elif data.get("type") == "state":
                         teacher_states += 1
-            teacher_task = asyncio.ensure_future(read_teacher())
-            async with http.post(f"{server}/api/rooms/{room_id}/invite",
-                                 headers={"Authorization": f"Bearer {token}"}) as r:
-                if r.status != 200:
-                    raise RuntimeError(f"invite failed: HTTP {r.status} {await r.text()}")
+            teacher_tasks = []
+            for n in range(max(1, args.rooms)):
+                title = "simulated class" if args.rooms <= 1 else f"simulated class {n + 1}"
+                async with http.post(server + "/api/rooms", json={"title": title}) as r:
+                    room = await r.json()
+                rooms.append(room)
+                teacher = await http.ws_connect(server.replace("http", "ws") + "/ws")
+                await teacher.send_json({"v": 1, "type": "hello", "role": "teacher", "room": room["room"],
+                                         "token": room["teacher_token"]})
+                teachers.append(teacher)
+                teacher_tasks.append(asyncio.ensure_future(read_teacher(teacher)))
+                async with http.post(f"{server}/api/rooms/{room['room']}/invite",
+                                     headers={"Authorization": f"Bearer {room['teacher_token']}"}) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"invite failed: HTTP {r.status} {await r.text()}")
+            room_ids = [room["room"] for room in rooms]
 
             def make_student(i: int) -> SimulatedStudent:
                 face = i >= args.no_face_students
                 analysis = i >= args.no_face_students + args.opt_out_students or i < args.no_face_students
-                return SimulatedStudent(server, room_id, key, f"Student {i + 1:02d}", frames if face else blank,
+                room = rooms[i % len(rooms)]
+                return SimulatedStudent(server, room["room"], room["student_url"].split("k=", 1)[1],
+                                        f"Student {i + 1:02d}", frames if face else blank,
                                         args.fps, analysis=analysis, offset=i * 3)
 
             students = [make_student(i) for i in range(args.students)]
@@ -205,11 +227,13 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 errors.append(f"{sum(not s.connected.is_set() for s in analysed)} students did not connect in 60 s")
             started = time.time()
             monitor.reset()
+            pool.reset()
             if janus_monitor is not None:
                 janus_monitor.reset()
             churn_task = asyncio.ensure_future(churn(students, make_student)) if args.churn else None
             await asyncio.sleep(args.seconds)
             ended = time.time()
+            held = pool.holders(db)       # which worker held which room at the end of the window
             if churn_task:
                 churn_task.cancel()
             student_saw = set().union(*(s.message_types() for s in students)) if students else set()
@@ -220,9 +244,15 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
             for s in students:
                 await s.leave()
             await asyncio.sleep(0.5)
-            teacher_task.cancel()
-            await teacher.close()
+            for task in teacher_tasks:
+                task.cancel()
+            for teacher in teachers:
+                await teacher.close()
     finally:
+        if args.workers:
+            # The workers first: stopped with SIGTERM they hand their rooms over, and a server still running
+            # would invite the next worker in; here the whole run is over.
+            errors.extend(pool.stop())
         if bot.poll() is None:
             bot.send_signal(signal.SIGTERM)
             try:
@@ -238,8 +268,9 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         errors.append(f"bot exited with code {bot.returncode}")
     bot_log = log_path.read_text(errors="replace")
     error_lines = [line for line in bot_log.splitlines() if " ERROR " in line or "Traceback" in line]
-    bot_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    summary = summarise(db, room_id, started, ended, args, bot_stats)
+    bot_stats = json.loads(stats_file.read_text()) if stats_file.exists() else pool.combined_stats()
+    summary = summarise(db, room_ids, started, ended, args, bot_stats)
+    error_lines += pool.error_lines()
     leaked = set().union(*leaked_sets) if leaked_sets else set()
     delivery = sorted(a["received_at"] - float(a.get("t") or 0) for a in teacher_alerts)
     summary.update({
@@ -248,14 +279,148 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "alert_latency_s": round(delivery[-1], 3) if delivery else None,
         "teacher_alerts": [{k: a.get(k) for k in ("level", "kind", "name", "message")} for a in teacher_alerts][:50],
         "students_received_teacher_data": sorted(leaked),
-        "bot_cpu_percent": round(monitor.cpu_percent(), 1), "bot_peak_rss_mb": round(monitor.peak_rss / 2**20, 1),
+        "bot_cpu_percent": round(pool.cpu_percent() if args.workers else monitor.cpu_percent(), 1),
+        "bot_peak_rss_mb": round((pool.peak_rss() if args.workers else monitor.peak_rss) / 2**20, 1),
         "via": args.via,
         "janus_cpu_percent": round(janus_monitor.cpu_percent(), 1) if janus_monitor else None,
         "janus_peak_rss_mb": round(janus_monitor.peak_rss / 2**20, 1) if janus_monitor else None,
         "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),
         "error_messages": (errors + error_lines)[:20], "db": str(db), "bot_log": str(log_path),
+        "rooms": len(room_ids),
     })
+    if args.workers:
+        summary["server_cpu_percent"] = round(monitor.cpu_percent(), 1)
+        summary["workers"] = pool.table(db, held, started, ended)
     return summary
+
+
+async def serving(server: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server + "/healthz") as r:
+                return r.status == 200
+    except (aiohttp.ClientError, OSError):
+        return False
+
+
+class WorkerPool:
+    """--workers N: N `python -m bot worker` processes, each with its ready file, stats file, log and monitor."""
+
+    def __init__(self, n: int, server: str, flags: list[str], workdir: Path, env: dict[str, str]) -> None:
+        self.n, self.server, self.flags, self.workdir, self.env = n, server, flags, workdir, env
+        self.processes: list[subprocess.Popen] = []
+        self.monitors: list[ProcessMonitor] = []
+        self.tasks: list[asyncio.Task] = []
+        self.ids: list[str] = []
+
+    async def start(self, deadline: float) -> None:
+        for i in range(self.n):
+            files = [self.workdir / f"worker{i}.{kind}" for kind in ("ready.json", "stats.json", "log")]
+            cmd = [sys.executable, "-m", "bot", "worker", "--server", self.server, "--ready-file", str(files[0]),
+                   "--stats-file", str(files[1]), *self.flags]
+            log_file = open(files[2], "w")
+            self.processes.append(subprocess.Popen(cmd, cwd=PROJECT, env=self.env, stdout=log_file,
+                                                   stderr=subprocess.STDOUT))
+            log_file.close()
+            self.monitors.append(ProcessMonitor(self.processes[-1].pid))
+            self.tasks.append(asyncio.ensure_future(self.monitors[-1].run()))
+        for i, process in enumerate(self.processes):
+            ready = self.workdir / f"worker{i}.ready.json"
+            while not (ready.exists() and ready.read_text()):
+                if process.poll() is not None:
+                    raise RuntimeError(f"bot worker {i} exited with code {process.returncode}; "
+                                       f"log: {self.workdir / f'worker{i}.log'}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the bot workers did not connect within 120 s")
+                await asyncio.sleep(0.2)
+            self.ids.append(str(json.loads(ready.read_text())["worker_id"]))
+
+    def reset(self) -> None:
+        for monitor in self.monitors:
+            monitor.reset()
+
+    def holders(self, db: Path) -> dict[str, str]:
+        """room id -> the worker id holding its lease now."""
+        if not self.n:
+            return {}
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return dict(con.execute("SELECT room_id, worker_id FROM room_assignments").fetchall())
+        finally:
+            con.close()
+
+    def stop(self) -> list[str]:
+        errors = []
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for i, process in enumerate(self.processes):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                errors.append(f"bot worker {i} did not stop within 30 s of SIGTERM")
+            if process.returncode not in (0, -signal.SIGTERM):
+                errors.append(f"bot worker {i} exited with code {process.returncode}")
+        for task in self.tasks:
+            task.cancel()
+        return errors
+
+    def stats(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(len(self.processes)):
+            path = self.workdir / f"worker{i}.stats.json"
+            out.append(json.loads(path.read_text()) if path.exists() else {})
+        return out
+
+    def combined_stats(self) -> dict[str, Any]:
+        """The workers' counters added up, in the shape of `bot run`'s stats file."""
+        stats = self.stats()
+        total: dict[str, Any] = {"storage": {"lost": 0}, "samples_accepted": 0, "frames_dropped": 0, "frame_errors": 0}
+        for one in stats:
+            for k in ("samples_accepted", "frames_dropped", "frame_errors"):
+                total[k] += int(one.get(k) or 0)
+            total["storage"]["lost"] += int((one.get("storage") or {}).get("lost") or 0)
+            total["sample_hz"] = one.get("sample_hz", total.get("sample_hz"))
+        return total if stats else {}
+
+    def error_lines(self) -> list[str]:
+        lines: list[str] = []
+        for i in range(len(self.processes)):
+            text = (self.workdir / f"worker{i}.log").read_text(errors="replace")
+            lines += [f"worker {i}: {line}" for line in text.splitlines() if " ERROR " in line or "Traceback" in line]
+        return lines
+
+    def cpu_percent(self) -> float:
+        return sum(m.cpu_percent() for m in self.monitors)
+
+    def peak_rss(self) -> int:
+        return max((m.peak_rss for m in self.monitors), default=0)
+
+    def table(self, db: Path, held: dict[str, str], started: float, ended: float) -> list[dict[str, Any]]:
+        """Per worker: the rooms it held at the end of the window, their analysed students, and its samples
+        (in the window), samples per second, CPU (% of one core) and peak memory."""
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            per_room = dict(con.execute(
+                "SELECT se.room_id, COUNT(*) FROM samples s JOIN sessions se ON se.session_id = s.session_id "
+                "WHERE s.t BETWEEN ? AND ? GROUP BY se.room_id", (started, ended)).fetchall())
+            students = dict(con.execute(
+                "SELECT se.room_id, COUNT(DISTINCT s.participant_id) FROM samples s JOIN sessions se "
+                "ON se.session_id = s.session_id WHERE s.t BETWEEN ? AND ? GROUP BY se.room_id",
+                (started, ended)).fetchall())
+        finally:
+            con.close()
+        span = max(1e-6, ended - started)
+        rows = []
+        for worker_id, monitor in zip(self.ids, self.monitors):
+            mine = sorted(room for room, holder in held.items() if holder == worker_id)
+            samples = sum(int(per_room.get(room, 0)) for room in mine)
+            rows.append({"worker_id": worker_id, "rooms": len(mine), "students": sum(int(students.get(r, 0)) for r in mine),
+                         "samples": samples, "samples_per_s": round(samples / span, 2),
+                         "cpu_percent": round(monitor.cpu_percent(), 1),
+                         "peak_rss_mb": round(monitor.peak_rss / 2**20, 1)})
+        return rows
 
 
 def janus_child(bot_pid: int) -> int:
@@ -284,19 +449,25 @@ async def churn(students: list[SimulatedStudent], make_student: Callable[[int], 
             log.warning("rejoin failed: %s", exc)
 
 
-def summarise(db: Path, room_id: str, started: float, ended: float, args: argparse.Namespace,
+def summarise(db: Path, room_ids: list[str], started: float, ended: float, args: argparse.Namespace,
               bot_stats: dict[str, Any]) -> dict[str, Any]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    sids: list[str | None] = []
+    rows: list[Any] = []
+    alerts: list[Any] = []
     try:
-        session = con.execute("SELECT session_id FROM sessions WHERE room_id = ? ORDER BY started_at DESC LIMIT 1",
-                              (room_id,)).fetchone()
-        sid = session[0] if session else None
-        rows = con.execute("SELECT s.participant_id, p.name, s.t, s.face_found, s.latency_s, s.stored_at FROM samples s "
-                           "JOIN participants p ON p.participant_id = s.participant_id AND p.session_id = s.session_id "
-                           "WHERE s.session_id = ?", (sid,)).fetchall()
-        alerts = con.execute("SELECT level, kind, t FROM alerts WHERE session_id = ?", (sid,)).fetchall()
+        for room_id in room_ids:         # each room's latest session: together, the whole simulated school
+            session = con.execute("SELECT session_id FROM sessions WHERE room_id = ? ORDER BY started_at DESC "
+                                  "LIMIT 1", (room_id,)).fetchone()
+            sid = session[0] if session else None
+            sids.append(sid)
+            rows += con.execute("SELECT s.participant_id, p.name, s.t, s.face_found, s.latency_s, s.stored_at "
+                                "FROM samples s JOIN participants p ON p.participant_id = s.participant_id "
+                                "AND p.session_id = s.session_id WHERE s.session_id = ?", (sid,)).fetchall()
+            alerts += con.execute("SELECT level, kind, t FROM alerts WHERE session_id = ?", (sid,)).fetchall()
     finally:
         con.close()
+    sid = sids[0] if sids else None
     window = [r for r in rows if started <= r[2] <= ended]
     by_student: dict[str, list[float]] = {}
     for pid, _, t, *_ in window:
@@ -319,7 +490,7 @@ def summarise(db: Path, room_id: str, started: float, ended: float, args: argpar
         "p50_frame_to_row_s": pct(latencies, 0.5), "p95_frame_to_row_s": pct(latencies, 0.95),
         "alerts": len(alerts), "alert_kinds": sorted({f"{a[0]}:{a[1]}" for a in alerts}),
         "frames_dropped": bot_stats.get("frames_dropped"), "rows_lost": max(0, accepted - len(rows)) + int(bot_stats.get("storage", {}).get("lost", 0) or 0),
-        "session_id": sid, "seconds": args.seconds, "churn": args.churn, "live_encode": args.live_encode,
+        "session_id": sid, "session_ids": sids, "seconds": args.seconds, "churn": args.churn, "live_encode": args.live_encode,
     }
 
 
@@ -331,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.students < 1 or args.seconds <= 0:
         print("error: --students must be >= 1 and --seconds > 0", file=sys.stderr)
+        return 2
+    if (args.workers is not None and args.workers < 1) or args.rooms < 1:
+        print("error: --workers and --rooms must be >= 1", file=sys.stderr)
         return 2
     try:
         check_bot_settings(args)

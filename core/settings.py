@@ -42,6 +42,11 @@ class ServerSettings:
     # `python -m bot run` makes up a random one per process when none is given (scripts/run.sh keeps one in
     # .classmood-worker-key beside the database); this public development value is refused off loopback.
     worker_key: str = DEV_WORKER_KEY
+    # A bot worker holds each of its rooms under a lease in the database (room_assignments) and renews it
+    # every fifth of this; a worker that stops renewing (killed, frozen, cut off) loses its rooms to another
+    # worker once the lease runs out, and the server looks for such rooms every second. Shorter: faster
+    # failover; too short: a worker starved of CPU for that long loses its rooms for nothing.
+    worker_lease_seconds: float = 5.0
     # Capture constraints the server asks student browsers for: what analysis needs, no more.
     video_width: int = 320
     video_height: int = 240
@@ -311,6 +316,7 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from at_least("server", "max_rooms max_participants_per_room max_teachers_per_room "
                                   "video_width video_height video_fps max_pending_hellos_per_address message_burst", 1)
     yield from positive("server", "hello_timeout_seconds messages_per_second room_idle_seconds")
+    yield from at_least("server", "worker_lease_seconds", 1)   # renewals are 1/5 of it apart: not a busy loop
     yield from at_least("server", "heartbeat_seconds rooms_per_minute_per_address", 0)   # 0: off / no limit
     # --- bot ---
     yield from positive("bot", "sample_hz stall_seconds state_push_hz")

@@ -17,7 +17,7 @@ from signaling.auth import bearer, same, token_hash
 from signaling.forwarded import address_block
 from signaling.middleware import client_of, with_headers
 from signaling.protocol import ProtocolError
-from signaling.rooms import RateLimit, TooManyRooms, new_id
+from signaling.rooms import INVITE_PENDING_S, RateLimit, TooManyRooms, new_id
 from signaling.state import ServerState, state_of
 
 log = logging.getLogger("classmood.signaling")
@@ -179,6 +179,10 @@ async def invite(request: web.Request) -> web.Response:
     if room.invite_pending():
         return web.json_response({"ok": True, "already_invited": True})
     for worker in state.registry.pick_workers():
+        # The lease first: once the worker has the invite it may renew it at any moment. Until it joins,
+        # the lease lasts as long as an invite is pending; then the worker renews it (housekeeping.py).
+        await asyncio.to_thread(state.store.assign_room, room.room_id, worker.peer_id,
+                                time.time() + INVITE_PENDING_S, room.session_id)
         if worker.send(protocol.invite(room.room_id, room.bot_token)):
             room.worker_id, room.invited_at = worker.peer_id, time.monotonic()
             log.info("room %s: invite sent to worker %s", room.room_id, worker.peer_id)

@@ -76,6 +76,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     app.on_shutdown.append(housekeeping.close_sockets)
     app.cleanup_ctx.append(housekeeping.erase_expired_sessions)
     app.cleanup_ctx.append(housekeeping.dismiss_lonely_bots)
+    app.cleanup_ctx.append(housekeeping.reassign_orphaned_rooms)
     ingest.setup(app)
     metrics.install(app)
     app.router.add_routes(ROUTES)

@@ -33,6 +33,8 @@ async def end_class(request: web.Request) -> web.Response:
         return record
     room_id = record["room_id"]
     ended_at = time.time()
+    # The class is over: no worker is to be sent back here when the bot's lease runs out.
+    await asyncio.to_thread(state.store.release_room, room_id)
     room = state.registry.get(room_id)
     live_session = room.session_id if room is not None else None
     if room is not None:

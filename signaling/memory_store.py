@@ -21,6 +21,7 @@ class MemoryStore:
         self.reviews: dict[str, dict[str, Any]] = {}
         self.samples_csv: dict[str, list[str]] = {}
         self.alerts_csv: dict[str, list[str]] = {}
+        self.assignments: dict[str, dict[str, Any]] = {}
 
     # ---- Store --------------------------------------------------------------------------------
     def create_room(self, room_id: str, title: str, join_key: str, teacher_token_hash: str) -> None:
@@ -84,6 +85,31 @@ class MemoryStore:
         with self._lock:
             review = self.reviews.get(session_id) or {}
             return [dict(a) for a in review.get("alerts", [])]
+
+    def assign_room(self, room_id: str, worker_id: str, lease_until: float, session_id: str | None = None) -> None:
+        with self._lock:
+            row = self.assignments.setdefault(room_id, {"room_id": room_id, "session_id": None, "students": 0})
+            row.update(worker_id=worker_id, lease_until=lease_until, assigned_at=time.time())
+            if session_id is not None:
+                row["session_id"] = session_id
+
+    def claim_expired_room(self, worker_id: str, now: float, lease_until: float) -> dict[str, Any] | None:
+        with self._lock:
+            expired = sorted((r for r in self.assignments.values() if r["lease_until"] < now),
+                             key=lambda r: r["lease_until"])
+            if not expired:
+                return None
+            before = dict(expired[0])
+            expired[0].update(worker_id=worker_id, lease_until=lease_until, assigned_at=time.time())
+            return before
+
+    def release_room(self, room_id: str, worker_id: str | None = None) -> bool:
+        with self._lock:
+            row = self.assignments.get(room_id)
+            if row is None or (worker_id is not None and row["worker_id"] != worker_id):
+                return False
+            del self.assignments[room_id]
+            return True
 
     # ---- test helpers ---------------------------------------------------------------------------
     def add_session(self, session_id: str, room_id: str, review: dict[str, Any] | None = None,

@@ -142,7 +142,12 @@ def parse_hello(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(role, str) or role not in ROLES:
         raise ProtocolError(ErrorCode.BAD_FIELD, "role must be student, teacher, bot or worker")
     if role == "worker":
-        return {"type": "hello", "role": role, "key": _worker_key(data.get("key"), "key is missing or malformed")}
+        out_worker = {"type": "hello", "role": role, "key": _worker_key(data.get("key"), "key is missing or malformed")}
+        if data.get("worker") is not None:
+            # The worker's own id, the one it renews its room leases under in the database (optional: an
+            # older worker without one gets an id from the server and its rooms are leased under that).
+            out_worker["worker"] = _id(data.get("worker"), "worker")
+        return out_worker
     out: dict[str, Any] = {"type": "hello", "role": role, "room": _id(data.get("room"), "room")}
     if role == "student":
         out["key"] = _id(data.get("key"), "key", TOKEN_RE)

@@ -109,7 +109,8 @@ async def ws_worker(request: web.Request) -> web.WebSocketResponse:
             log.warning("/ws/worker: refused a worker with a wrong key (from %s)", client_of(request))
             await reject(ws, ErrorCode.UNAUTHORIZED, "wrong worker key", CloseCode.UNAUTHORIZED)
             return ws
-        worker = Peer(new_id(), Role.WORKER.value, ws, abort=aborter(request))
+        # The worker's own id when it sent one: its room leases in the database are under that id.
+        worker = Peer(hello.get("worker") or new_id(), Role.WORKER.value, ws, abort=aborter(request))
         worker.start()
         registry.add_worker(worker)
         worker.send(protocol.welcome(worker.peer_id, Role.WORKER.value))

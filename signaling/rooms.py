@@ -304,10 +304,13 @@ class Registry:
             del self.workers[worker.peer_id]
 
     def worker_load(self, worker_id: str) -> int:
-        return sum(1 for r in self.rooms.values() if r.worker_id == worker_id and (r.bot or r.invite_pending()))
+        """What a worker carries: the analysed students of its rooms (what costs it CPU: decode and
+        inference per student), plus one per room so that empty rooms spread too."""
+        return sum(1 + sum(1 for p in r.students.values() if p.analysis) for r in self.rooms.values()
+                   if r.worker_id == worker_id and (r.bot or r.invite_pending()))
 
     def pick_workers(self) -> list[Peer]:
-        """Connected workers, least busy first; ties taken in turn (round robin)."""
+        """Connected workers, least busy first (worker_load); ties taken in turn (round robin)."""
         live = [w for w in self.workers.values() if not w.closing and not w.ws.closed]
         if not live:
             return []

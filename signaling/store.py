@@ -45,3 +45,14 @@ class Store(Protocol):
     def session_alerts(self, session_id: str) -> list[dict[str, Any]]:
         """The session's alerts, oldest first: {"alert_id", "session_id", "t", "level", "kind", "message",
         "value", "participant_id", "name", "acknowledged", "acknowledged_at"} (the teacher page's feed)."""
+
+    # ---- bot workers' leases (table room_assignments; the worker renews its own, see docs/scaling.md) ----
+    def assign_room(self, room_id: str, worker_id: str, lease_until: float, session_id: str | None = None) -> None:
+        """Give the room to `worker_id` until `lease_until` (epoch seconds): an invite."""
+
+    def claim_expired_room(self, worker_id: str, now: float, lease_until: float) -> dict[str, Any] | None:
+        """Atomically take one room whose lease ended before `now` for `worker_id`; the row as it was
+        ({"room_id", "worker_id", "session_id", "students", "lease_until", "assigned_at"}) or None."""
+
+    def release_room(self, room_id: str, worker_id: str | None = None) -> bool:
+        """The room's class is over: drop its assignment (nobody is invited there again by itself)."""

@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, or_, select, update
 
 from core.records import AlertRecord, SampleRecord
 from core.settings import StorageSettings
-from storage import csvrows, schema
+from storage import assignments, csvrows, schema
 from storage.review import build_review, finish_session, session_alerts
 from storage.writer import BatchWriter
 from storage.writes import apply_batch
@@ -180,6 +180,25 @@ class Repository:
         self.flush(timeout=1.0)   # an alert or ack queued a moment ago belongs in the feed
         with self.engine.connect() as conn:
             return session_alerts(conn, session_id)
+
+    # ---- room assignments: bot workers' leases (storage/assignments.py) ---------------------------------
+    def assign_room(self, room_id: str, worker_id: str, lease_until: float, session_id: str | None = None) -> None:
+        assignments.assign(self.engine, room_id, worker_id, lease_until, session_id)
+
+    def claim_expired_room(self, worker_id: str, now: float, lease_until: float) -> dict[str, Any] | None:
+        return assignments.claim_expired(self.engine, worker_id, now, lease_until)
+
+    def renew_leases(self, worker_id: str, rooms: dict[str, tuple[str | None, int]], lease_until: float) -> list[str]:
+        return assignments.renew(self.engine, worker_id, rooms, lease_until)
+
+    def release_room(self, room_id: str, worker_id: str | None = None) -> bool:
+        return assignments.release(self.engine, room_id, worker_id)
+
+    def expire_leases(self, worker_id: str) -> int:
+        return assignments.expire(self.engine, worker_id)
+
+    def room_assignments(self, room_id: str | None = None) -> list[dict[str, Any]]:
+        return assignments.get(self.engine, room_id)
 
     # ---- the bot's writes (non-blocking, never raise on database trouble) ----------------------------
     def add_participant(self, session_id: str, participant_id: str, name: str) -> None:

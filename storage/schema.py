@@ -21,8 +21,9 @@ from core.emotions import EMOTIONS
 log = logging.getLogger("classmood.storage")
 
 # 1: first release; 2: samples.stored_at; 3: schema_version.applied_at, foreign keys on new files,
-# ix_samples_session_participant dropped; 4: on PostgreSQL samples.id is a BIGINT (see MIGRATIONS).
-SCHEMA_VERSION = 4
+# ix_samples_session_participant dropped; 4: on PostgreSQL samples.id is a BIGINT (see MIGRATIONS);
+# 5: room_assignments (which bot worker holds which room, under a lease: docs/scaling.md).
+SCHEMA_VERSION = 5
 PROB_COLUMNS: list[str] = [f"p_{name}" for name in EMOTIONS]
 
 metadata = MetaData()
@@ -94,6 +95,19 @@ alerts = Table(
     Column("acknowledged", Boolean, nullable=False, default=False),
     Column("acknowledged_at", Float, nullable=True),
     Index("ix_alerts_session_t", "session_id", "t"),
+)
+
+# Which bot worker holds which room. The worker renews its lease (lease_until, epoch seconds) while it serves
+# the room; a lease that runs out (the worker died) is claimed by a server for another worker, which continues
+# session_id. In the database, not in a server's memory, so a restarted or second server sees the same ones.
+room_assignments = Table(
+    "room_assignments", metadata,
+    Column("room_id", String(64), primary_key=True),
+    Column("worker_id", String(64), nullable=False),
+    Column("session_id", String(64), nullable=True),
+    Column("students", Integer, nullable=False, default=0),     # analysed students: the worker's load
+    Column("lease_until", Float, nullable=False),
+    Column("assigned_at", Float, nullable=False),
 )
 
 schema_version = Table(
@@ -179,7 +193,17 @@ def _step_4(conn: Connection) -> None:
         conn.execute(text("ALTER SEQUENCE IF EXISTS samples_id_seq AS BIGINT"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1, 2: _step_2, 3: _step_3, 4: _step_4}
+def _step_5(conn: Connection) -> None:
+    # The columns spelled out: a later version may change the live definition, never what step 5 created.
+    m = MetaData()
+    Table("room_assignments", m, Column("room_id", String(64), primary_key=True),
+          Column("worker_id", String(64), nullable=False), Column("session_id", String(64), nullable=True),
+          Column("students", Integer, nullable=False, default=0), Column("lease_until", Float, nullable=False),
+          Column("assigned_at", Float, nullable=False)).create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1, 2: _step_2, 3: _step_3, 4: _step_4,
+                                                       5: _step_5}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1)), "one migration step per version"
 
 

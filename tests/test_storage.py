@@ -123,7 +123,7 @@ def hold_exclusive_lock(url: str) -> Blocker:
 
 def test_repository_satisfies_the_store_protocol():
     methods = [(n, m) for n, m in inspect.getmembers(Store, inspect.isfunction) if not n.startswith("_")]
-    assert len(methods) == 11
+    assert len(methods) == 14
     for name, member in methods:
         assert list(inspect.signature(getattr(Repository, name)).parameters) == \
             list(inspect.signature(member).parameters), name
