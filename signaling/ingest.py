@@ -161,11 +161,15 @@ def parse_recall(message: dict[str, Any]) -> Event | None:
 # Attendee: field names in one place; re-check them against Attendee's docs before production (README there).
 AT_TRIGGER = "trigger"
 AT_BOT_ID = "bot_id"
-AT_FRAME_TRIGGERS = ("realtime_video.frame",)
+# "realtime_video.per_participant" is the shape of Attendee's docs (docs.attendee.dev, guides/realtimevideo:
+# data = {"participant_uuid", "frame": base64 JPEG, "format": "jpeg", "source": "webcam"|"screenshare"});
+# "realtime_video.frame" with names and a host flag is the earlier assumed shape, still accepted.
+AT_FRAME_TRIGGERS = ("realtime_video.per_participant", "realtime_video.frame")
 AT_EVENTS = {"participant_events.join": "join", "participant_events.leave": "leave",
              "participant_events.update": "update"}
 AT_PARTICIPANT = "participant"                              # nested object {"id", "name", "is_host"} ...
 AT_PARTICIPANT_ID, AT_PARTICIPANT_NAME = "participant_id", "participant_name"     # ... or flat fields
+AT_PARTICIPANT_UUID = "participant_uuid"                      # the documented frame's only participant field
 AT_IS_HOST = "is_host"
 AT_TIMESTAMP_MS = "timestamp_ms"
 AT_IMAGE_FIELDS = ("image", "frame")                        # base64 JPEG
@@ -187,8 +191,8 @@ def parse_attendee(message: dict[str, Any]) -> Event | None:
         who = _someone(nested, nested.get("id", nested.get("uuid")), nested.get("name"),
                        nested.get(AT_IS_HOST, data.get(AT_IS_HOST, False)), nested.get(AT_PLATFORM))
     else:
-        who = _someone(data, data.get(AT_PARTICIPANT_ID), data.get(AT_PARTICIPANT_NAME),
-                       data.get(AT_IS_HOST, False), data.get(AT_PLATFORM))
+        pid = data.get(AT_PARTICIPANT_ID, data.get(AT_PARTICIPANT_UUID))
+        who = _someone(data, pid, data.get(AT_PARTICIPANT_NAME), data.get(AT_IS_HOST, False), data.get(AT_PLATFORM))
     stamp = data.get(AT_TIMESTAMP_MS)
     t = float(stamp) / 1000.0 if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None
     bot_id = message.get(AT_BOT_ID) if isinstance(message.get(AT_BOT_ID), str) else None

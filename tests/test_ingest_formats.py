@@ -92,6 +92,17 @@ def test_attendee_frames_parse_in_the_flat_and_the_nested_shape(name):
     assert event.t == pytest.approx(1796029212.5)
 
 
+def test_attendee_frames_in_the_shape_of_its_docs_parse_without_a_name_or_host_flag():
+    event = parse_attendee(fixture("attendee_per_participant.json"))
+    assert event.kind == "frame" and event.source == "webcam" and event.bot_id == "bot_12345abcdef"
+    assert (event.who.id, event.who.name, event.who.is_host) == ("participant_abc123", "Guest", False)
+    assert images.sniff(event.image)[0] == "jpeg"
+    assert event.t is None        # no timestamp in that shape: the server stamps the frame on arrival
+    screen = fixture("attendee_per_participant.json")
+    screen["data"]["source"] = "screenshare"
+    assert parse_attendee(screen).source == "screenshare"
+
+
 def test_the_replay_sends_attendee_frames_of_the_fixtures_shape_and_unknown_triggers_are_none():
     frame = json.loads(ingest_replay.attendee_frame("bot_3hfkaXiVyD", "f3b1c2d4", "Lee Chen", "AAAA", 1796029212.5))
     assert shape(frame) == shape(fixture("attendee_video_frame.json"))
