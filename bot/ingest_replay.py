@@ -387,11 +387,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not Path(args.video).exists():
-        print(f"error: video {args.video} not found", file=sys.stderr)
-        return 2
-    if args.students < 1 or args.seconds <= 0:
-        print("error: --students must be >= 1 and --seconds > 0", file=sys.stderr)
+    from bot.students import harness_arg_problem
+    problem = harness_arg_problem(args.video, args.students, args.seconds)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.url and not args.url.startswith(("ws://", "wss://")):
         print("error: --url must be the ws:// or wss:// ingest URL", file=sys.stderr)

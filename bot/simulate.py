@@ -29,7 +29,7 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 
-from bot.students import EncodedClip, SimulatedStudent, load_video_frames, no_face_frames
+from bot.students import EncodedClip, SimulatedStudent, harness_arg_problem, load_video_frames, no_face_frames
 from core import settings as settings_mod
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -497,11 +497,9 @@ def summarise(db: Path, room_ids: list[str], started: float, ended: float, args:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not Path(args.video).exists():
-        print(f"error: video {args.video} not found", file=sys.stderr)
-        return 2
-    if args.students < 1 or args.seconds <= 0:
-        print("error: --students must be >= 1 and --seconds > 0", file=sys.stderr)
+    problem = harness_arg_problem(args.video, args.students, args.seconds)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if (args.workers is not None and args.workers < 1) or args.rooms < 1:
         print("error: --workers and --rooms must be >= 1", file=sys.stderr)

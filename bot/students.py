@@ -26,6 +26,15 @@ from bot.peer import rtc_configuration, ws_url
 log = logging.getLogger("classmood.students")
 
 
+def harness_arg_problem(video: str | Path, students: int, seconds: float) -> str | None:
+    """What is wrong with a load harness's common arguments (bot.simulate, bot.ingest_replay), or None."""
+    if not Path(video).exists():
+        return f"video {video} not found"
+    if students < 1 or seconds <= 0:
+        return "--students must be >= 1 and --seconds > 0"
+    return None
+
+
 def load_video_frames(path: str | Path, width: int = 320, height: int = 240, fps: float = 5.0,
                       max_seconds: float = 30.0) -> list[np.ndarray]:
     """Decode a video once into BGR frames at the size and rate a browser would be asked for."""

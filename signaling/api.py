@@ -100,12 +100,12 @@ async def healthz(request: web.Request) -> web.Response:
                               "media": media})
 
 
-# ---- rooms -----------------------------------------------------------------------------------
-async def create_room(request: web.Request) -> web.Response:
+async def read_json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """The small JSON object body of an API call ({} when empty), or the error to answer: 413 beyond
+    MAX_BODY, 408 when it trickles in past server.body_timeout_seconds, 400 when it is not a JSON object."""
     state = state_of(request)
     if (request.content_length or 0) > MAX_BODY:
         return json_error(413, f"request body larger than {MAX_BODY} bytes")
-    title = ""
     try:
         # capped by client_max_size (413); a body trickled in byte by byte must not hold the connection
         raw = await asyncio.wait_for(request.read(), state.cfg.body_timeout_seconds) if request.can_read_body else b""
@@ -115,17 +115,27 @@ async def create_room(request: web.Request) -> web.Response:
         return late
     if len(raw) > MAX_BODY:
         return json_error(413, f"request body larger than {MAX_BODY} bytes")
-    if raw.strip():
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError):   # UnicodeDecodeError is a ValueError
-            return json_error(400, "body must be JSON")
-        if not isinstance(body, dict):
-            return json_error(400, "body must be a JSON object")
-        try:
-            title = protocol.clean_title(body.get("title"))
-        except ProtocolError:
-            return json_error(400, f"title must be text of at most {protocol.MAX_TITLE} characters")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):   # UnicodeDecodeError is a ValueError
+        return json_error(400, "body must be JSON")
+    if not isinstance(body, dict):
+        return json_error(400, "body must be a JSON object")
+    return body
+
+
+# ---- rooms -----------------------------------------------------------------------------------
+async def create_room(request: web.Request) -> web.Response:
+    state = state_of(request)
+    body = await read_json_object(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        title = protocol.clean_title(body.get("title"))
+    except ProtocolError:
+        return json_error(400, f"title must be text of at most {protocol.MAX_TITLE} characters")
     if not room_creation_allowed(state, client_of(request)):
         log.warning("room creation rate limit hit by %s", client_of(request))
         return json_error(429, "too many rooms created from your address; wait a minute",

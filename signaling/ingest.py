@@ -53,7 +53,6 @@ log = logging.getLogger("classmood.signaling.ingest")
 
 SERVICES = ("recall", "attendee")
 PREFIX = {"recall": "rc", "attendee": "at"}
-MAX_BODY = 4096
 CLOCK_SKEW_S = 10.0          # a service's capture time further than this from ours is replaced by ours
 LOG_EVERY = 100              # repeated refusals of one kind: the first few, then every 100th, are logged
 
@@ -598,18 +597,6 @@ async def ws_ingest(request: web.Request) -> web.StreamResponse:
 
 
 # ---- HTTP API (teacher token) ----------------------------------------------------------------------------
-async def _body(request: web.Request) -> dict[str, Any] | web.Response:
-    from signaling.api import json_error
-    raw = await request.read() if request.can_read_body else b""
-    if len(raw) > MAX_BODY:
-        return json_error(413, f"request body larger than {MAX_BODY} bytes")
-    try:
-        body = json.loads(raw.decode("utf-8") or "{}")
-    except (ValueError, RecursionError):
-        return json_error(400, "body must be JSON")
-    return body if isinstance(body, dict) else json_error(400, "body must be a JSON object")
-
-
 def ingest_url(request: web.Request, service: str, secret: str) -> str:
     base = state_of(request).cfg.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
     if base.startswith("https://"):
@@ -620,12 +607,12 @@ def ingest_url(request: web.Request, service: str, secret: str) -> str:
 
 
 async def create(request: web.Request) -> web.Response:
-    from signaling.api import authorise, json_error
+    from signaling.api import authorise, json_error, read_json_object
     room_id = request.match_info["room"]
     record = await authorise(request, room_id)
     if isinstance(record, web.Response):
         return record
-    body = await _body(request)
+    body = await read_json_object(request)
     if isinstance(body, web.Response):
         return body
     service = body.get("service")
@@ -667,12 +654,12 @@ async def status(request: web.Request) -> web.Response:
 async def consent(request: web.Request) -> web.Response:
     """The teacher turns analysis off (or back on) for a meeting participant: a switch the student link's page
     cannot offer in someone else's meeting."""
-    from signaling.api import authorise, json_error
+    from signaling.api import authorise, json_error, read_json_object
     room_id = request.match_info["room"]
     record = await authorise(request, room_id)
     if isinstance(record, web.Response):
         return record
-    body = await _body(request)
+    body = await read_json_object(request)
     if isinstance(body, web.Response):
         return body
     peer_id, analysis = body.get("peer_id"), body.get("analysis")
