@@ -86,10 +86,11 @@ def to_bgr(frame: Any) -> np.ndarray:
 
 
 class Analyzer:
-    """One thread, one batched inference per round; `analyse(frames) -> Faces` (one face per frame at
-    most, with probs) is injected so tests and the scripted model can stand in for the real one."""
+    """One thread, one batched inference per round; `analyse(frames, keys) -> Faces` (one face per frame
+    at most, with probs; keys say whose frame each is, so a face can be followed between samples) is
+    injected so tests and the scripted model can stand in for the real one."""
 
-    def __init__(self, analyse: Callable[[list[np.ndarray]], Faces], mailbox: FrameMailbox[FrameKey, PendingFrame],
+    def __init__(self, analyse: Callable[[list[np.ndarray], list[FrameKey]], Faces], mailbox: FrameMailbox[FrameKey, PendingFrame],
                  on_results: Callable[[list[FrameResult]], None], max_batch: int = 64) -> None:
         self.analyse = analyse
         self.mailbox = mailbox
@@ -167,7 +168,7 @@ class Analyzer:
             images.append(image)
             owners.append(i)
         if images:
-            faces = self.analyse(images)
+            faces = self.analyse(images, [batch[i][0] for i in owners])
             for j in range(len(faces)):
                 result = results[owners[int(faces.frame_ids[j])]]
                 result.face_found = True

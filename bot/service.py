@@ -32,7 +32,7 @@ log = logging.getLogger("classmood.bot")
 
 class BotService:
     def __init__(self, settings: Settings, repository: Recorder,
-                 analyse: Callable[[list[np.ndarray]], Faces] | None = None) -> None:
+                 analyse: Callable[[list[np.ndarray], list[FrameKey]], Faces] | None = None) -> None:
         self.settings = settings
         self.repository = repository
         self.mailbox: FrameMailbox[FrameKey, PendingFrame] = FrameMailbox(settings.bot.queue_frames)
@@ -41,7 +41,9 @@ class BotService:
             # OpenCV or the TFLite models it never uses.
             from models.runtime.analyse import build_analyse
             analyse = build_analyse(settings.model, threads=settings.bot.inference_threads,
-                                    min_score=settings.bot.min_face_score)
+                                    min_score=settings.bot.min_face_score,
+                                    redetect_every=settings.bot.redetect_every,
+                                    alternate_mirror=settings.bot.alternate_mirror)
         self.analyzer = Analyzer(analyse, self.mailbox, self._from_worker, max_batch=settings.bot.max_batch)
         self.round_seconds = round_histogram()
         self.analyzer.observe_round = self.round_seconds.observe

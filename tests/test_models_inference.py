@@ -279,7 +279,8 @@ def test_the_analyser_classifies_each_frames_largest_face_in_one_batch(tiny_mode
     frames = frames_of("emotions.mp4", count=2) + frames_of("woman2.mp4", count=2) + [np.zeros((240, 320, 3), np.uint8)]
     calls = []
     real = ExpressionClassifier.predict
-    monkeypatch.setattr(ExpressionClassifier, "predict", lambda self, x: calls.append(len(x)) or real(self, x))
+    monkeypatch.setattr(ExpressionClassifier, "predict",
+                        lambda self, x, mirrored=None: calls.append(len(x)) or real(self, x, mirrored))
     analyse = build_analyse(ModelSettings(model=str(tiny_model), detector="short"), threads=1)
     faces = analyse(frames)
     assert calls == [len(faces)]                     # one classifier call for the faces of all frames
@@ -288,6 +289,20 @@ def test_the_analyser_classifies_each_frames_largest_face_in_one_batch(tiny_mode
     every = make_detector("short").detect(frames)
     for area, frame_id in zip(faces.areas, faces.frame_ids):       # the largest face of its frame
         assert area == pytest.approx(every.of_frame(int(frame_id)).areas.max())
+
+
+def test_the_bot_alternates_each_students_face_and_its_mirror_image_between_samples(tiny_model):
+    frames = frames_of("woman2.mp4", count=1) + frames_of("emotions.mp4", count=1)
+    settings = ModelSettings(model=str(tiny_model), detector="short")
+    averaged = build_analyse(settings)(frames)
+    alternating = build_analyse(settings, alternate_mirror=True)
+    first, second = alternating(frames, ["a", "b"]), alternating(frames, ["a", "b"])
+    assert not np.allclose(first.probs, averaged.probs, atol=1e-4)       # one pass each sample...
+    assert np.allclose((first.probs + second.probs) / 2, averaged.probs, atol=1e-4)   # ...averaged over two
+    single = ExpressionClassifier(str(tiny_model), flip_average=False)
+    with pytest.raises(ValueError, match="2 faces but 1 mirror flags"):
+        single.predict(np.zeros((2, 48, 48, 1), np.float32), np.array([True]))
+    assert np.allclose(build_analyse(settings, alternate_mirror=True)(frames).probs, averaged.probs)   # no keys
 
 
 def test_a_scripted_model_gives_its_pattern_to_the_face_of_every_frame():

@@ -19,7 +19,7 @@ from signaling.server import REGISTRY_KEY, create_app
 from tests.spine import VIDEOS, eventually, start_class, stop_class
 
 
-def one_face_per_frame(frames: list[np.ndarray]) -> Faces:
+def one_face_per_frame(frames: list[np.ndarray], keys: object = None) -> Faces:
     n = len(frames)
     boxes = np.tile(np.array([[10, 10, 40, 40]], np.float32), (n, 1))
     kps = np.tile(np.array([[[18, 20], [32, 20], [25, 27], [25, 34], [12, 22], [38, 22]]], np.float32), (n, 1, 1))
@@ -103,7 +103,7 @@ def test_a_crashing_inference_round_is_survived():
     calls = {"n": 0}
     results = []
 
-    def flaky(frames):
+    def flaky(frames, keys):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("interpreter exploded")

@@ -2,15 +2,18 @@
 face -> align -> classify, or `scripted:<name>` probabilities on the detected faces.
 
     analyse = build_analyse(settings.model, threads=settings.bot.inference_threads,
-                            min_score=settings.bot.min_face_score)
-    faces = analyse(frames)     # core.faces.Faces with probs, at most one face per frame
+                            min_score=settings.bot.min_face_score, redetect_every=settings.bot.redetect_every,
+                            alternate_mirror=settings.bot.alternate_mirror)
+    faces = analyse(frames, keys)   # core.faces.Faces with probs, at most one face per frame
 
 Detection runs frame by frame (BlazeFace has a fixed batch of 1); the faces kept in all frames are then
-aligned and classified in ONE batched classifier call.
+aligned and classified in ONE batched classifier call. With keys (whose frame each one is: the bot passes
+(room, participant)) and redetect_every > 1, a student's face is followed between samples by
+models.runtime.tracking and the detector runs only every redetect_every-th sample.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Hashable, Protocol, Sequence
 
 import numpy as np
 
@@ -18,9 +21,13 @@ from core.emotions import EMOTION_INDEX, NUM_EMOTIONS
 from core.faces import Faces
 from core.settings import ModelSettings
 from models.runtime.classifier import ExpressionClassifier
-from models.runtime.detector import make_detector
+from models.runtime.detector import AutoDetector, make_detector
+from models.runtime.tracking import FaceTracker
 
-Analyse = Callable[[list[np.ndarray]], Faces]
+
+class Analyse(Protocol):
+    """frames (BGR), optionally whose frame each one is -> Faces with probs, at most one per frame."""
+    def __call__(self, frames: list[np.ndarray], keys: Sequence[Hashable] | None = None) -> Faces: ...
 
 # Expression patterns for `--model-model scripted:<name>`: the real detector runs, and every face
 # found gets these probabilities. For demos and tests that must produce a known classroom mood.
@@ -41,24 +48,51 @@ def scripted_probs(name: str) -> np.ndarray:
     return probs / probs.sum()
 
 
-def build_analyse(settings: ModelSettings | None = None, threads: int = 1, min_score: float = 0.5) -> Analyse:
-    """frames -> Faces: detect all frames, keep each frame's largest face (a webcam shows its student),
-    classify only those faces in one batch. Raises FileNotFoundError / ValueError for a model that
-    cannot be loaded or an unknown detector or scripted pattern, before any frame is seen."""
+def build_analyse(settings: ModelSettings | None = None, threads: int = 1, min_score: float = 0.5,
+                  redetect_every: int = 1, alternate_mirror: bool = False) -> TrackedAnalyse:
+    """frames -> Faces: detect all frames (or follow keyed students' faces, see module doc), keep each
+    frame's largest face (a webcam shows its student), classify only those faces in one batch. Raises
+    FileNotFoundError / ValueError for a model that cannot be loaded or an unknown detector or scripted
+    pattern, before any frame is seen. alternate_mirror (with settings.flip_average, for keyed frames):
+    each student's face and its mirror image on alternate samples, one classifier pass per sample."""
     settings = settings or ModelSettings()
     detector = make_detector(settings.detector, threads=threads, min_score=min_score)
+    # A student whose last sample showed nobody gets the quick short-range pass most of the time.
+    quick = detector.short if isinstance(detector, AutoDetector) else detector
+    tracker = FaceTracker(detector, quick, redetect_every=redetect_every,
+                          miss_backoff=1 if redetect_every == 1 else 4)
     model = settings.model
     if model.startswith("scripted:"):
-        fixed = scripted_probs(model.split(":", 1)[1])
+        return TrackedAnalyse(tracker, None, scripted_probs(model.split(":", 1)[1]))
+    return TrackedAnalyse(tracker, ExpressionClassifier(model, threads=threads, flip_average=settings.flip_average),
+                          alternate_mirror=alternate_mirror and settings.flip_average)
 
-        def analyse_scripted(frames: list[np.ndarray]) -> Faces:
-            faces = detector.detect(frames).largest_per_frame()
-            return faces.with_probs(np.repeat(fixed[None], len(faces), axis=0))
-        return analyse_scripted
 
-    classifier = ExpressionClassifier(model, threads=threads, flip_average=settings.flip_average)
+class TrackedAnalyse:
+    """The analyser build_analyse returns: the tracker (its stats say how often the detector ran), then
+    the classifier, or fixed probabilities for a scripted model."""
 
-    def analyse(frames: list[np.ndarray]) -> Faces:
-        faces = detector.detect(frames).largest_per_frame()
-        return classifier.classify(frames, faces)
-    return analyse
+    MAX_KEYS = 10_000
+
+    def __init__(self, tracker: FaceTracker, classifier: ExpressionClassifier | None,
+                 fixed: np.ndarray | None = None, alternate_mirror: bool = False) -> None:
+        self.tracker = tracker
+        self.classifier = classifier
+        self.fixed = fixed
+        self.alternate_mirror = alternate_mirror
+        self._mirror_next: dict[Hashable, bool] = {}    # per student: classify the mirror image next time
+
+    def __call__(self, frames: list[np.ndarray], keys: Sequence[Hashable] | None = None) -> Faces:
+        faces = self.tracker.detect(frames, keys)
+        if self.classifier is None:
+            assert self.fixed is not None
+            return faces.with_probs(np.repeat(self.fixed[None], len(faces), axis=0))
+        if not (self.alternate_mirror and keys is not None):
+            return self.classifier.classify(frames, faces)
+        if len(self._mirror_next) > self.MAX_KEYS:
+            self._mirror_next.clear()
+        face_keys = [keys[int(i)] for i in faces.frame_ids]
+        mirrored = np.array([self._mirror_next.get(key, False) for key in face_keys], bool)
+        for key, flag in zip(face_keys, mirrored):
+            self._mirror_next[key] = not flag
+        return self.classifier.classify(frames, faces, mirrored)

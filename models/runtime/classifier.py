@@ -76,13 +76,20 @@ class ExpressionClassifier:
         self._interpreters[n] = interpreter
         return interpreter
 
-    def predict(self, faces48: np.ndarray) -> np.ndarray:
-        """(N,48,48,1) float32 gray in [0,1] -> (N,7) probabilities in EMOTIONS order."""
+    def predict(self, faces48: np.ndarray, mirrored: np.ndarray | None = None) -> np.ndarray:
+        """(N,48,48,1) float32 gray in [0,1] -> (N,7) probabilities in EMOTIONS order. `mirrored` (N bools)
+        replaces mirror averaging by one pass over each face, or its mirror image where True: the bot
+        alternates per student, so that the average of a face and its mirror forms over samples."""
         faces48 = np.ascontiguousarray(faces48, np.float32)
         if faces48.ndim != 4 or faces48.shape[1:] != (48, 48, 1):
             raise ValueError(f"expected (N, 48, 48, 1) faces, got {faces48.shape}")
         if len(faces48) == 0:
             return np.zeros((0, NUM_EMOTIONS), np.float32)
+        if mirrored is not None:
+            if len(mirrored) != len(faces48):
+                raise ValueError(f"{len(faces48)} faces but {len(mirrored)} mirror flags")
+            flags = np.asarray(mirrored, bool)[:, None, None, None]
+            return self._predict(np.ascontiguousarray(np.where(flags, faces48[:, :, ::-1], faces48)))
         if self.flip_average:
             n = len(faces48)
             both = self._predict(np.concatenate([faces48, faces48[:, :, ::-1]]))
@@ -100,8 +107,9 @@ class ExpressionClassifier:
                 outputs.append(interpreter.get_tensor(self.output_index).copy())
         return np.concatenate(outputs)
 
-    def classify(self, frames: list[np.ndarray], faces: Faces) -> Faces:
-        """Align every face (from the frames its frame_ids point at) and classify them in one batch."""
+    def classify(self, frames: list[np.ndarray], faces: Faces, mirrored: np.ndarray | None = None) -> Faces:
+        """Align every face (from the frames its frame_ids point at) and classify them in one batch
+        (`mirrored`: see predict)."""
         if len(faces) == 0:
             return faces.with_probs(np.zeros((0, NUM_EMOTIONS), np.float32))
-        return faces.with_probs(self.predict(align_faces(frames, faces)))
+        return faces.with_probs(self.predict(align_faces(frames, faces), mirrored))
