@@ -50,3 +50,17 @@ def filter_candidates(sdp: str, allow_loopback: bool) -> tuple[str, int]:
                 continue
         kept.append(line)
     return "".join(kept), dropped
+
+
+# RTP header extensions the bot declines in its answer. With abs-send-time, aiortc runs a receive-side
+# bandwidth estimator on every packet and sends REMB feedback (~10 % of the bot's CPU at 100 students,
+# issue 24); a 2 Hz analyser has no use for a bandwidth estimate, and senders then keep their start rate.
+DECLINED_EXTENSIONS = ("http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",)
+
+
+def decline_extensions(sdp: str, uris: tuple[str, ...] = DECLINED_EXTENSIONS) -> str:
+    """The offer without those a=extmap lines, so that the answer does not accept them and the sender
+    (browser, Janus, aiortc) stops adding them (RFC 8285: only extensions in the answer are used)."""
+    kept = [line for line in sdp.splitlines(keepends=True)
+            if not (line.startswith("a=extmap:") and line.split()[1:2] and line.split()[1] in uris)]
+    return "".join(kept)

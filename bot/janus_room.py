@@ -24,6 +24,7 @@ import secrets
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from bot.ice_filter import decline_extensions
 from core.optout import GREETING, NOTICE, OPT_OUT, analysable  # noqa: F401  (re-exported: tests and callers use them here)
 from signaling.janus import JanusClient, JanusError, Message
 
@@ -214,7 +215,7 @@ class JanusRoomFeeds:
                 if track.kind == "video":     # (the bot asked for video only; anything else is ignored)
                     bot.consumers[feed] = bot.spawn(bot.consume(feed, track))
 
-            await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(decline_extensions(jsep["sdp"]), "offer"))
             await pc.setLocalDescription(await pc.createAnswer())
             await client.request(handle, {"request": "start"}, jsep={"type": "answer", "sdp": pc.localDescription.sdp})
             self.subscriptions[feed] = handle

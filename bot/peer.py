@@ -19,7 +19,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 
 from bot.analyzer import FrameKey, PendingFrame
-from bot.ice_filter import filter_candidates, is_loopback_host
+from bot.ice_filter import decline_extensions, filter_candidates, is_loopback_host
 from bot.ingest import IngestFrames
 from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
@@ -322,7 +322,7 @@ class BotPeer:
         if dropped:
             log.warning("room %s: ignored %d ICE candidate(s) of %s pointing at addresses the bot must not "
                         "contact (loopback, link-local, multicast, unresolvable names)", self.room_id, dropped, peer)
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=decline_extensions(sdp), type="offer"))
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "video":
                 transceiver.direction = "recvonly"

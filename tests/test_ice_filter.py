@@ -35,3 +35,15 @@ def test_loopback_is_allowed_only_for_a_bot_on_a_loopback_server():
 def test_the_bot_knows_when_its_server_is_on_loopback():
     assert is_loopback_host("localhost") and is_loopback_host("127.0.0.1") and is_loopback_host("::1")
     assert not is_loopback_host("class.example.org") and not is_loopback_host("10.0.0.5")
+
+
+def test_the_bot_declines_abs_send_time_so_no_bandwidth_feedback_is_sent():
+    from bot.ice_filter import decline_extensions
+    offer = ("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+             "a=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid\r\n"
+             "a=extmap:3 http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time\r\n"
+             "a=rtpmap:96 VP8/90000\r\n")
+    declined = decline_extensions(offer)
+    assert "abs-send-time" not in declined
+    assert "a=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid\r\n" in declined and declined.endswith("VP8/90000\r\n")
+    assert decline_extensions("a=extmap:\r\n") == "a=extmap:\r\n"      # a malformed line is left to the SDP parser

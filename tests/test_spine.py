@@ -33,6 +33,9 @@ async def test_bot_analyses_each_student_separately_and_respects_opt_out(tmp_pat
         assert sum(r[1] for r in ben) >= 0.8 * len(ben)
         assert not any(r[1] for r in cam_off)
         assert all(r[2] is None for r in cam_off)
+        # The bot declined abs-send-time in its answers: no per-packet bandwidth estimation or REMB.
+        assert all("abs-send-time" in s.pc.localDescription.sdp for s in (talking, posing))
+        assert not any("abs-send-time" in s.pc.remoteDescription.sdp for s in (talking, posing, blank))
         # The student who opted out sends no video and has no samples at all.
         assert opted_out.pc is None
         assert live.samples_of(opted_out) == []
