@@ -81,6 +81,10 @@ def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[st
              "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
              "--server-video-width", str(args.width), "--server-video-height", str(args.height),
              "--server-video-fps", str(int(args.fps)),
+             # The whole simulated class joins from 127.0.0.1 at once: lift the per-address and per-room
+             # join bursts (signaling/guard.py) to the class size, as an operator would for a NAT'ed school.
+             "--server-join-burst-per-address", str(max(60, args.students + 10)),
+             "--server-join-burst-per-room", str(max(100, args.students + 10)),
              "--janus-mode", "embedded" if args.via == "janus" else "off"]
     if args.pattern:
         flags += ["--model-model", f"scripted:{args.pattern}"]
@@ -512,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = asyncio.run(simulate(args))
     except (RuntimeError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.debug("simulation failed", exc_info=True)
+        print(f"error: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     width = max(len(k) for k in summary)
     for k, v in summary.items():
