@@ -55,6 +55,7 @@ def test_the_detector_runs_every_nth_sample_and_the_box_follows_the_face():
     boxes = []
     for step in range(8):
         x, y = 100 + 3 * step, 80 + 2 * step
+        detector.where.clear()
         frame = frame_with_face(x, y, face)
         detector.where[id(frame)] = (x, y)
         faces = tracker.detect([frame], ["student"])
@@ -89,6 +90,7 @@ def test_students_are_followed_separately_in_one_batch():
     tracker = FaceTracker(detector, redetect_every=4)
     faces_of = {"a": textured_face(seed=1), "b": textured_face(seed=2)}
     for step in range(4):
+        detector.where.clear()     # ids of the previous step's frames may be reused by this step's
         frames = [frame_with_face(50 + step, 60, faces_of["a"]), np.full((240, 320, 3), 90, np.uint8),
                   frame_with_face(200, 100 + step, faces_of["b"])]
         detector.where[id(frames[0])] = (50 + step, 60)
