@@ -107,7 +107,7 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
     from bot.service import BotService
     try:
         service = BotService(settings, repository)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:   # RuntimeError: the inference process failed to start
         print(f"error: {exc}", file=sys.stderr)
         repository.close()
         if media is not None:

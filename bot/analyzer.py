@@ -121,6 +121,9 @@ class Analyzer:
             self._thread.join(timeout)
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.analyse, "close", None)     # an analyser in a child process (inference_process.py)
+        if callable(close):
+            close()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -36,7 +36,10 @@ class BotService:
         self.settings = settings
         self.repository = repository
         self.mailbox: FrameMailbox[FrameKey, PendingFrame] = FrameMailbox(settings.bot.queue_frames)
-        if analyse is None:
+        if analyse is None and settings.bot.inference_process:
+            from bot.inference_process import ProcessAnalyse
+            analyse = ProcessAnalyse(settings)
+        elif analyse is None:
             # Imported here, not at the top: `python -m bot serve` imports this module and must not load
             # OpenCV or the TFLite models it never uses.
             from models.runtime.analyse import build_analyse

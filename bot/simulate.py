@@ -105,21 +105,32 @@ def check_bot_settings(args: argparse.Namespace) -> None:
 
 
 class ProcessMonitor:
-    """CPU seconds and peak RSS of the bot process, sampled twice a second."""
+    """CPU seconds and peak RSS of the bot process and its children (the inference process), sampled twice a
+    second; Janus, a child of the bot too, is left out (`janus_cpu_percent` is its own monitor)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, with_children: bool = False) -> None:
         import psutil
         self.process = psutil.Process(pid)
+        self.with_children = with_children
         self.peak_rss = 0
         self.cpu_start = self._cpu()
         self.t_start = time.monotonic()
         self.cpu_end = self.cpu_start
         self.t_end = self.t_start
 
+    def _members(self) -> list[Any]:
+        if not self.with_children:
+            return [self.process]
+        children = [c for c in self.process.children(recursive=True) if "janus" not in c.name()]
+        return [self.process, *children]
+
     def _cpu(self) -> float:
         try:
-            times = self.process.cpu_times()
-            return times.user + times.system + getattr(times, "children_user", 0) + getattr(times, "children_system", 0)
+            total = 0.0
+            for process in self._members():
+                times = process.cpu_times()
+                total += times.user + times.system
+            return total
         except Exception:
             return self.cpu_end if hasattr(self, "cpu_end") else 0.0
 
@@ -129,7 +140,7 @@ class ProcessMonitor:
     async def run(self) -> None:
         while True:
             try:
-                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self._members()))
                 self.cpu_end, self.t_end = self._cpu(), time.monotonic()
             except Exception:
                 return
@@ -161,7 +172,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                "--stats-file", str(stats_file), *flags]
     log_file = open(log_path, "w")
     bot = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    monitor = ProcessMonitor(bot.pid)
+    monitor = ProcessMonitor(bot.pid, with_children=True)
     monitor_task = asyncio.ensure_future(monitor.run())
     pool = WorkerPool(args.workers or 0, server, flags, workdir, env)
     janus_monitor: ProcessMonitor | None = None
@@ -326,7 +337,7 @@ class WorkerPool:
             self.processes.append(subprocess.Popen(cmd, cwd=PROJECT, env=self.env, stdout=log_file,
                                                    stderr=subprocess.STDOUT))
             log_file.close()
-            self.monitors.append(ProcessMonitor(self.processes[-1].pid))
+            self.monitors.append(ProcessMonitor(self.processes[-1].pid, with_children=True))
             self.tasks.append(asyncio.ensure_future(self.monitors[-1].run()))
         for i, process in enumerate(self.processes):
             ready = self.workdir / f"worker{i}.ready.json"

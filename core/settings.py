@@ -117,6 +117,9 @@ class BotSettings:
     queue_frames: int = 1                  # per-student pending frames; older ones are dropped
     stall_seconds: float = 10.0            # no frame for this long -> student shown as not connected until video resumes
     inference_threads: int = 1             # TFLite interpreter threads
+    # Run detection and classification in a child process (bot/inference_process.py), so that inference
+    # never waits for the event loop's GIL; false = a thread of the bot's own process.
+    inference_process: bool = True
     max_batch: int = 64                    # frames per detector/classifier batch
     min_face_score: float = 0.5
     # Run the face detector on every Nth sample of a student and follow the face by template matching in

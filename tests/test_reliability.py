@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -253,3 +254,36 @@ async def test_a_bot_left_alone_is_dismissed_and_its_session_ends(tmp_path):
         assert live.rows("SELECT ended_at FROM sessions WHERE session_id = ?", session)[0][0] is not None
     finally:
         await stop_class(live)
+
+
+def test_the_inference_process_is_restarted_when_it_dies_and_only_its_round_is_lost():
+    import os
+    import signal
+
+    from bot.inference_process import InferenceProcessError, ProcessAnalyse
+    from core.settings import Settings
+    settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"})
+    analyse = ProcessAnalyse(settings)
+    try:
+        capture = cv2.VideoCapture(str(VIDEOS / "woman2.mp4"))
+        ok, face = capture.read()
+        face = cv2.resize(face, (320, 240)) if ok else None     # without ../shared: the faceless frame only
+        frames = [np.full((240, 320, 3), 90, np.uint8)] + ([face] if face is not None else [])
+        first = analyse(frames, [("r", "a"), ("r", "b")][:len(frames)])
+        assert first.frame_ids.tolist() == ([1] if face is not None else [])
+        os.kill(analyse._process.pid, signal.SIGKILL)
+        with pytest.raises(InferenceProcessError, match="restarted"):
+            analyse(frames, [("r", "a"), ("r", "b")][:len(frames)])
+        assert analyse.restarts == 1
+        again = analyse(frames, [("r", "a"), ("r", "b")][:len(frames)])    # the new child answers
+        assert again.frame_ids.tolist() == first.frame_ids.tolist()
+    finally:
+        analyse.close()
+
+
+def test_a_model_the_inference_process_cannot_load_fails_the_start_with_its_reason(tmp_path):
+    from bot.inference_process import ProcessAnalyse
+    from core.settings import Settings
+    settings = Settings().replace(model={"model": str(tmp_path / "missing.tflite")})
+    with pytest.raises(ValueError, match="missing.tflite"):
+        ProcessAnalyse(settings)

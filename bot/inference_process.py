@@ -1,0 +1,122 @@
+"""The analyser in a child process, so that inference and the bot's event loop never share a GIL.
+
+In one process, every OpenCV or TFLite call of the inference thread releases the GIL and must win it back
+from an event loop that is busy with thousands of RTP packets a second; at 100 students the inference thread
+measured ~19 ms per frame for ~4.5 ms of work (issue 24). Here the inference thread of the bot only converts
+frames and waits on a pipe; a child process (spawned, not forked: the parent has threads) detects, follows
+and classifies. One request at a time, so the mailbox's drop-stale policy still sets the pace.
+
+A child that dies or hangs costs its round (the frames are reported as errors, as any failed round is) and
+is started again; a child that cannot load the model fails the bot's start-up with the model's error.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+
+from core.faces import Faces
+from core.settings import Settings
+
+log = logging.getLogger("classmood.bot.inference")
+
+START_TIMEOUT = 120.0     # loading LiteRT and the models; generous for a slow machine
+ROUND_TIMEOUT = 60.0      # one round of up to max_batch frames; a child slower than this is hung
+
+
+class InferenceProcessError(RuntimeError):
+    pass
+
+
+def _serve(conn: Connection, settings: Settings) -> None:
+    """The child: build the analyser, say ready (or why not), then answer rounds until the pipe closes."""
+    import os
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from models.runtime.analyse import build_analyse
+        analyse = build_analyse(settings.model, threads=settings.bot.inference_threads,
+                                min_score=settings.bot.min_face_score, redetect_every=settings.bot.redetect_every,
+                                alternate_mirror=settings.bot.alternate_mirror)
+    except Exception as exc:   # the parent raises it as the bot's start-up error
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            frames, keys = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        try:
+            conn.send(("ok", analyse(frames, keys)))
+        except Exception as exc:   # a bad round: the parent reports it; the child keeps serving
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class ProcessAnalyse:
+    """`analyse(frames, keys) -> Faces`, computed by a child process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.restarts = 0
+        self._context = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._start()
+
+    def _start(self) -> None:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=_serve, args=(child, self.settings), name="classmood-inference",
+                                        daemon=True)
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+        started = time.monotonic()
+        if not parent.poll(START_TIMEOUT):
+            self.close()
+            raise InferenceProcessError(f"the inference process did not start within {START_TIMEOUT:.0f} s")
+        try:
+            status, detail = parent.recv()
+        except (EOFError, OSError):
+            self.close()
+            raise InferenceProcessError(f"the inference process exited during start-up (code {process.exitcode})") from None
+        if status != "ready":
+            self.close()
+            raise ValueError(detail)
+        log.info("inference process %d ready in %.1f s", process.pid, time.monotonic() - started)
+
+    def __call__(self, frames: list[np.ndarray], keys: Sequence[Hashable] | None = None) -> Faces:
+        if self._conn is None:
+            self._start()
+        assert self._conn is not None
+        try:
+            self._conn.send((frames, list(keys) if keys is not None else None))
+            if not self._conn.poll(ROUND_TIMEOUT):
+                raise TimeoutError(f"no answer within {ROUND_TIMEOUT:.0f} s")
+            status, payload = self._conn.recv()
+        except (EOFError, OSError, TimeoutError) as exc:
+            code = self._process.exitcode if self._process is not None else None
+            log.error("the inference process failed (%s; exit code %s); starting a new one", exc or type(exc).__name__, code)
+            self.close()
+            self.restarts += 1
+            self._start()
+            raise InferenceProcessError("the inference process was restarted; this round is lost") from None
+        if status != "ok":
+            raise InferenceProcessError(str(payload))
+        faces: Faces = payload
+        return faces
+
+    def close(self) -> None:
+        """Stop the child (closing the pipe ends its loop; terminate if it does not)."""
+        conn, process = self._conn, self._process
+        self._conn = self._process = None
+        if conn is not None:
+            conn.close()
+        if process is not None:
+            process.join(2.0)
+            if process.is_alive():
+                process.terminate()
+                process.join(2.0)
