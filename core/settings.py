@@ -136,6 +136,7 @@ class ModelSettings:
     model: str = "ferplus"                 # ferplus | fer2013 | path to a .tflite file
     detector: str = "auto"                 # auto (short, full range where it found nobody, then close-up) | short | full
     flip_average: bool = True              # average each face with its mirror image (+0.5 pt, 2x classifier cost)
+    calibrated: bool = True                # apply the temperature shipped in the model's .json (models.calibrate)
 
 
 @dataclass(frozen=True)

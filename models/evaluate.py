@@ -7,7 +7,8 @@
         # the bot's whole path on the benchmark faces: each 48x48 face upscaled to 192 px, detected, aligned
 
 Prints a table; with --json the last stdout line is one JSON object
-{"accuracy", "n", "per_class": {label: {"accuracy", "precision", "n"}}, "baseline_accuracy", ...}.
+{"accuracy", "n", "per_class": {label: {"accuracy", "precision", "n"}}, "baseline_accuracy", ...,
+"mean_recall" (recall averaged over the classes), "ece" (expected calibration error, 15 bins)}.
 Bad input gets a one-line error on stderr and exit code 2; with --folder, images that cannot be read
 are reported, left out of the score, and make the exit code 1 (the table and JSON are still printed).
 """
@@ -27,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from core.emotions import EMOTIONS, NUM_EMOTIONS
 from models.data import IMAGE_SUFFIXES, DatasetError, iter_class_folders, load_dataset, read_image, to_face48
 from models.cli_args import positive_int
+from models.degrade import KINDS, degrade_faces, degrade_images, parse as parse_degradation
 
 
 class UsageError(Exception):
@@ -79,6 +81,41 @@ def draw_confusion(matrix: np.ndarray, path: str, title: str) -> None:
         raise UsageError(f"cannot write the confusion image {path} (use a .png or .jpg path in an existing folder)")
 
 
+def draw_reliability(probs: np.ndarray, truth: np.ndarray, path: str, title: str, bins: int = 15) -> None:
+    """Reliability diagram as a PNG: per confidence bin, the accuracy (bar) against the diagonal, with the
+    share of faces in each bin underneath (OpenCV drawing)."""
+    keep = ~np.isnan(probs).any(1)
+    confidence, hits = probs[keep].max(1), probs[keep].argmax(1) == truth[keep]
+    index = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
+    w, h, left, top, plot = 620, 560, 70, 50, 420
+    img = np.full((h, w, 3), 255, np.uint8)
+    cv2.putText(img, title[:60], (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    x0, y0 = left, top + plot
+    cv2.rectangle(img, (x0, top), (x0 + plot, y0), (0, 0, 0), 1)
+    cv2.line(img, (x0, y0), (x0 + plot, top), (150, 150, 150), 1, cv2.LINE_AA)
+    step = plot / bins
+    for b in range(bins):
+        members = index == b
+        if not members.any():
+            continue
+        acc = float(hits[members].mean())
+        xa, xb = int(x0 + b * step + 1), int(x0 + (b + 1) * step - 1)
+        cv2.rectangle(img, (xa, int(y0 - acc * plot)), (xb, y0), (200, 130, 40), -1)
+        share = float(members.mean())
+        cv2.rectangle(img, (xa, y0 + 40 - int(share * 60)), (xb, y0 + 40), (120, 120, 120), -1)
+    for v in (0.0, 0.5, 1.0):
+        cv2.putText(img, f"{v:.1f}", (int(x0 + v * plot) - 10, y0 + 58), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{v:.1f}", (x0 - 40, int(y0 - v * plot) + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, "confidence (top probability); bars: accuracy, grey: share of faces", (x0 - 40, h - 10),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    try:
+        written = cv2.imwrite(path, img)
+    except cv2.error:
+        written = False
+    if not written:
+        raise UsageError(f"cannot write the reliability image {path} (use a .png or .jpg path in an existing folder)")
+
+
 DETECT_SIZE = 192    # --data --detect: benchmark faces are upscaled to this side, like a webcam close-up
 
 
@@ -90,11 +127,17 @@ def dataset_faces(args: argparse.Namespace) -> tuple[np.ndarray | list, np.ndarr
     hard, _ = part.targets(args.labels)
     keep = hard >= 0
     info = {"split": args.split, "labels": args.labels, "excluded": int((~keep).sum())}
+    degrade = getattr(args, "degrade_spec", None)
+    if degrade:
+        info["degrade"] = f"{degrade[0]}:{degrade[1]:g}"
     if not args.detect:
-        return (part.images[keep].astype(np.float32) / 255.0)[..., None], hard[keep], info
+        faces48 = (part.images[keep].astype(np.float32) / 255.0)[..., None]
+        return (degrade_faces(faces48, *degrade) if degrade else faces48), hard[keep], info
     detector = _detector(args)
-    faces = [detect_and_align(detector, cv2.resize(image, (DETECT_SIZE, DETECT_SIZE), interpolation=cv2.INTER_CUBIC))
-             for image in part.images[keep]]
+    upscaled = [cv2.resize(image, (DETECT_SIZE, DETECT_SIZE), interpolation=cv2.INTER_CUBIC) for image in part.images[keep]]
+    if degrade:
+        upscaled = degrade_images(upscaled, *degrade)
+    faces = [detect_and_align(detector, image) for image in upscaled]
     return faces, hard[keep], {**info, "no_face": sum(f is None for f in faces), "detect": True}
 
 
@@ -149,13 +192,42 @@ def folder_faces(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict
                                     "no_face": no_face, "detect": bool(args.detect)}  # type: ignore[return-value]
 
 
-def predict_with_gaps(predict, faces) -> np.ndarray:
-    """Predict where a face exists; -1 (always wrong) where the detector found none."""
+def predict_with_gaps(predict, faces) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class where a face exists, -1 (always wrong) where the detector found none; and the
+    probabilities (N, 7), NaN rows for the gaps."""
     present = [i for i, f in enumerate(faces) if f is not None]
     pred = np.full(len(faces), -1, np.int64)
+    probs = np.full((len(faces), NUM_EMOTIONS), np.nan, np.float32)
     if present:
-        pred[present] = predict(np.stack([faces[i] for i in present])).argmax(1)
-    return pred
+        probs[present] = predict(np.stack([faces[i] for i in present]))
+        pred[present] = probs[present].argmax(1)
+    return pred, probs
+
+
+def mean_recall(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Recall averaged over the classes present in `truth` (balanced accuracy)."""
+    recalls = [float((pred[truth == i] == i).mean()) for i in range(NUM_EMOTIONS) if (truth == i).any()]
+    return float(np.mean(recalls)) if recalls else 0.0
+
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE over the faces with probabilities: |accuracy - mean confidence| per confidence bin (equal width),
+    weighted by the bin's share of faces. 0 = the top probability means exactly what it says."""
+    keep = ~np.isnan(probs).any(1)
+    if not keep.any():
+        return 0.0
+    confidence, hits = probs[keep].max(1), (probs[keep].argmax(1) == truth[keep])
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            ece += members.mean() * abs(float(hits[members].mean()) - float(confidence[members].mean()))
+    return float(ece)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,24 +244,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-flip", action="store_true", help="classify each face once, without averaging with its mirror image")
     p.add_argument("--confusion", metavar="OUT.png", help="write the confusion matrix as an image")
+    p.add_argument("--uncalibrated", action="store_true", help="leave out the temperature shipped with the model "
+                   "(models.calibrate), to compare calibration before and after")
+    p.add_argument("--reliability", metavar="OUT.png", help="write the reliability diagram (accuracy per confidence bin)")
+    p.add_argument("--degrade", metavar="KIND[:LEVEL]", help="score faces degraded as the bot's camera path does "
+                   f"(with --data): {', '.join(KINDS)}, at low, mid (default), high or a number (models/degrade.py); "
+                   "'all': every kind at its middle level, one table")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if bool(args.data) == bool(args.folder):
         print("error: give exactly one of --data or --folder", file=sys.stderr)
         return 2
+    if args.degrade and not args.data:
+        print("error: --degrade needs --data (the FER2013 faces)", file=sys.stderr)
+        return 2
+    if args.degrade == "all":
+        return degrade_table(args, argv)
+    try:
+        args.degrade_spec = parse_degradation(args.degrade) if args.degrade else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         from models.runtime.classifier import ExpressionClassifier
-        classifier = ExpressionClassifier(args.model, threads=args.threads, flip_average=not args.no_flip)
+        classifier = ExpressionClassifier(args.model, threads=args.threads, flip_average=not args.no_flip,
+                                          calibrated=not args.uncalibrated)
         faces, truth, info = dataset_faces(args) if args.data else folder_faces(args)
-        pred = predict_with_gaps(classifier.predict, list(faces))
+        pred, probs = predict_with_gaps(classifier.predict, list(faces))
         from models.baseline import BaselineClassifier
         baseline = None if args.no_baseline else BaselineClassifier.load(threads=args.threads)
-        base_pred = predict_with_gaps(baseline.predict, list(faces)) if baseline else None
+        base_pred, base_probs = predict_with_gaps(baseline.predict, list(faces)) if baseline else (None, None)
         result = {"model": classifier.name, "accuracy": round(float((pred == truth).mean()), 4), "n": int(len(truth)),
                   "per_class": per_class(pred, truth),
                   "baseline_accuracy": round(float((base_pred == truth).mean()), 4) if base_pred is not None else None,
                   "baseline": baseline.name if baseline else None,
-                  "baseline_per_class": per_class(base_pred, truth) if base_pred is not None else None, **info}
+                  "baseline_per_class": per_class(base_pred, truth) if base_pred is not None else None, **info,
+                  "mean_recall": round(mean_recall(pred, truth), 4),
+                  "ece": round(expected_calibration_error(probs, truth), 4),
+                  "baseline_mean_recall": round(mean_recall(base_pred, truth), 4) if base_pred is not None else None,
+                  "baseline_ece": round(expected_calibration_error(base_probs, truth), 4) if base_probs is not None else None}
+        if args.reliability:
+            draw_reliability(probs, truth, args.reliability,
+                             f"{classifier.name}{' (uncalibrated)' if args.uncalibrated else ''}: ECE {result['ece']:.3f}")
         if args.confusion:
             draw_confusion(confusion(pred, truth), args.confusion,
                            f"{classifier.name} on {info.get('split', info.get('folder'))} ({info.get('labels', 'folder')} labels)")
@@ -206,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     base_acc = result["baseline_accuracy"]
     print(f"{'overall':<10} {result['n']:>6} {100 * result['accuracy']:>7.2f}% {'':>10} "
           f"{(f'{100 * base_acc:.2f}%' if base_acc is not None else 'n/a'):>16}")
+    base_mr, base_ece = result["baseline_mean_recall"], result["baseline_ece"]
+    print(f"{'mean recall':<17} {100 * result['mean_recall']:>7.2f}% {'':>10} "
+          f"{(f'{100 * base_mr:.2f}%' if base_mr is not None else 'n/a'):>16}")
+    print(f"{'ECE (15 bins)':<17} {result['ece']:>8.4f} {'':>10} {(f'{base_ece:.4f}' if base_ece is not None else 'n/a'):>16}")
     for key in ("skipped", "unreadable", "no_face", "excluded"):
         if result.get(key):
             print(f"{key}: {result[key]}")
@@ -216,6 +317,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {result['unreadable']} image(s) could not be read and are not counted "
               f"(first: {result['unreadable_files'][0]})", file=sys.stderr)
         return 1
+    return 0
+
+
+def degrade_table(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--degrade all`: the clean score, then every degradation at its middle level, each a full evaluate run
+    (same model, data, split, labels, baseline) in this process; one table and one JSON line."""
+    import contextlib
+    import io
+    rest = [a for a in argv if a not in ("--json", "--degrade", "all")]
+    rows = []
+    for kind in ("clean", *KINDS):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main([*rest, "--json"] + ([] if kind == "clean" else ["--degrade", f"{kind}:mid"]))
+        if code not in (0, 1):
+            return code
+        result = json.loads(buffer.getvalue().strip().splitlines()[-1])
+        rows.append({"degradation": result.get("degrade", "clean"), "accuracy": result["accuracy"],
+                     "mean_recall": result["mean_recall"], "ece": result["ece"],
+                     "baseline_accuracy": result["baseline_accuracy"], "baseline_mean_recall": result["baseline_mean_recall"]})
+    clean = rows[0]
+    print(f"{'degradation':<16} {'accuracy':>9} {'change':>7} {'mean recall':>12} {'ECE':>7} {'baseline acc':>13} {'baseline mean recall':>21}")
+    for row in rows:
+        row["accuracy_change"] = round(row["accuracy"] - clean["accuracy"], 4)
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        print(f"{row['degradation']:<16} {pct(row['accuracy']):>9} {100 * row['accuracy_change']:>+6.1f} "
+              f"{pct(row['mean_recall']):>12} {row['ece']:>7.3f} {pct(row['baseline_accuracy']):>13} "
+              f"{pct(row['baseline_mean_recall']):>21}")
+    if args.json:
+        print(json.dumps({"model": args.model, "split": args.split, "labels": args.labels, "detect": bool(args.detect),
+                          "degradations": rows}))
     return 0
 
 

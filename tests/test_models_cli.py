@@ -59,6 +59,7 @@ def test_evaluate_on_a_csv_with_both_label_sets_and_a_confusion_image(tiny_model
     assert sum(c["n"] for c in summary["per_class"].values()) == 10 and 0 <= summary["accuracy"] <= 1
     for c in summary["per_class"].values():
         assert set(c) == {"accuracy", "precision", "n"}
+    assert 0 <= summary["mean_recall"] <= 1 and 0 <= summary["ece"] <= 1 and summary["baseline_ece"] is None
     png = tmp_path / "cm.png"
     result = run("models.evaluate", "--model", str(tiny_model), "--data", str(data / "fer2013.csv"), "--split",
                  "PrivateTest", "--labels", "ferplus", "--json", "--confusion", str(png))
@@ -243,3 +244,67 @@ def test_bench_measures_ours_beside_the_references(tiny_model):
     if MEDIA is not None:
         assert any(r["model"].startswith("baseline") for r in data["classifier"])
         assert any(d.startswith("reference: YuNet") for d in detectors)
+
+
+def test_mean_recall_weighs_every_class_alike_and_ece_is_the_gap_between_confidence_and_accuracy():
+    from models.evaluate import expected_calibration_error, mean_recall
+    truth = np.array([0, 0, 0, 0, 1, 1])
+    pred = np.array([0, 0, 0, 0, 0, 1])             # accuracy 5/6, but class 1 is found half the time
+    assert mean_recall(pred, truth) == pytest.approx((1.0 + 0.5) / 2)
+    sure = np.zeros((6, 7), np.float32)
+    sure[np.arange(6), pred] = 1.0                   # always 100 % sure, right 5 times of 6
+    assert expected_calibration_error(sure, truth) == pytest.approx(1 / 6)
+    honest = np.full((5, 7), 0.1, np.float32)
+    honest[:, 0] = 0.4                               # 40 % sure of class 0, and right 2 times of 5
+    assert expected_calibration_error(honest, np.array([0, 0, 1, 2, 3])) == pytest.approx(0.0, abs=1e-6)
+    gaps = np.full((2, 7), np.nan, np.float32)       # faces the detector missed are not scored
+    assert expected_calibration_error(gaps, np.array([0, 1])) == 0.0
+
+
+def test_calibrate_fits_a_temperature_on_publictest_and_the_classifier_applies_it(tiny_model, tmp_path):
+    import shutil
+
+    from models.runtime.classifier import ExpressionClassifier
+    data = write_csv(tmp_path / "data")
+    model = tmp_path / "tiny.tflite"
+    shutil.copy(tiny_model, model)
+    summary = last_json(run("models.calibrate", "--model", str(model), "--data", str(data), "--labels", "fer2013", "--write"))
+    assert summary["fitted_on"].startswith("PublicTest") and 0.2 <= summary["temperature"] <= 5
+    assert summary["publictest_nll_after"] <= summary["publictest_nll_before"] + 1e-6
+    card = json.loads(model.with_suffix(".json").read_text())
+    assert card["calibration"]["temperature"] == summary["temperature"]
+    faces = np.random.default_rng(0).random((6, 48, 48, 1), dtype=np.float32)
+    raw = ExpressionClassifier(str(model), calibrated=False).predict(faces)
+    scaled = ExpressionClassifier(str(model)).predict(faces)
+    assert (raw.argmax(1) == scaled.argmax(1)).all() and np.allclose(scaled.sum(1), 1, atol=1e-5)
+    if abs(summary["temperature"] - 1) > 0.05:
+        assert not np.allclose(raw, scaled, atol=1e-4)
+    bad = run("models.calibrate", "--model", str(model), "--data", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_evaluate_scores_degraded_faces_one_kind_or_all_of_them(tiny_model, tmp_path):
+    from models.degrade import KINDS, degrade_faces, parse
+    assert parse("jpeg") == ("jpeg", 50.0) and parse("blur:high") == ("blur", 3.0) and parse("noise:12") == ("noise", 12.0)
+    for spec in ("fog", "jpeg:-3", "jpeg:lots"):
+        with pytest.raises(ValueError):
+            parse(spec)
+    face = (frames_of("woman2.mp4", count=1)[0] if MEDIA else np.random.default_rng(1).integers(0, 255, (96, 96, 3), np.uint8))
+    face48 = (cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (48, 48)).astype(np.float32) / 255)[None, ..., None]
+    reference = degrade_faces(face48, "none", 1)
+    for kind in KINDS:
+        out = degrade_faces(face48, *parse(kind))
+        assert out.shape == face48.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+        if kind != "none":
+            assert np.abs(out - reference).mean() > 1e-3, kind
+    data = write_csv(tmp_path / "data")
+    one = last_json(run("models.evaluate", "--model", str(tiny_model), "--data", str(data), "--split", "PublicTest",
+                        "--degrade", "jpeg:30", "--no-baseline", "--json"))
+    assert one["degrade"] == "jpeg:30" and one["n"] == 10
+    table = run("models.evaluate", "--model", str(tiny_model), "--data", str(data), "--split", "PublicTest",
+                "--degrade", "all", "--no-baseline", "--json", timeout=300)
+    rows = last_json(table)["degradations"]
+    assert [r["degradation"].split(":")[0] for r in rows] == ["clean", *KINDS] and rows[0]["accuracy_change"] == 0
+    assert "vp8:300" in table.stdout and "occlude:0.3" in table.stdout
+    bad = run("models.evaluate", "--model", str(tiny_model), "--data", str(data), "--degrade", "fog")
+    assert bad.returncode == 2 and "unknown degradation 'fog'" in bad.stderr

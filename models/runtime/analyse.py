@@ -64,7 +64,8 @@ def build_analyse(settings: ModelSettings | None = None, threads: int = 1, min_s
     model = settings.model
     if model.startswith("scripted:"):
         return TrackedAnalyse(tracker, None, scripted_probs(model.split(":", 1)[1]))
-    return TrackedAnalyse(tracker, ExpressionClassifier(model, threads=threads, flip_average=settings.flip_average),
+    return TrackedAnalyse(tracker, ExpressionClassifier(model, threads=threads, flip_average=settings.flip_average,
+                                                       calibrated=settings.calibrated),
                           alternate_mirror=alternate_mirror and settings.flip_average)
 
 
