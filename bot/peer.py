@@ -25,19 +25,15 @@ from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
 from bot.room import ClassRoom
 from core.errors import describe
-from core.protocol import VERSION, CloseCode, ErrorCode, retry_is_pointless
+from core.protocol import VERSION, CloseCode, ErrorCode, retry_is_pointless, websocket_url
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot.peer")
 
 
 def ws_url(server: str) -> str:
-    server = server.rstrip("/")
-    if server.startswith("https://"):
-        return "wss://" + server[len("https://"):] + "/ws"
-    if server.startswith("http://"):
-        return "ws://" + server[len("http://"):] + "/ws"
-    return server + "/ws"
+    """The signaling socket of the server at `server` (http(s)://... -> ws(s)://.../ws)."""
+    return websocket_url(server, "/ws")
 
 
 def rtc_configuration(ice_servers: list[dict[str, Any]]) -> RTCConfiguration:

@@ -25,6 +25,7 @@ from bot.peer import BotPeer
 from bot.room import ClassRoom
 from core.errors import describe
 from core.faces import Faces
+from core.protocol import websocket_url
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot")
@@ -170,7 +171,7 @@ class BotService:
 
     async def serve_worker(self, server: str, key: str, ready: asyncio.Event | None = None) -> None:
         """Stay connected to the server's /ws/worker and join rooms when a teacher invites the bot."""
-        url = server.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws/worker"
+        url = websocket_url(server, "/ws/worker")
         leases = asyncio.ensure_future(self.keep_leases())
         try:
             await self._serve_worker(server, url, key, ready)

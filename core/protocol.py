@@ -142,3 +142,14 @@ ALERT_KINDS: tuple[str, ...] = ("confusion", "boredom")
 SDP_TYPES: tuple[str, ...] = ("offer", "answer")
 # A worker key (server.worker_key, sent in the bot's and the workers' hello) longer than this is refused.
 MAX_WORKER_KEY = 256
+
+
+def websocket_url(base: str, path: str) -> str:
+    """The WebSocket URL of `path` on the server at `base`: http(s)://host[:port][/] -> ws(s)://host[:port]/path
+    (a base that is already ws:// or wss:// is kept)."""
+    base = base.rstrip("/")
+    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+        if base.startswith(http):
+            base = ws + base[len(http):]
+            break
+    return base + "/" + path.lstrip("/")

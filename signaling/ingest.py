@@ -42,7 +42,7 @@ from aiohttp import WSMsgType, web
 
 from core import frames, images
 from core.optout import GREETING, NOTICE, analysable   # shared with bot/janus_room.py: a name is every platform's channel
-from core.protocol import CloseCode
+from core.protocol import CloseCode, websocket_url
 from signaling import protocol
 from signaling.auth import same, token_hash
 from signaling.protocol import ProtocolError
@@ -599,11 +599,7 @@ async def ws_ingest(request: web.Request) -> web.StreamResponse:
 # ---- HTTP API (teacher token) ----------------------------------------------------------------------------
 def ingest_url(request: web.Request, service: str, secret: str) -> str:
     base = state_of(request).cfg.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
-    if base.startswith("https://"):
-        base = "wss://" + base[len("https://"):]
-    elif base.startswith("http://"):
-        base = "ws://" + base[len("http://"):]
-    return f"{base}/ingest/{service}/{secret}"
+    return websocket_url(base, f"/ingest/{service}/{secret}")
 
 
 async def create(request: web.Request) -> web.Response:

@@ -850,3 +850,10 @@ def test_the_server_and_the_bot_share_one_protocol_vocabulary():
     assert str(CloseCode.UNAUTHORIZED) == "4401"
     assert retry_is_pointless(CloseCode.UNAUTHORIZED) and not retry_is_pointless(CloseCode.SERVER_FULL)
     assert not retry_is_pointless(None) and not retry_is_pointless(CloseCode.TRY_AGAIN_LATER)
+
+
+def test_websocket_urls_follow_the_servers_scheme():
+    from core.protocol import websocket_url
+    assert websocket_url("http://127.0.0.1:8080/", "/ws") == "ws://127.0.0.1:8080/ws"
+    assert websocket_url("https://class.example.org", "ws/worker") == "wss://class.example.org/ws/worker"
+    assert websocket_url("wss://class.example.org/", "/ingest/recall/s") == "wss://class.example.org/ingest/recall/s"
