@@ -72,9 +72,17 @@ def recall_frame(participant: dict[str, Any], image_b64: str, t: float, started:
 
 def attendee_frame(bot_id: str, pid: str, name: str, image_b64: str, t: float, is_host: bool = False,
                    kind: str = "webcam") -> str:
+    """The earlier assumed frame shape, with a name, a host flag and a timestamp (still accepted)."""
     return json.dumps({"bot_id": bot_id, "trigger": "realtime_video.frame",
                        "data": {"participant_id": pid, "participant_name": name, "is_host": is_host,
                                 "timestamp_ms": int(t * 1000), "source": kind, "format": "jpeg", "image": image_b64}})
+
+
+def attendee_documented_frame(bot_id: str, pid: str, image_b64: str, kind: str = "webcam") -> str:
+    """A frame in the shape of Attendee's docs (realtime_video.per_participant): the participant's uuid only, no
+    name, host flag or timestamp; who is who comes from the participant events."""
+    return json.dumps({"bot_id": bot_id, "trigger": "realtime_video.per_participant",
+                       "data": {"participant_uuid": pid, "frame": image_b64, "format": "jpeg", "source": kind}})
 
 
 def attendee_event(bot_id: str, trigger: str, pid: str, name: str, t: float, is_host: bool = False) -> str:
@@ -96,8 +104,10 @@ class Person:
 class Service:
     """Speaks one service's dialect over one websocket."""
 
-    def __init__(self, name: str, ws: aiohttp.ClientWebSocketResponse[bool], images: list[str]) -> None:
+    def __init__(self, name: str, ws: aiohttp.ClientWebSocketResponse[bool], images: list[str],
+                 attendee_frames: str = "documented") -> None:
         self.name, self.ws, self.images = name, ws, images
+        self.attendee_frames = attendee_frames      # documented (Attendee's docs) | named (the earlier shape)
         self.started = time.time()
         self.bot_id = "replay-bot"
 
@@ -118,6 +128,8 @@ class Service:
         kind = "screenshare" if p.kind == "screenshare" else "webcam"
         if self.name == "recall":
             await self.ws.send_str(recall_frame(self._recall_p(p), image, t, self.started, kind))
+        elif self.attendee_frames == "documented":
+            await self.ws.send_str(attendee_documented_frame(self.bot_id, f"u{p.pid}", image, kind))
         else:
             await self.ws.send_str(attendee_frame(self.bot_id, f"u{p.pid}", p.name, image, t, p.kind == "host", kind))
         p.sent += 1
@@ -133,7 +145,7 @@ def encode_clip(video: str, service: str, seconds: float) -> list[str]:
 
 
 async def play(url: str, service: str, images: list[str], students: int, seconds: float,
-               errors: list[str]) -> tuple[list[Person], float, float]:
+               errors: list[str], attendee_frames: str = "documented") -> tuple[list[Person], float, float]:
     """Stream the meeting for `seconds`; returns the participants, and the wall-clock start and end."""
     people = [Person(1, "Teacher (host)", "host")]
     people += [Person(1000 + i, f"Student {i + 1:02d}", offset=i * 3) for i in range(students)]
@@ -142,7 +154,7 @@ async def play(url: str, service: str, images: list[str], students: int, seconds
     renamed = people[2] if students >= 2 else None                  # the second student renames at 1/2
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url, max_msg_size=0) as ws:
-            svc = Service(service, ws, images)
+            svc = Service(service, ws, images, attendee_frames)
             started = time.time()
             for p in people:
                 await svc.event("join", p)
@@ -334,7 +346,8 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
         if own is not None and own.monitor is not None:
             own.monitor.reset()
         try:
-            people, started, ended = await play(url, args.service, images, args.students, args.seconds, errors)
+            people, started, ended = await play(url, args.service, images, args.students, args.seconds, errors,
+                                                args.attendee_frames)
         except (aiohttp.ClientError, OSError) as exc:
             errors.append(f"cannot stream to {url.split('/ingest/')[0]}: {exc}")
             people, started, ended = [], time.time(), time.time()
@@ -378,6 +391,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--db", default=None, help="the SQLite file to read samples from (default with --url: none)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    p.add_argument("--attendee-frames", choices=("documented", "named"), default="documented",
+                   help="attendee: frames in the shape of Attendee's docs (participant_uuid only; names and the host "
+                   "from participant events; the default) or the earlier shape with a name, host flag and timestamp")
     p.add_argument("--pattern", default=None, help="own bot only: scripted expressions (confused|bored|happy|neutral)")
     p.add_argument("--bot-arg", action="append", default=[], help="own bot only: an extra flag for `python -m bot run`")
     p.add_argument("--keep-log", default=None, help="own bot only: write its log here")

@@ -72,6 +72,7 @@ class Someone:
     name: str
     is_host: bool = False
     platform: str | None = None
+    named: bool = True               # False: the message gave no name (Attendee's frames), so "Guest" is a stand-in
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _someone(raw: dict[str, Any], pid: Any, name: Any, is_host: Any, platform: A
         clean = protocol.clean_name(name or "")
     except ProtocolError:
         clean = ""
-    return Someone(_participant_id(pid), clean or "Guest", bool(is_host), platform)
+    return Someone(_participant_id(pid), clean or "Guest", bool(is_host), platform, named=bool(clean))
 
 
 def _image(value: Any, magic: str) -> bytes:
@@ -360,7 +361,9 @@ class IngestConnection:
                 self._unseat(seat)
             return
         seat = self.seats.get(event.who.id) or self._seat(event.who)
-        if event.kind == "update" or event.who.name != seat.who.name:
+        # A message without a name (Attendee's documented frames carry only participant_uuid) never renames
+        # anybody: the name, and the opt-out tag in it, come from the participant events.
+        if event.who.named and (event.kind == "update" or event.who.name != seat.who.name):
             self._rename(seat, event.who)
         if event.kind == "frame":
             self._frame(seat, event)

@@ -231,6 +231,28 @@ async def test_an_attendee_meeting_is_analysed_and_alerts_reach_only_the_host_in
         await chat.runner.cleanup()
 
 
+async def test_attendee_frames_without_a_name_keep_the_name_and_opt_out_of_the_participant_events(tmp_path, faces):
+    live = await class_with_bot(tmp_path)
+    try:
+        watcher, seen = await teacher(live)
+        ws = await live.http.ws_connect(await ingest_url(live, "attendee"))
+        now = time.time()
+        await ws.send_str(ingest_replay.attendee_event("bot_1", "participant_events.join", "u1", "Lee Chen", now))
+        await ws.send_str(ingest_replay.attendee_event("bot_1", "participant_events.join", "u2", "Ana [no-analysis]", now))
+        for image in faces["jpeg"][:2]:
+            for pid in ("u1", "u2"):     # Attendee's documented frames: participant_uuid, no name
+                await ws.send_str(ingest_replay.attendee_documented_frame("bot_1", pid, image))
+        assert await eventually(lambda: samples(live, "at-u1") >= 1, 20)
+        await asyncio.sleep(1)
+        named = [m.get("name") for m in seen if m.get("type") == "participant"]
+        assert "Lee Chen" in named and "Guest" not in named          # the teacher's list is never renamed "Guest"
+        assert samples(live, "at-u2") == 0                           # and the opt-out tag in the name held
+        await ws.close()
+        await watcher.close()
+    finally:
+        await stop_class(live)
+
+
 async def test_a_service_that_reconnects_keeps_its_participants_seated(tmp_path, faces):
     live = await class_with_bot(tmp_path)
     try:

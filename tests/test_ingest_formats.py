@@ -106,6 +106,8 @@ def test_attendee_frames_in_the_shape_of_its_docs_parse_without_a_name_or_host_f
 def test_the_replay_sends_attendee_frames_of_the_fixtures_shape_and_unknown_triggers_are_none():
     frame = json.loads(ingest_replay.attendee_frame("bot_3hfkaXiVyD", "f3b1c2d4", "Lee Chen", "AAAA", 1796029212.5))
     assert shape(frame) == shape(fixture("attendee_video_frame.json"))
+    documented = json.loads(ingest_replay.attendee_documented_frame("bot_12345abcdef", "participant_abc123", "AAAA"))
+    assert shape(documented) == shape(fixture("attendee_per_participant.json"))     # the replay's default
     assert parse_attendee({"bot_id": "b", "trigger": "transcript.update", "data": {}}) is None
     with pytest.raises(IngestError):
         parse_attendee({"bot_id": "b", "trigger": "realtime_video.frame", "data": {"participant_id": {"x": 1}}})
