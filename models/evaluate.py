@@ -73,12 +73,16 @@ def draw_confusion(matrix: np.ndarray, path: str, title: str) -> None:
             cv2.putText(img, str(int(matrix[i, j])), (x + 18, y + 52), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (60, 60, 60), 1, cv2.LINE_AA)
     cv2.putText(img, "rows: true label, columns: predicted", (left, size[0] - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                 (0, 0, 0), 1, cv2.LINE_AA)
+    write_image(path, img, "confusion")
+
+
+def write_image(path: str, img: np.ndarray, what: str) -> None:
     try:
         written = cv2.imwrite(path, img)
     except cv2.error:
         written = False
     if not written:
-        raise UsageError(f"cannot write the confusion image {path} (use a .png or .jpg path in an existing folder)")
+        raise UsageError(f"cannot write the {what} image {path} (use a .png or .jpg path in an existing folder)")
 
 
 def draw_reliability(probs: np.ndarray, truth: np.ndarray, path: str, title: str, bins: int = 15) -> None:
@@ -108,12 +112,7 @@ def draw_reliability(probs: np.ndarray, truth: np.ndarray, path: str, title: str
         cv2.putText(img, f"{v:.1f}", (x0 - 40, int(y0 - v * plot) + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, "confidence (top probability); bars: accuracy, grey: share of faces", (x0 - 40, h - 10),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    try:
-        written = cv2.imwrite(path, img)
-    except cv2.error:
-        written = False
-    if not written:
-        raise UsageError(f"cannot write the reliability image {path} (use a .png or .jpg path in an existing folder)")
+    write_image(path, img, "reliability")
 
 
 DETECT_SIZE = 192    # --data --detect: benchmark faces are upscaled to this side, like a webcam close-up
