@@ -32,10 +32,11 @@ def frame_with_face(x: int, y: int, face: np.ndarray, shape: tuple[int, int] = (
 class CountingDetector:
     """Finds the textured patch where the test put it; counts how often it is asked."""
 
-    def __init__(self, score: float = 0.9) -> None:
+    def __init__(self, score: float = 0.9, side: int = 40) -> None:
         self.where: dict[int, tuple[int, int]] = {}   # id(frame) -> top-left of the face, or absent
         self.calls = 0
         self.score = score
+        self.side = side
 
     def detect(self, frames: list[np.ndarray]) -> Faces:
         self.calls += len(frames)
@@ -43,8 +44,9 @@ class CountingDetector:
         for i, frame in enumerate(frames):
             if id(frame) in self.where:
                 x, y = self.where[id(frame)]
-                parts.append(Faces(np.array([[x, y, x + 40, y + 40]], np.float32), np.array([self.score], np.float32),
-                                   (KEYPOINTS + [x, y])[None], np.array([i], np.int32)))
+                parts.append(Faces(np.array([[x, y, x + self.side, y + self.side]], np.float32),
+                                   np.array([self.score], np.float32),
+                                   (KEYPOINTS * self.side / 40 + [x, y])[None], np.array([i], np.int32)))
         return Faces.concat(parts)
 
 
@@ -155,3 +157,28 @@ def test_the_bots_analyser_follows_a_real_webcam_face_with_fewer_detections():
         ious.append(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
     assert min(ious) > 0.6 and float(np.mean(ious)) > 0.85
     assert followed.tracker.stats.detected <= 6 and followed.tracker.stats.tracked >= 6
+
+
+def test_a_face_seen_close_up_is_looked_for_without_the_far_face_pass_once_then_with_everything():
+    full, quick, near = CountingDetector(side=120), CountingDetector(), CountingDetector()
+    tracker = FaceTracker(full, quick, redetect_every=4, near=near)
+    big = cv2.resize(textured_face(), (120, 120))                  # half the frame's height: close to the camera
+    frame = frame_with_face(100, 60, big)
+    full.where[id(frame)] = (100, 60)
+    tracker.detect([frame], ["s"])                                # anchored by the full chain (first sample)
+    gone = np.full((240, 320, 3), 90, np.uint8)
+    tracker.detect([gone], ["s"])                                 # the match fails: close up, no far-face pass
+    assert (full.calls, near.calls) == (1, 1)
+    tracker.detect([gone], ["s"])                                 # nobody there: now the whole chain
+    assert (full.calls, near.calls, quick.calls) == (2, 1, 0)
+
+
+def test_the_auto_detectors_near_mode_skips_the_full_range_pass(monkeypatch):
+    from models.runtime.detector import AutoDetector
+    auto = AutoDetector()
+    calls: list[str] = []
+    monkeypatch.setattr(auto.full, "detect", lambda frames, margin=0.0: calls.append("full") or Faces.empty())
+    empty = [np.full((240, 320, 3), 90, np.uint8)]
+    assert len(auto.detect_near(empty)) == 0 and calls == []
+    auto.detect(empty)
+    assert calls == ["full"]

@@ -59,14 +59,25 @@ def build_analyse(settings: ModelSettings | None = None, threads: int = 1, min_s
     detector = make_detector(settings.detector, threads=threads, min_score=min_score)
     # A student whose last sample showed nobody gets the quick short-range pass most of the time.
     quick = detector.short if isinstance(detector, AutoDetector) else detector
+    near = _Near(detector) if isinstance(detector, AutoDetector) else detector
     tracker = FaceTracker(detector, quick, redetect_every=redetect_every,
-                          miss_backoff=1 if redetect_every == 1 else 4)
+                          miss_backoff=1 if redetect_every == 1 else 4, near=near if redetect_every > 1 else None)
     model = settings.model
     if model.startswith("scripted:"):
         return TrackedAnalyse(tracker, None, scripted_probs(model.split(":", 1)[1]))
     return TrackedAnalyse(tracker, ExpressionClassifier(model, threads=threads, flip_average=settings.flip_average,
                                                        calibrated=settings.calibrated),
                           alternate_mirror=alternate_mirror and settings.flip_average)
+
+
+class _Near:
+    """The auto detector without its far-face pass (short range, then close-up)."""
+
+    def __init__(self, auto: AutoDetector) -> None:
+        self.auto = auto
+
+    def detect(self, frames: list[np.ndarray]) -> Faces:
+        return self.auto.detect_near(frames)
 
 
 class TrackedAnalyse:

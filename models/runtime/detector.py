@@ -273,9 +273,11 @@ class AutoDetector:
         self.short = FaceDetector("short", threads, min_score)
         self.full = FaceDetector("full", threads, min_score, tiles=tiles)
 
-    def detect(self, frames: list[np.ndarray]) -> Faces:
+    def detect(self, frames: list[np.ndarray], near: bool = False) -> Faces:
+        """near: skip the full-range pass (short range, then close-up): for a face that was just seen close
+        to the camera, where the full-range model (~8 ms a frame, 4x the others) is unlikely to help."""
         found = [self.short.detect(frames)]
-        for pass_ in (self.full.detect, self._close_up):
+        for pass_ in ((self._close_up,) if near else (self.full.detect, self._close_up)):
             missing = sorted(set(range(len(frames))) - {int(i) for part in found for i in part.frame_ids})
             if not missing:
                 break
@@ -284,6 +286,9 @@ class AutoDetector:
                 found.append(Faces(more.boxes, more.scores, more.keypoints,
                                    np.asarray(missing, np.int32)[more.frame_ids], more.probs))
         return Faces.concat(found)
+
+    def detect_near(self, frames: list[np.ndarray]) -> Faces:
+        return self.detect(frames, near=True)
 
     def _close_up(self, frames: list[np.ndarray]) -> Faces:
         return self.short.detect(frames, margin=CLOSE_UP_PAD)

@@ -10,7 +10,9 @@ follows a student who leans in or out (the match is translation only).
 
 A student whose last two detections found nobody gets the quick pass (short range only) and the
 detector's full fallback chain only every `miss_backoff`-th sample: an empty chair costs ~2 ms, not ~13 ms,
-per sample. A face the detector is unsure of (score < min_anchor_score) is not followed: detected again.
+per sample. A student whose last face was close to the camera is detected without the far-face (full-range)
+pass, ~8 ms of the ~13: a student at their webcam does not move to the back of the room in half a second, and
+if the face is really gone, the next sample runs the whole chain. A face the detector is unsure of (score < min_anchor_score) is not followed: detected again.
 
 Keys are opaque (the bot passes (room, participant)); without keys every frame is detected, as before.
 """
@@ -29,6 +31,7 @@ from models.runtime.preprocess import to_gray
 
 TEMPLATE_SIDE = 32          # the face patch is matched at this size (px on its longer side)
 SEARCH_MARGIN = 0.5         # the search window extends this share of the face size on every side
+NEAR_SHARE = 0.25           # a face this share of the frame's shorter side or more is "close to the camera"
 
 
 class Detector(Protocol):
@@ -62,13 +65,15 @@ class FaceTracker:
 
     def __init__(self, detector: Detector, quick: Detector | None = None, redetect_every: int = 4,
                  min_match: float = 0.7, miss_backoff: int = 4, min_anchor_score: float = 0.75,
-                 ttl_seconds: float = 120.0, max_tracks: int = 10_000) -> None:
+                 ttl_seconds: float = 120.0, max_tracks: int = 10_000, near: Detector | None = None) -> None:
         """redetect_every: samples per detector run while a face is followed (1 = detect every frame).
-        quick: the detector for a student whose last detection found nobody (default: `detector`)."""
+        quick: the detector for a student whose last detections found nobody (default: `detector`).
+        near: the detector for a student whose last face was close to the camera (default: `detector`)."""
         if redetect_every < 1 or miss_backoff < 1:
             raise ValueError("redetect_every and miss_backoff must be >= 1")
         self.detector = detector
         self.quick = quick or detector
+        self.near = near or detector
         self.redetect_every = redetect_every
         self.min_match = min_match
         self.miss_backoff = miss_backoff
@@ -77,6 +82,7 @@ class FaceTracker:
         self.max_tracks = max_tracks
         self.tracks: dict[Hashable, Track] = {}
         self.misses: dict[Hashable, int] = {}    # consecutive detections that found nobody
+        self.was_near: dict[Hashable, bool] = {}  # the last face found filled >= NEAR_SHARE of the frame
         self.stats = TrackerStats()
         self._lock = threading.Lock()
 
@@ -94,6 +100,7 @@ class FaceTracker:
         found: list[Faces] = []
         full: list[int] = []
         quick: list[int] = []
+        near: list[int] = []
         for i, (frame, key) in enumerate(zip(frames, keys)):
             track = self.tracks.get(key)
             face = self._follow(track, frame, i) if track is not None else None
@@ -101,10 +108,14 @@ class FaceTracker:
                 found.append(face)
                 self.stats.tracked += 1
                 continue
-            # The whole fallback chain after a first miss, then mostly the quick pass (an empty chair).
+            # A face just seen close up: no far-face pass. After a miss the whole fallback chain, then mostly
+            # the quick pass (an empty chair), with the whole chain every miss_backoff-th sample.
             misses = self.misses.get(key, 0)
-            (quick if misses >= 2 and misses % self.miss_backoff else full).append(i)
-        for indices, detector in ((full, self.detector), (quick, self.quick)):
+            if misses == 0 and self.was_near.get(key, False):
+                near.append(i)
+            else:
+                (quick if misses >= 2 and misses % self.miss_backoff else full).append(i)
+        for indices, detector in ((full, self.detector), (quick, self.quick), (near, self.near)):
             if not indices:
                 continue
             self.stats.detected += len(indices)
@@ -121,6 +132,8 @@ class FaceTracker:
             for j in range(len(faces)):
                 i = int(faces.frame_ids[j])
                 self.misses.pop(keys[i], None)
+                side = float(max(faces.boxes[j, 2] - faces.boxes[j, 0], faces.boxes[j, 3] - faces.boxes[j, 1]))
+                self.was_near[keys[i]] = side >= NEAR_SHARE * min(frames[i].shape[:2])
                 self._anchor(keys[i], frames[i], faces.boxes[j], faces.keypoints[j], float(faces.scores[j]), now)
             found.append(faces)
         for key in keys:
@@ -185,6 +198,8 @@ class FaceTracker:
             del self.tracks[key]
         if len(self.misses) > self.max_tracks:
             self.misses.clear()
+        if len(self.was_near) > self.max_tracks:
+            self.was_near.clear()
         if len(self.tracks) > self.max_tracks:
             for key in sorted(self.tracks, key=lambda k: self.tracks[k].seen)[:len(self.tracks) - self.max_tracks]:
                 del self.tracks[key]
