@@ -61,6 +61,7 @@ DECLINED_EXTENSIONS = ("http://www.webrtc.org/experiments/rtp-hdrext/abs-send-ti
 def decline_extensions(sdp: str, uris: tuple[str, ...] = DECLINED_EXTENSIONS) -> str:
     """The offer without those a=extmap lines, so that the answer does not accept them and the sender
     (browser, Janus, aiortc) stops adding them (RFC 8285: only extensions in the answer are used)."""
-    kept = [line for line in sdp.splitlines(keepends=True)
-            if not (line.startswith("a=extmap:") and line.split()[1:2] and line.split()[1] in uris)]
-    return "".join(kept)
+    def declined(line: str) -> bool:
+        fields = line.split()
+        return line.startswith("a=extmap:") and len(fields) > 1 and fields[1] in uris
+    return "".join(line for line in sdp.splitlines(keepends=True) if not declined(line))

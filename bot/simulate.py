@@ -124,10 +124,10 @@ class ProcessMonitor:
         children = [c for c in self.process.children(recursive=True) if "janus" not in c.name()]
         return [self.process, *children]
 
-    def _cpu(self) -> float:
+    def _cpu(self, members: list[Any] | None = None) -> float:
         try:
             total = 0.0
-            for process in self._members():
+            for process in members if members is not None else self._members():
                 times = process.cpu_times()
                 total += times.user + times.system
             return total
@@ -140,8 +140,9 @@ class ProcessMonitor:
     async def run(self) -> None:
         while True:
             try:
-                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self._members()))
-                self.cpu_end, self.t_end = self._cpu(), time.monotonic()
+                members = self._members()      # one walk of the process tree per sample, for both figures
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in members))
+                self.cpu_end, self.t_end = self._cpu(members), time.monotonic()
             except Exception:
                 return
             await asyncio.sleep(0.5)

@@ -179,6 +179,6 @@ def test_the_auto_detectors_near_mode_skips_the_full_range_pass(monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(auto.full, "detect", lambda frames, margin=0.0: calls.append("full") or Faces.empty())
     empty = [np.full((240, 320, 3), 90, np.uint8)]
-    assert len(auto.detect_near(empty)) == 0 and calls == []
+    assert len(auto.detect(empty, near=True)) == 0 and calls == []
     auto.detect(empty)
     assert calls == ["full"]

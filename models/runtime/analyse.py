@@ -77,7 +77,7 @@ class _Near:
         self.auto = auto
 
     def detect(self, frames: list[np.ndarray]) -> Faces:
-        return self.auto.detect_near(frames)
+        return self.auto.detect(frames, near=True)
 
 
 class TrackedAnalyse:

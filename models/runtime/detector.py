@@ -287,9 +287,6 @@ class AutoDetector:
                                    np.asarray(missing, np.int32)[more.frame_ids], more.probs))
         return Faces.concat(found)
 
-    def detect_near(self, frames: list[np.ndarray]) -> Faces:
-        return self.detect(frames, near=True)
-
     def _close_up(self, frames: list[np.ndarray]) -> Faces:
         return self.short.detect(frames, margin=CLOSE_UP_PAD)
 
