@@ -29,7 +29,8 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 
-from bot.students import EncodedClip, SimulatedStudent, harness_arg_problem, load_video_frames, no_face_frames
+from bot.students import (DIRECT_KBPS, MEETING_LOW_LAYER_KBPS, EncodedClip, SimulatedStudent, harness_arg_problem,
+                          load_video_frames, no_face_frames)
 from core import settings as settings_mod
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=240)
     p.add_argument("--fps", type=float, default=5.0)
+    p.add_argument("--bitrate", type=positive_kbps, default=None, metavar="KBPS",
+                   help="VP8 bitrate each student sends (default: what a browser sends the bot on that path: "
+                        f"{DIRECT_KBPS} direct, {MEETING_LOW_LAYER_KBPS} via janus, the meeting's low simulcast layer)")
     p.add_argument("--live-encode", action="store_true",
                    help="every student runs its own VP8 encoder on this machine (as if the students' laptops "
                         "were this machine), instead of sending one shared clip encoded once")
@@ -73,6 +77,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rooms", type=int, default=1,
                    help="spread the students over this many rooms (classes), so rooms can spread over workers")
     return p.parse_args(argv)
+
+
+def positive_kbps(text: str) -> int:
+    value = int(text)
+    if not 10 <= value <= 20_000:
+        raise argparse.ArgumentTypeError("give kbit/s between 10 and 20000")
+    return value
+
+
+def sent_kbps(args: argparse.Namespace) -> int:
+    """The VP8 bitrate of the shared clip: --bitrate, else what a browser sends the bot on this path."""
+    if args.bitrate:
+        return int(args.bitrate)
+    return MEETING_LOW_LAYER_KBPS if args.via == "janus" else DIRECT_KBPS
 
 
 def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[str]:
@@ -154,8 +172,9 @@ class ProcessMonitor:
 async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     decoded = load_video_frames(args.video, args.width, args.height, args.fps)
     no_face = no_face_frames(args.width, args.height)
-    frames: list[np.ndarray] | EncodedClip = decoded if args.live_encode else EncodedClip(decoded, args.fps)
-    blank: list[np.ndarray] | EncodedClip = no_face if args.live_encode else EncodedClip(no_face, args.fps)
+    bitrate = 1000 * sent_kbps(args)
+    frames: list[np.ndarray] | EncodedClip = decoded if args.live_encode else EncodedClip(decoded, args.fps, bitrate)
+    blank: list[np.ndarray] | EncodedClip = no_face if args.live_encode else EncodedClip(no_face, args.fps, bitrate)
     db = Path(args.db) if args.db else Path(tempfile.mkdtemp(prefix="classmood-sim-")) / "classmood.sqlite"
     db.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -298,6 +317,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "bot_cpu_percent": round(pool.cpu_percent() if args.workers else monitor.cpu_percent(), 1),
         "bot_peak_rss_mb": round((pool.peak_rss() if args.workers else monitor.peak_rss) / 2**20, 1),
         "via": args.via,
+        "bitrate_kbps": None if args.live_encode else sent_kbps(args),
         "janus_cpu_percent": round(janus_monitor.cpu_percent(), 1) if janus_monitor else None,
         "janus_peak_rss_mb": round(janus_monitor.peak_rss / 2**20, 1) if janus_monitor else None,
         "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),

@@ -110,6 +110,13 @@ class LoopingVideoTrack(PacedTrack):
         return frame
 
 
+# What a student's browser sends the bot, in kbit/s. Direct: a 320x240, 5 fps camera track with no bandwidth
+# feedback from the bot, so the browser stays near WebRTC's start rate. In a Janus meeting the bot subscribes to
+# the low simulcast layer, capped by `maxBitrate` of rid "l" in signaling/static/meeting.js (a test keeps the two equal).
+DIRECT_KBPS = 300
+MEETING_LOW_LAYER_KBPS = 150
+
+
 class EncodedClip:
     """A clip encoded to VP8 once, with a keyframe every second, that many students can send.
 

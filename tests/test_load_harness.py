@@ -2,11 +2,19 @@
 50 encoders on the bot's machine must still be a valid VP8 stream from wherever a student starts."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
 
-from bot.students import EncodedClip, LoopingPacketTrack, no_face_frames
+from bot.simulate import parse_args, sent_kbps
+from bot.students import (DIRECT_KBPS, MEETING_LOW_LAYER_KBPS, EncodedClip, LoopingPacketTrack, load_video_frames,
+                          no_face_frames)
+
+PROJECT = Path(__file__).resolve().parent.parent
+SHARED_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
 
 
 def is_vp8_keyframe(payload: bytes) -> bool:
@@ -39,3 +47,26 @@ async def test_packet_track_starts_at_a_keyframe_and_keeps_the_frame_rate(clip):
     packets = [await track.recv() for _ in range(3)]
     assert is_vp8_keyframe(bytes(packets[0]))
     assert [p.pts for p in packets] == [18000, 36000, 54000]   # 90 kHz clock at 5 fps
+
+
+def test_meeting_students_send_the_bot_what_the_low_simulcast_layer_carries():
+    """--via janus models the layer the bot subscribes to: meeting.js's rid "l" cap, not the direct path's rate."""
+    meeting_js = (PROJECT / "signaling" / "static" / "meeting.js").read_text()
+    low = re.search(r'\{\s*rid:\s*"l"[^}]*maxBitrate:\s*(\d+)', meeting_js)
+    assert low is not None, "meeting.js no longer names a low simulcast layer with a maxBitrate"
+    assert int(low.group(1)) == 1000 * MEETING_LOW_LAYER_KBPS
+    assert sent_kbps(parse_args(["--via", "janus"])) == MEETING_LOW_LAYER_KBPS
+    assert sent_kbps(parse_args([])) == DIRECT_KBPS
+    assert sent_kbps(parse_args(["--via", "janus", "--bitrate", "400"])) == 400
+    with pytest.raises(SystemExit):
+        parse_args(["--bitrate", "0"])
+
+
+@pytest.mark.parametrize("kbps", [MEETING_LOW_LAYER_KBPS, DIRECT_KBPS])
+def test_shared_clip_is_encoded_near_the_bitrate_asked_for(kbps):
+    frames = load_video_frames(SHARED_VIDEO) if SHARED_VIDEO.exists() else no_face_frames(320, 240, count=25)
+    clip = EncodedClip(frames, fps=5.0, bitrate=kbps * 1000)
+    sent_kbps_measured = sum(map(len, clip.payloads)) * 8 / (len(clip.payloads) / clip.fps) / 1000
+    assert sent_kbps_measured <= 1.3 * kbps
+    if SHARED_VIDEO.exists():    # a real clip fills its budget; the synthetic one needs far less
+        assert sent_kbps_measured >= 0.7 * kbps
