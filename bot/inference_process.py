@@ -2,9 +2,10 @@
 
 In one process, every OpenCV or TFLite call of the inference thread releases the GIL and must win it back
 from an event loop that is busy with thousands of RTP packets a second; at 100 students the inference thread
-measured ~19 ms per frame for ~4.5 ms of work (issue 24). Here the inference thread of the bot only converts
-frames and waits on a pipe; a child process (spawned, not forked: the parent has threads) detects, follows
-and classifies. One request at a time, so the mailbox's drop-stale policy still sets the pace.
+measured ~19 ms per frame for ~4.5 ms of work (issue 24). Here the inference thread of the bot only copies
+each decoded frame's YUV planes out (half the bytes of BGR, no colour conversion under the bot's GIL) and waits
+on a pipe; a child process (spawned, not forked: the parent has threads) converts, detects, follows and
+classifies. One request at a time, so the mailbox's drop-stale policy still sets the pace.
 
 A child that dies or hangs costs its round (the frames are reported as errors, as any failed round is) and
 is started again; a child that cannot load the model fails the bot's start-up with the model's error.
@@ -19,6 +20,7 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
+from bot.analyzer import I420, as_i420, to_bgr
 from core.faces import Faces
 from core.settings import Settings
 
@@ -51,7 +53,9 @@ def _serve(conn: Connection, settings: Settings) -> None:
         except (EOFError, OSError, KeyboardInterrupt):
             return
         try:
-            conn.send(("ok", analyse(frames, keys)))
+            started = time.process_time()
+            faces = analyse([f.to_bgr() if isinstance(f, I420) else f for f in frames], keys)
+            conn.send(("ok", (faces, time.process_time() - started)))
         except Exception as exc:   # a bad round: the parent reports it; the child keeps serving
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -62,6 +66,7 @@ class ProcessAnalyse:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.restarts = 0
+        self.child_cpu_seconds = 0.0    # CPU time the child spent analysing (the rest of a round's wait is IPC or a busy CPU)
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
@@ -88,7 +93,12 @@ class ProcessAnalyse:
             raise ValueError(detail)
         log.info("inference process %d ready in %.1f s", process.pid, time.monotonic() - started)
 
-    def __call__(self, frames: list[np.ndarray], keys: Sequence[Hashable] | None = None) -> Faces:
+    @staticmethod
+    def prepare(frame: Any) -> np.ndarray | I420:
+        """What the bot's thread hands over for one frame: a video frame's planes (converted in the child), or BGR."""
+        return as_i420(frame) or to_bgr(frame)
+
+    def __call__(self, frames: Sequence[np.ndarray | I420], keys: Sequence[Hashable] | None = None) -> Faces:
         if self._conn is None:
             self._start()
         assert self._conn is not None
@@ -106,7 +116,8 @@ class ProcessAnalyse:
             raise InferenceProcessError("the inference process was restarted; this round is lost") from None
         if status != "ok":
             raise InferenceProcessError(str(payload))
-        faces: Faces = payload
+        faces: Faces = payload[0]
+        self.child_cpu_seconds += float(payload[1])
         return faces
 
     def close(self) -> None:

@@ -210,5 +210,7 @@ class BotService:
         return {"worker_id": self.worker_id, "rooms": len(self.rooms), "rooms_served": sorted(self.served),
                 "leases_lost": self.leases_lost, "frames_analysed": self.analyzer.frames,
                 "inference_rounds": self.analyzer.rounds, "inference_busy_s": round(self.analyzer.busy_seconds, 3),
+                "inference_convert_s": round(self.analyzer.convert_seconds, 3),
+                "inference_child_cpu_s": round(float(getattr(self.analyzer.analyse, "child_cpu_seconds", 0.0)), 3),
                 "frames_dropped": self.mailbox.dropped, "frames_accepted": self.mailbox.accepted,
                 "frame_errors": self.analyzer.errors}

@@ -281,6 +281,34 @@ def test_the_inference_process_is_restarted_when_it_dies_and_only_its_round_is_l
         analyse.close()
 
 
+def test_video_frames_cross_to_the_inference_process_as_yuv_planes_and_are_analysed_alike():
+    import av
+
+    from bot.analyzer import I420
+    from bot.inference_process import ProcessAnalyse
+    from core.settings import Settings
+    capture = cv2.VideoCapture(str(VIDEOS / "woman2.mp4"))
+    ok, face = capture.read()
+    if not ok:
+        pytest.skip(f"needs ../shared/media/videos/woman2.mp4 (a real face): {VIDEOS} is absent")
+    bgr = cv2.resize(face, (320, 240))
+    decoded = av.VideoFrame.from_ndarray(bgr, format="bgr24").reformat(format="yuv420p")   # what VP8 decoding gives
+    handed_over = ProcessAnalyse.prepare(decoded)
+    assert isinstance(handed_over, I420) and handed_over.shape == (240, 320)
+    assert handed_over.planes.nbytes == 240 * 320 * 3 // 2            # half of BGR's bytes through the pipe
+    # OpenCV's conversion matches PyAV's (swscale) within rounding.
+    assert np.abs(to_bgr(decoded).astype(int) - decoded.to_ndarray(format="bgr24")).mean() < 2
+    analyse = ProcessAnalyse(Settings().replace(model={"model": "ferplus", "detector": "short"}))
+    try:
+        from_planes = analyse([handed_over], [("r", "a")])
+        from_bgr = analyse([to_bgr(decoded)], [("r", "b")])
+    finally:
+        analyse.close()
+    assert len(from_planes) == len(from_bgr) == 1
+    assert np.abs(from_planes.boxes - from_bgr.boxes).max() < 1.0
+    assert np.abs(from_planes.probs - from_bgr.probs).max() < 0.02
+
+
 def test_a_model_the_inference_process_cannot_load_fails_the_start_with_its_reason(tmp_path):
     from bot.inference_process import ProcessAnalyse
     from core.settings import Settings
