@@ -26,7 +26,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from core.emotions import EMOTIONS, NUM_EMOTIONS
-from models.data import IMAGE_SUFFIXES, DatasetError, iter_class_folders, load_dataset, read_image, to_face48
+from models.data import IMAGE_SUFFIXES, DatasetError, FerData, iter_class_folders, load_dataset, read_image, to_face48
 from models.cli_args import positive_int
 from models.degrade import KINDS, degrade_faces, degrade_images, parse as parse_degradation
 
@@ -118,15 +118,14 @@ def draw_reliability(probs: np.ndarray, truth: np.ndarray, path: str, title: str
 DETECT_SIZE = 192    # --data --detect: benchmark faces are upscaled to this side, like a webcam close-up
 
 
-def dataset_faces(args: argparse.Namespace) -> tuple[np.ndarray | list, np.ndarray, dict]:
-    data = load_dataset(args.data)
+def dataset_faces(args: argparse.Namespace, data: FerData,
+                  degrade: tuple[str, float] | None = None) -> tuple[np.ndarray | list, np.ndarray, dict]:
     part = data.split(args.split)
     if len(part) == 0:
         raise UsageError(f"{args.data}: no rows in split {args.split}")
     hard, _ = part.targets(args.labels)
     keep = hard >= 0
     info = {"split": args.split, "labels": args.labels, "excluded": int((~keep).sum())}
-    degrade = getattr(args, "degrade_spec", None)
     if degrade:
         info["degrade"] = f"{degrade[0]}:{degrade[1]:g}"
     if not args.detect:
@@ -258,37 +257,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.degrade and not args.data:
         print("error: --degrade needs --data (the FER2013 faces)", file=sys.stderr)
         return 2
-    if args.degrade == "all":
-        return degrade_table(args, argv)
+    kinds: list[str | None] = [None, *(f"{kind}:mid" for kind in KINDS)] if args.degrade == "all" else [args.degrade]
     try:
-        args.degrade_spec = parse_degradation(args.degrade) if args.degrade else None
+        specs = [parse_degradation(kind) if kind else None for kind in kinds]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        # The model, the baseline and the dataset are loaded once, also for `--degrade all`'s ten scores.
         from models.runtime.classifier import ExpressionClassifier
         classifier = ExpressionClassifier(args.model, threads=args.threads, flip_average=not args.no_flip,
                                           calibrated=not args.uncalibrated)
-        faces, truth, info = dataset_faces(args) if args.data else folder_faces(args)
-        pred, probs = predict_with_gaps(classifier.predict, list(faces))
         from models.baseline import BaselineClassifier
         baseline = None if args.no_baseline else BaselineClassifier.load(threads=args.threads)
-        base_pred, base_probs = predict_with_gaps(baseline.predict, list(faces)) if baseline else (None, None)
-        result = {"model": classifier.name, "accuracy": round(float((pred == truth).mean()), 4), "n": int(len(truth)),
-                  "per_class": per_class(pred, truth),
-                  "baseline_accuracy": round(float((base_pred == truth).mean()), 4) if base_pred is not None else None,
-                  "baseline": baseline.name if baseline else None,
-                  "baseline_per_class": per_class(base_pred, truth) if base_pred is not None else None, **info,
-                  "mean_recall": round(mean_recall(pred, truth), 4),
-                  "ece": round(expected_calibration_error(probs, truth), 4),
-                  "baseline_mean_recall": round(mean_recall(base_pred, truth), 4) if base_pred is not None else None,
-                  "baseline_ece": round(expected_calibration_error(base_probs, truth), 4) if base_probs is not None else None}
+        data = load_dataset(args.data) if args.data else None
+        if args.degrade == "all":
+            return degrade_table(args, [score(args, spec, classifier, baseline, data)[0] for spec in specs])
+        result, pred, probs, truth = score(args, specs[0], classifier, baseline, data)
         if args.reliability:
             draw_reliability(probs, truth, args.reliability,
                              f"{classifier.name}{' (uncalibrated)' if args.uncalibrated else ''}: ECE {result['ece']:.3f}")
         if args.confusion:
             draw_confusion(confusion(pred, truth), args.confusion,
-                           f"{classifier.name} on {info.get('split', info.get('folder'))} ({info.get('labels', 'folder')} labels)")
+                           f"{classifier.name} on {result.get('split', result.get('folder'))} "
+                           f"({result.get('labels', 'folder')} labels)")
     except (DatasetError, UsageError, OSError, ValueError, cv2.error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -319,23 +311,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def degrade_table(args: argparse.Namespace, argv: list[str]) -> int:
-    """`--degrade all`: the clean score, then every degradation at its middle level, each a full evaluate run
-    (same model, data, split, labels, baseline) in this process; one table and one JSON line."""
-    import contextlib
-    import io
-    rest = [a for a in argv if a not in ("--json", "--degrade", "all")]
-    rows = []
-    for kind in ("clean", *KINDS):
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            code = main([*rest, "--json"] + ([] if kind == "clean" else ["--degrade", f"{kind}:mid"]))
-        if code not in (0, 1):
-            return code
-        result = json.loads(buffer.getvalue().strip().splitlines()[-1])
-        rows.append({"degradation": result.get("degrade", "clean"), "accuracy": result["accuracy"],
-                     "mean_recall": result["mean_recall"], "ece": result["ece"],
-                     "baseline_accuracy": result["baseline_accuracy"], "baseline_mean_recall": result["baseline_mean_recall"]})
+def score(args: argparse.Namespace, degrade: tuple[str, float] | None, classifier, baseline,
+          data: FerData | None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """One evaluation: the faces of --data (degraded by `degrade`) or --folder, scored by the model and the
+    baseline -> (the result dict, the model's predictions, its probabilities, the truth)."""
+    faces, truth, info = dataset_faces(args, data, degrade) if data is not None else folder_faces(args)
+    pred, probs = predict_with_gaps(classifier.predict, list(faces))
+    base_pred, base_probs = predict_with_gaps(baseline.predict, list(faces)) if baseline else (None, None)
+    result = {"model": classifier.name, "accuracy": round(float((pred == truth).mean()), 4), "n": int(len(truth)),
+              "per_class": per_class(pred, truth),
+              "baseline_accuracy": round(float((base_pred == truth).mean()), 4) if base_pred is not None else None,
+              "baseline": baseline.name if baseline else None,
+              "baseline_per_class": per_class(base_pred, truth) if base_pred is not None else None, **info,
+              "mean_recall": round(mean_recall(pred, truth), 4),
+              "ece": round(expected_calibration_error(probs, truth), 4),
+              "baseline_mean_recall": round(mean_recall(base_pred, truth), 4) if base_pred is not None else None,
+              "baseline_ece": round(expected_calibration_error(base_probs, truth), 4) if base_probs is not None else None}
+    return result, pred, probs, truth
+
+
+def degrade_table(args: argparse.Namespace, results: list[dict]) -> int:
+    """`--degrade all`: the clean score, then every degradation at its middle level (same model, data, split,
+    labels, baseline); one table and one JSON line."""
+    rows = [{"degradation": result.get("degrade", "clean"), "accuracy": result["accuracy"],
+             "mean_recall": result["mean_recall"], "ece": result["ece"],
+             "baseline_accuracy": result["baseline_accuracy"], "baseline_mean_recall": result["baseline_mean_recall"]}
+            for result in results]
     clean = rows[0]
     print(f"{'degradation':<16} {'accuracy':>9} {'change':>7} {'mean recall':>12} {'ECE':>7} {'baseline acc':>13} {'baseline mean recall':>21}")
     for row in rows:
