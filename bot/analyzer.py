@@ -131,7 +131,7 @@ class Analyzer:
         self.frames = 0
         self.errors = 0
         self.busy_seconds = 0.0
-        self.convert_seconds = 0.0      # of busy_seconds: frames to BGR in this thread (the rest is analyse())
+        self.convert_seconds = 0.0      # of busy_seconds: preparing frames (planes copied out, or BGR); the rest is analyse()
         self._decode_pool: ThreadPoolExecutor | None = None
         self.observe_round: Callable[[float], None] | None = None   # seconds of each round (bot/metrics.py)
 
