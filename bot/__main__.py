@@ -230,6 +230,7 @@ async def serve_only(settings: settings_mod.Settings, repository: Repository, sf
 async def _external_room(args: argparse.Namespace, settings: settings_mod.Settings) -> JanusRoomFeeds | None:
     """Join the external VideoRoom first: no such room, a wrong PIN or a Janus that is down is one clear line."""
     from bot.janus_room import JanusRoomError, JanusRoomFeeds
+    from core.simulcast import temporal_layer_for
     if not (args.janus and args.janus_room):
         print("error: --janus URL and --janus-room ID go together", file=sys.stderr)
         return None
@@ -237,7 +238,8 @@ async def _external_room(args: argparse.Namespace, settings: settings_mod.Settin
     chat = args.janus_textroom
     textroom = None if chat is None else "" if chat.lower() == "none" else int(chat) if chat.isdigit() else chat
     feeds = JanusRoomFeeds(args.janus, room, pin=args.pin, api_secret=settings.janus.api_secret,
-                           teacher=args.janus_teacher, textroom=textroom)
+                           teacher=args.janus_teacher, textroom=textroom,
+                           temporal=temporal_layer_for(settings.bot.sample_hz))
     try:
         await feeds.connect()
     except JanusRoomError as exc:

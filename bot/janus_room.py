@@ -50,13 +50,16 @@ class JanusRoomFeeds:
     """Follows the publishers of one external VideoRoom and hands their video to a BotPeer."""
 
     def __init__(self, url: str, room: str | int, *, pin: str = "", api_secret: str = "",
-                 teacher: str = "", textroom: str | int | None = None) -> None:
+                 teacher: str = "", textroom: str | int | None = None, temporal: int = 1) -> None:
+        """temporal: the temporal layer of each publisher's low simulcast layer the bot receives
+        (core.simulcast.temporal_layer_for(bot.sample_hz))."""
         self.bot: BotPeer | None = None       # set by the BotPeer that uses these feeds, once it has its room
         self.url = url
         self.room = room
         self.pin = pin
         self.api_secret = api_secret
         self.teacher = teacher
+        self.temporal = temporal
         self.client: JanusClient | None = None
         self.handle: int | None = None
         self.private_id: Any = None
@@ -194,7 +197,8 @@ class JanusRoomFeeds:
         if client is None or bot is None:
             return
         feed_id = self.feeds[feed]["id"]
-        streams: list[Message] = [{"feed": feed_id, "mid": mid, "substream": 0, "temporal": 0} for mid in mids] \
+        streams: list[Message] = [{"feed": feed_id, "mid": mid, "substream": 0, "temporal": self.temporal}
+                                  for mid in mids] \
             or [{"feed": feed_id}]
         join: Message = {"request": "join", "ptype": "subscriber", "room": self.room, "streams": streams}
         if self.private_id is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from core.settings import ServerSettings, Settings
+from core.simulcast import temporal_layer_for
 from signaling import housekeeping, ingest, metrics
 from signaling.guard import GUARD_KEY, ConnectionGuard, guard_middleware
 from signaling.joins import JoinLimits
@@ -66,7 +67,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
         state.meeting = Meeting(sfu, lambda: list(registry.rooms.values()),
                                 students_see_students=cfg.students_see_students,
                                 publish={"width": cfg.meeting_video_width, "height": cfg.meeting_video_height,
-                                         "fps": cfg.meeting_video_fps, "simulcast": True})
+                                         "fps": cfg.meeting_video_fps, "simulcast": True},
+                                bot_temporal_layer=temporal_layer_for(settings.bot.sample_hz))
         meeting = state.meeting
         app.on_cleanup.append(lambda _app: meeting.stop_tasks())
     app[STATE_KEY] = state

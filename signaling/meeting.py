@@ -38,10 +38,13 @@ class MeetingRoom:
 
 class Meeting:
     def __init__(self, sfu: Sfu, rooms: Callable[[], Iterable[Room]], *, students_see_students: bool = False,
-                 publish: dict[str, Any] | None = None) -> None:
+                 publish: dict[str, Any] | None = None, bot_temporal_layer: int = 1) -> None:
+        """bot_temporal_layer: how much of a student's low simulcast layer the bot receives
+        (core.simulcast.temporal_layer_for(bot.sample_hz))."""
         self.sfu = sfu
         self.rooms = rooms                      # the live rooms (for a media reset)
         self.students_see_students = students_see_students
+        self.bot_temporal_layer = bot_temporal_layer
         self.publish_constraints = publish or {"width": 640, "height": 480, "fps": 15, "simulcast": True}
         self.state: dict[str, MeetingRoom] = {}
         self._live: dict[str, Room] = {}
@@ -213,7 +216,8 @@ class Meeting:
                     log.debug("room %s: unsubscribing the bot from %s: %s", room.room_id, feed, exc)
             for feed in sorted(wanted - state.bot_feeds):
                 try:
-                    offer = await self.sfu.subscribe(room.room_id, BOT, feed, video_only=True, low=True)
+                    offer = await self.sfu.subscribe(room.room_id, BOT, feed, video_only=True, low=True,
+                                                     temporal=self.bot_temporal_layer)
                 except JanusError as exc:
                     log.warning("room %s: subscribing the bot to %s failed: %s", room.room_id, feed, exc)
                     continue

@@ -8,7 +8,7 @@ the bot's subscription inside Janus itself.
     sfu = Sfu(url, api_secret, admin_key)
     await sfu.start()                                            # JanusUnavailable with the URL if down
     answer = await sfu.publish(room, peer, name, offer_sdp)
-    offer = await sfu.subscribe(room, subscriber, feed, video_only=True, low=True)
+    offer = await sfu.subscribe(room, subscriber, feed, video_only=True, low=True, temporal=1)
     await sfu.start_subscription(room, subscriber, feed, answer_sdp)
 
 Janus lost (killed, restarted): every handle is gone. `on_lost()` runs at once, the Sfu reconnects with
@@ -248,11 +248,12 @@ class Sfu:
 
     # ---- subscribing ------------------------------------------------------------------------------
     async def subscribe(self, room_id: str, subscriber: str, feed: str, *, video_only: bool = False,
-                        low: bool = False) -> str:
+                        low: bool = False, temporal: int = 0) -> str:
         """Subscribe `subscriber` to `feed`; returns Janus's SDP offer (answer it with start_subscription).
 
         video_only: the feed's video stream(s) only (the bot never receives audio). low: the lowest
-        simulcast layer and temporal layer (all that 2 Hz analysis needs)."""
+        simulcast layer, up to temporal layer `temporal` (core.simulcast.temporal_layer_for: what the bot's
+        sampling rate needs)."""
         room = self.rooms.get(room_id)
         if room is None or feed not in room.publishers:
             raise JanusError(NO_SUCH_ROOM, f"{feed} is not publishing")
@@ -267,7 +268,7 @@ class Sfu:
                 streams = [{"feed": feed}]
             if low:
                 for stream in streams:
-                    stream.update({"substream": 0, "temporal": 0})
+                    stream.update({"substream": 0, "temporal": temporal})
             janus = self._janus()
             handle = await janus.attach()
             self._handles[handle] = (room_id, subscriber, feed)

@@ -277,6 +277,12 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
             after = samples_by_name(live)
             assert after["Ben"] == before["Ben"], f"samples of Ben after opting out: {before} -> {after}"
             assert after["Asha"] > before["Asha"], f"Asha is still analysed meanwhile: {before} -> {after}"
+            # Chrome sends the low simulcast layer (5 fps) in three temporal layers: the bot must receive enough of
+            # them to sample at bot.sample_hz (2 Hz here; the base layer alone is 1.25 frames/s).
+            times = [t for (t,) in live.rows("SELECT s.t FROM samples s JOIN participants p ON "
+                                            "s.participant_id = p.participant_id WHERE p.name = 'Asha' ORDER BY s.t")]
+            rate = (len(times) - 1) / max(1e-6, times[-1] - times[0])
+            assert rate >= 1.6, f"the bot samples Asha at {rate:.2f}/s over {times[-1] - times[0]:.1f} s, not 2"
             assert await ben.evaluate(LIVE_VIDEO) >= 1, "opting out must not stop the camera in a meeting"
             ben_peer = await teacher.get_by_test_id("video-tile").filter(has_text="Ben").get_attribute("data-peer")
             assert ben_peer in {t["peer"] for t in await playing_tiles(teacher, 2, timeout=30)}

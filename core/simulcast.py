@@ -1,0 +1,21 @@
+"""Which temporal layer of a student's low simulcast layer the bot subscribes to, for a sampling rate.
+
+Browsers encode each VP8 simulcast layer with three temporal layers (Chrome's default, L1T3): layer 0 holds
+every 4th frame, layers 0-1 every 2nd, layers 0-2 all of them. The meeting page caps the low layer at
+LOW_LAYER_FPS (rid "l" in signaling/static/meeting.js; a test keeps the two equal), so temporal layer 0 alone
+is 1.25 frames/s: a bot subscribed to it could never sample 2 Hz. A stream without temporal layers (aiortc,
+Firefox) is forwarded whole whatever the layer asked for.
+"""
+from __future__ import annotations
+
+LOW_LAYER_FPS = 5.0     # maxFramerate of the meeting page's low simulcast layer
+TEMPORAL_LAYERS = 3     # L1T3: layer t carries LOW_LAYER_FPS / 2 ** (2 - t) frames/s together with those below it
+HEADROOM = 1.2          # a browser short of CPU or light runs a little under its cap
+
+
+def temporal_layer_for(sample_hz: float, layer_fps: float = LOW_LAYER_FPS) -> int:
+    """The lowest temporal layer whose frame rate is at least sample_hz (with headroom): 2 Hz -> 1 (2.5 fps)."""
+    for layer in range(TEMPORAL_LAYERS):
+        if layer_fps / 2 ** (TEMPORAL_LAYERS - 1 - layer) >= sample_hz * HEADROOM:
+            return layer
+    return TEMPORAL_LAYERS - 1
