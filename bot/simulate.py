@@ -29,9 +29,9 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 
-from bot.students import (DIRECT_KBPS, MEETING_LOW_LAYER_KBPS, EncodedClip, SimulatedStudent, harness_arg_problem,
-                          load_video_frames, no_face_frames)
+from bot.students import DIRECT_KBPS, EncodedClip, SimulatedStudent, harness_arg_problem, load_video_frames, no_face_frames
 from core import settings as settings_mod
+from core.simulcast import LOW_LAYER_KBPS
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=5.0)
     p.add_argument("--bitrate", type=positive_kbps, default=None, metavar="KBPS",
                    help="VP8 bitrate each student sends (default: what a browser sends the bot on that path: "
-                        f"{DIRECT_KBPS} direct, {MEETING_LOW_LAYER_KBPS} via janus, the meeting's low simulcast layer)")
+                        f"{DIRECT_KBPS} direct, {LOW_LAYER_KBPS} via janus, the meeting's low simulcast layer)")
     p.add_argument("--live-encode", action="store_true",
                    help="every student runs its own VP8 encoder on this machine (as if the students' laptops "
                         "were this machine), instead of sending one shared clip encoded once")
@@ -90,7 +90,7 @@ def sent_kbps(args: argparse.Namespace) -> int:
     """The VP8 bitrate of the shared clip: --bitrate, else what a browser sends the bot on this path."""
     if args.bitrate:
         return int(args.bitrate)
-    return MEETING_LOW_LAYER_KBPS if args.via == "janus" else DIRECT_KBPS
+    return LOW_LAYER_KBPS if args.via == "janus" else DIRECT_KBPS
 
 
 def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[str]:

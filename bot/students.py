@@ -110,11 +110,10 @@ class LoopingVideoTrack(PacedTrack):
         return frame
 
 
-# What a student's browser sends the bot, in kbit/s. Direct: a 320x240, 5 fps camera track with no bandwidth
-# feedback from the bot, so the browser stays near WebRTC's start rate. In a Janus meeting the bot subscribes to
-# the low simulcast layer, capped by `maxBitrate` of rid "l" in signaling/static/meeting.js (a test keeps the two equal).
+# What a student's browser sends the bot directly, in kbit/s: a 320x240, 5 fps camera track with no bandwidth
+# feedback from the bot, so the browser stays near WebRTC's start rate. In a Janus meeting the bot gets the low
+# simulcast layer: core.simulcast.LOW_LAYER_KBPS.
 DIRECT_KBPS = 300
-MEETING_LOW_LAYER_KBPS = 150
 
 
 class EncodedClip:

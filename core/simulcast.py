@@ -2,13 +2,14 @@
 
 Browsers encode each VP8 simulcast layer with three temporal layers (Chrome's default, L1T3): layer 0 holds
 every 4th frame, layers 0-1 every 2nd, layers 0-2 all of them. The meeting page caps the low layer at
-LOW_LAYER_FPS (rid "l" in signaling/static/meeting.js; a test keeps the two equal), so temporal layer 0 alone
+LOW_LAYER_FPS and LOW_LAYER_KBPS (rid "l" in signaling/static/meeting.js; a test keeps them equal), so temporal layer 0 alone
 is 1.25 frames/s: a bot subscribed to it could never sample 2 Hz. A stream without temporal layers (aiortc,
 Firefox) is forwarded whole whatever the layer asked for.
 """
 from __future__ import annotations
 
 LOW_LAYER_FPS = 5.0     # maxFramerate of the meeting page's low simulcast layer
+LOW_LAYER_KBPS = 150    # its maxBitrate, in kbit/s: what a meeting student sends the bot (the load harness copies it)
 TEMPORAL_LAYERS = 3     # L1T3: layer t carries LOW_LAYER_FPS / 2 ** (2 - t) frames/s together with those below it
 HEADROOM = 1.2          # a browser short of CPU or light runs a little under its cap
 

@@ -216,8 +216,8 @@ class Meeting:
                     log.debug("room %s: unsubscribing the bot from %s: %s", room.room_id, feed, exc)
             for feed in sorted(wanted - state.bot_feeds):
                 try:
-                    offer = await self.sfu.subscribe(room.room_id, BOT, feed, video_only=True, low=True,
-                                                     temporal=self.bot_temporal_layer)
+                    offer = await self.sfu.subscribe(room.room_id, BOT, feed, video_only=True,
+                                                     low_temporal=self.bot_temporal_layer)
                 except JanusError as exc:
                     log.warning("room %s: subscribing the bot to %s failed: %s", room.room_id, feed, exc)
                     continue

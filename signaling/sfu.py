@@ -8,7 +8,7 @@ the bot's subscription inside Janus itself.
     sfu = Sfu(url, api_secret, admin_key)
     await sfu.start()                                            # JanusUnavailable with the URL if down
     answer = await sfu.publish(room, peer, name, offer_sdp)
-    offer = await sfu.subscribe(room, subscriber, feed, video_only=True, low=True, temporal=1)
+    offer = await sfu.subscribe(room, subscriber, feed, video_only=True, low_temporal=1)
     await sfu.start_subscription(room, subscriber, feed, answer_sdp)
 
 Janus lost (killed, restarted): every handle is gone. `on_lost()` runs at once, the Sfu reconnects with
@@ -248,12 +248,12 @@ class Sfu:
 
     # ---- subscribing ------------------------------------------------------------------------------
     async def subscribe(self, room_id: str, subscriber: str, feed: str, *, video_only: bool = False,
-                        low: bool = False, temporal: int = 0) -> str:
+                        low_temporal: int | None = None) -> str:
         """Subscribe `subscriber` to `feed`; returns Janus's SDP offer (answer it with start_subscription).
 
-        video_only: the feed's video stream(s) only (the bot never receives audio). low: the lowest
-        simulcast layer, up to temporal layer `temporal` (core.simulcast.temporal_layer_for: what the bot's
-        sampling rate needs)."""
+        video_only: the feed's video stream(s) only (the bot never receives audio). low_temporal: the lowest
+        simulcast layer only, up to this temporal layer (core.simulcast.temporal_layer_for: what the bot's
+        sampling rate needs); None: what Janus sends by default."""
         room = self.rooms.get(room_id)
         if room is None or feed not in room.publishers:
             raise JanusError(NO_SUCH_ROOM, f"{feed} is not publishing")
@@ -266,9 +266,9 @@ class Sfu:
                 streams: list[Message] = [{"feed": feed, "mid": mid} for mid in mids["video"]]
             else:
                 streams = [{"feed": feed}]
-            if low:
+            if low_temporal is not None:
                 for stream in streams:
-                    stream.update({"substream": 0, "temporal": temporal})
+                    stream.update({"substream": 0, "temporal": low_temporal})
             janus = self._janus()
             handle = await janus.attach()
             self._handles[handle] = (room_id, subscriber, feed)

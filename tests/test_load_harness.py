@@ -2,7 +2,6 @@
 50 encoders on the bot's machine must still be a valid VP8 stream from wherever a student starts."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import av
@@ -10,8 +9,8 @@ import numpy as np
 import pytest
 
 from bot.simulate import parse_args, sent_kbps
-from bot.students import (DIRECT_KBPS, MEETING_LOW_LAYER_KBPS, EncodedClip, LoopingPacketTrack, load_video_frames,
-                          no_face_frames)
+from bot.students import DIRECT_KBPS, EncodedClip, LoopingPacketTrack, load_video_frames, no_face_frames
+from core.simulcast import LOW_LAYER_KBPS
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -50,19 +49,16 @@ async def test_packet_track_starts_at_a_keyframe_and_keeps_the_frame_rate(clip):
 
 
 def test_meeting_students_send_the_bot_what_the_low_simulcast_layer_carries():
-    """--via janus models the layer the bot subscribes to: meeting.js's rid "l" cap, not the direct path's rate."""
-    meeting_js = (PROJECT / "signaling" / "static" / "meeting.js").read_text()
-    low = re.search(r'\{\s*rid:\s*"l"[^}]*maxBitrate:\s*(\d+)', meeting_js)
-    assert low is not None, "meeting.js no longer names a low simulcast layer with a maxBitrate"
-    assert int(low.group(1)) == 1000 * MEETING_LOW_LAYER_KBPS
-    assert sent_kbps(parse_args(["--via", "janus"])) == MEETING_LOW_LAYER_KBPS
+    """--via janus models the layer the bot subscribes to (meeting.js's rid "l" cap: tests/test_simulcast.py), not
+    the direct path's rate."""
+    assert sent_kbps(parse_args(["--via", "janus"])) == LOW_LAYER_KBPS
     assert sent_kbps(parse_args([])) == DIRECT_KBPS
     assert sent_kbps(parse_args(["--via", "janus", "--bitrate", "400"])) == 400
     with pytest.raises(SystemExit):
         parse_args(["--bitrate", "0"])
 
 
-@pytest.mark.parametrize("kbps", [MEETING_LOW_LAYER_KBPS, DIRECT_KBPS])
+@pytest.mark.parametrize("kbps", [LOW_LAYER_KBPS, DIRECT_KBPS])
 def test_shared_clip_is_encoded_near_the_bitrate_asked_for(kbps):
     frames = load_video_frames(SHARED_VIDEO) if SHARED_VIDEO.exists() else no_face_frames(320, 240, count=25)
     clip = EncodedClip(frames, fps=5.0, bitrate=kbps * 1000)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.simulcast import LOW_LAYER_FPS, temporal_layer_for
+from core.simulcast import LOW_LAYER_FPS, LOW_LAYER_KBPS, temporal_layer_for
 
 MEETING_JS = Path(__file__).resolve().parent.parent / "signaling" / "static" / "meeting.js"
 
@@ -23,7 +23,10 @@ def test_the_bot_gets_the_lowest_temporal_layer_that_carries_its_sampling_rate(s
     assert LOW_LAYER_FPS / 2 ** (2 - layer) == frames_per_second
 
 
-def test_the_frame_rate_assumed_is_the_meeting_pages_low_layer_cap():
-    low = re.search(r'\{\s*rid:\s*"l"[^}]*maxFramerate:\s*([\d.]+)', MEETING_JS.read_text())
-    assert low is not None, "meeting.js no longer names a low simulcast layer with a maxFramerate"
-    assert float(low.group(1)) == LOW_LAYER_FPS
+def test_the_frame_rate_and_bitrate_assumed_are_the_meeting_pages_low_layer_caps():
+    low = re.search(r'\{\s*rid:\s*"l"[^}]*\}', MEETING_JS.read_text())
+    assert low is not None, "meeting.js no longer names a low simulcast layer"
+    caps = dict(re.findall(r'(maxFramerate|maxBitrate):\s*([\d.]+)', low.group(0)))
+    assert set(caps) == {"maxFramerate", "maxBitrate"}, f"the low layer lost a cap: {low.group(0)}"
+    assert float(caps["maxFramerate"]) == LOW_LAYER_FPS
+    assert int(caps["maxBitrate"]) == 1000 * LOW_LAYER_KBPS
