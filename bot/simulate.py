@@ -3,8 +3,9 @@ aiortc peers in this process) streaming a video; prints a summary read back from
 
     python -m bot.simulate --students 50 --seconds 60 --video ../shared/media/videos/short_hamilton_clip.mp4 --json
 
-The last line with --json is one JSON object: students, samples, samples_per_student_per_s,
-p50/p95_frame_to_row_s, alerts, alert_latency_s, bot_cpu_percent, bot_peak_rss_mb, frames_dropped,
+The last line with --json is one JSON object: students, samples, samples_per_student_per_s (over each
+student's own span of samples), window_samples_per_student_per_s (over the whole window: a student analysed
+half of it counts half), connections_lost, p50/p95_frame_to_row_s, alerts, alert_latency_s, bot_cpu_percent, bot_peak_rss_mb, frames_dropped,
 errors, rows_lost, ... With --workers N: `workers` (per worker process: worker_id, rooms, students,
 samples, samples_per_s, cpu_percent, peak_rss_mb), server_cpu_percent, rooms and session_ids.
 """
@@ -200,6 +201,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     students: list[SimulatedStudent] = []
     teacher_alerts: list[dict[str, Any]] = []
     teacher_states = 0
+    connections_lost = 0
     errors: list[str] = []
     leaked_sets: list[set[str]] = []
     try:
@@ -243,13 +245,17 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                         raise RuntimeError(f"invite failed: HTTP {r.status} {await r.text()}")
             room_ids = [room["room"] for room in rooms]
 
+            everyone: list[SimulatedStudent] = []     # with those who replaced churned students
+
             def make_student(i: int) -> SimulatedStudent:
                 face = i >= args.no_face_students
                 analysis = i >= args.no_face_students + args.opt_out_students or i < args.no_face_students
                 room = rooms[i % len(rooms)]
-                return SimulatedStudent(server, room["room"], room["student_url"].split("k=", 1)[1],
-                                        f"Student {i + 1:02d}", frames if face else blank,
-                                        args.fps, analysis=analysis, offset=i * 3)
+                student = SimulatedStudent(server, room["room"], room["student_url"].split("k=", 1)[1],
+                                           f"Student {i + 1:02d}", frames if face else blank,
+                                           args.fps, analysis=analysis, offset=i * 3)
+                everyone.append(student)
+                return student
 
             students = [make_student(i) for i in range(args.students)]
             for s in students:
@@ -268,6 +274,11 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
             churn_task = asyncio.ensure_future(churn(students, make_student)) if args.churn else None
             await asyncio.sleep(args.seconds)
             ended = time.time()
+            # A student whose media connection dies while in class is not analysed again (an overloaded bot
+            # that misses ICE consent checks ends connections this way): an error, not a quiet gap.
+            connections_lost = sum(s.connections_lost for s in everyone)
+            if connections_lost:
+                errors.append(f"{connections_lost} media connections of students still in class failed or were closed")
             held = pool.holders(db)       # which worker held which room at the end of the window
             if churn_task:
                 churn_task.cancel()
@@ -322,7 +333,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "janus_peak_rss_mb": round(janus_monitor.peak_rss / 2**20, 1) if janus_monitor else None,
         "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),
         "error_messages": (errors + error_lines)[:20], "db": str(db), "bot_log": str(log_path),
-        "rooms": len(room_ids),
+        "rooms": len(room_ids), "connections_lost": connections_lost,
     })
     if args.workers:
         summary["server_cpu_percent"] = round(monitor.cpu_percent(), 1)
@@ -511,6 +522,9 @@ def summarise(db: Path, room_ids: list[str], started: float, ended: float, args:
     period = 1.0 / (args.sample_hz or float(bot_stats.get("sample_hz", 2.0)))
     # Rate over each connection's own active span (a churned student is away part of the time).
     rates = [len(ts) / (max(ts) - min(ts) + period) for ts in by_student.values() if len(ts) >= 2]
+    # The same over the whole window, for every student who has analysis on: a student analysed for half of it
+    # counts half. Without --churn this is the stricter figure (the one above cannot see a student lost mid-run).
+    analysed = max(1, args.students - args.opt_out_students)
     latencies = sorted((r[5] - r[2]) for r in rows if r[5] is not None)
 
     def pct(values: list[float], q: float) -> float | None:
@@ -522,6 +536,7 @@ def summarise(db: Path, room_ids: list[str], started: float, ended: float, args:
         "students": args.students, "samples": len(rows), "samples_in_window": len(window),
         "samples_per_student_per_s": round(sum(rates) / len(rates), 3) if rates else 0.0,
         "min_samples_per_student_per_s": round(min(rates), 3) if rates else 0.0,
+        "window_samples_per_student_per_s": round(len(window) / analysed / max(ended - started, 1e-9), 3),
         "students_with_samples": len(names), "faces_found": sum(1 for r in rows if r[3]),
         "p50_frame_to_row_s": pct(latencies, 0.5), "p95_frame_to_row_s": pct(latencies, 0.95),
         "alerts": len(alerts), "alert_kinds": sorted({f"{a[0]}:{a[1]}" for a in alerts}),

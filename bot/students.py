@@ -22,6 +22,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
 from bot.peer import rtc_configuration, ws_url
+from core.settings import ServerSettings
 
 log = logging.getLogger("classmood.students")
 
@@ -110,10 +111,10 @@ class LoopingVideoTrack(PacedTrack):
         return frame
 
 
-# What a student's browser sends the bot directly, in kbit/s: a 320x240, 5 fps camera track with no bandwidth
-# feedback from the bot, so the browser stays near WebRTC's start rate. In a Janus meeting the bot gets the low
-# simulcast layer: core.simulcast.LOW_LAYER_KBPS.
-DIRECT_KBPS = 300
+# What a student's browser sends the bot directly, in kbit/s: the join page caps its camera track at the
+# server's video_kbps (welcome.video.kbps). In a Janus meeting the bot gets the low simulcast layer:
+# core.simulcast.LOW_LAYER_KBPS.
+DIRECT_KBPS = ServerSettings.video_kbps
 
 
 class EncodedClip:
@@ -181,6 +182,7 @@ class SimulatedStudent:
         self.connected = asyncio.Event()             # media connection to the bot (or the SFU) established
         self.sfu = False                             # the room is a meeting: publish to the SFU
         self.publishes = 0                           # publish requests sent (one more after each media reset)
+        self.connections_lost = 0                    # media connections that failed or were closed by the other side
         self.welcomed = asyncio.Event()
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -248,6 +250,9 @@ class SimulatedStudent:
         async def on_state() -> None:
             if pc.connectionState == "connected":
                 self.connected.set()
+            elif pc.connectionState in ("failed", "closed") and self.pc is pc:   # not our own _close_pc
+                self.connections_lost += 1
+                self.connected.clear()
 
         track = LoopingPacketTrack(self.frames, self.offset) if isinstance(self.frames, EncodedClip) \
             else LoopingVideoTrack(self.frames, self.fps, self.offset)

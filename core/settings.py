@@ -51,6 +51,12 @@ class ServerSettings:
     video_width: int = 320
     video_height: int = 240
     video_fps: int = 5
+    # The most a student's camera track may send the bot, in kbit/s (the browser's sender cap). What 2 Hz analysis
+    # needs: the meeting's low simulcast layer carries the same (core.simulcast.LOW_LAYER_KBPS), and faces
+    # through VP8 at 150 score as clean ones (models.evaluate --degrade vp8:150). Uncapped, a browser that gets no
+    # bandwidth feedback from the bot sends ~300: at 100 students the bot's socket buffers overflowed and whole
+    # connections were lost (issue 24).
+    video_kbps: int = 150
     # --- per-connection limits of the signaling server ---
     hello_timeout_seconds: float = 10.0    # a /ws socket that sends no hello within this is closed
     # Sockets one client address (IPv6: its /64) may have open before their hello; beyond, new ones are
@@ -324,7 +330,7 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from at_least("server", "max_connections_per_address join_burst_per_address join_burst_per_room", 1)
     yield from at_least("server", "max_message_bytes max_bot_message_bytes", 1024)   # a hello with its token fits
     yield from at_least("server", "max_rooms max_participants_per_room max_teachers_per_room "
-                                  "video_width video_height video_fps max_pending_hellos_per_address message_burst", 1)
+                                  "video_width video_height video_fps video_kbps max_pending_hellos_per_address message_burst", 1)
     yield from positive("server", "hello_timeout_seconds messages_per_second room_idle_seconds")
     yield from at_least("server", "worker_lease_seconds", 1)   # renewals are 1/5 of it apart: not a busy loop
     yield from at_least("server", "heartbeat_seconds rooms_per_minute_per_address", 0)   # 0: off / no limit

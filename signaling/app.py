@@ -61,7 +61,8 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
     # come from a secret of this process instead (they then do not survive a restart).
     bot_token_secret = secrets.token_urlsafe(32) if default_key else cfg.worker_key
     state = ServerState(settings=settings, store=store, registry=registry, static=static, ice_servers=ice_servers,
-                        video={"width": cfg.video_width, "height": cfg.video_height, "fps": cfg.video_fps},
+                        video={"width": cfg.video_width, "height": cfg.video_height, "fps": cfg.video_fps,
+                               "kbps": cfg.video_kbps},
                         bot_token_secret=bot_token_secret, joins=JoinLimits(cfg))
     if sfu is not None:
         state.meeting = Meeting(sfu, lambda: list(registry.rooms.values()),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import ServerSettings
 from tests.spine import PROJECT, VIDEOS, start_class, stop_class
 from tests.y4m import video_to_y4m
 
@@ -50,6 +51,15 @@ CAMERA_PROBE = """(() => {
   };
 })();"""
 LIVE_TRACKS = "window.__cameraTracks.filter((t) => t.readyState === 'live').length"
+# What the student's page sends the assistant, in kbit/s over four seconds (join.js's `pc`).
+SENT_KBPS = """async () => {
+  const sent = async () => { let bytes = 0;
+    (await pc.getStats()).forEach((r) => { if (r.type === "outbound-rtp" && r.kind === "video") bytes += r.bytesSent; });
+    return bytes; };
+  const before = await sent(), started = performance.now();
+  await new Promise((resolve) => setTimeout(resolve, 4000));
+  return (await sent() - before) * 8 / (performance.now() - started);
+}"""
 # The user (or the browser's settings) refused the camera.
 BLOCK_CAMERA = """navigator.mediaDevices.getUserMedia = () =>
   Promise.reject(new DOMException("Permission denied", "NotAllowedError"));"""
@@ -116,6 +126,9 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             alert = teacher.get_by_test_id("alert-item").filter(has_text="Asha")
             await alert.first.wait_for(timeout=60_000)
             await teacher.get_by_test_id("student-row").filter(has_text=LONG_NAME).wait_for(timeout=10_000)
+            # Her camera sends the assistant no more than the server's cap (welcome.video.kbps, 150 by default).
+            sent_kbps = await pages["asha"].evaluate(SENT_KBPS)
+            assert 0 < sent_kbps <= 1.25 * ServerSettings.video_kbps, f"the student page sent {sent_kbps:.0f} kbit/s"
             await teacher.screenshot(path=str(ARTIFACTS / "teacher-page.png"), full_page=True)
             assert await teacher.evaluate("document.documentElement.scrollWidth") <= 1280, "a long name widened the page"
             # Bars are meters and buttons say whom they are about, for screen readers.

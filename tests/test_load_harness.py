@@ -2,14 +2,18 @@
 50 encoders on the bot's machine must still be a valid VP8 stream from wherever a student starts."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
+import aioice.ice
 import av
 import numpy as np
 import pytest
+from aiortc import RTCPeerConnection
 
 from bot.simulate import parse_args, sent_kbps
-from bot.students import DIRECT_KBPS, EncodedClip, LoopingPacketTrack, load_video_frames, no_face_frames
+from bot.students import DIRECT_KBPS, EncodedClip, LoopingPacketTrack, SimulatedStudent, load_video_frames, no_face_frames
 from core.simulcast import LOW_LAYER_KBPS
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -58,7 +62,7 @@ def test_meeting_students_send_the_bot_what_the_low_simulcast_layer_carries():
         parse_args(["--bitrate", "0"])
 
 
-@pytest.mark.parametrize("kbps", [LOW_LAYER_KBPS, DIRECT_KBPS])
+@pytest.mark.parametrize("kbps", sorted({LOW_LAYER_KBPS, DIRECT_KBPS}))
 def test_shared_clip_is_encoded_near_the_bitrate_asked_for(kbps):
     frames = load_video_frames(SHARED_VIDEO) if SHARED_VIDEO.exists() else no_face_frames(320, 240, count=25)
     clip = EncodedClip(frames, fps=5.0, bitrate=kbps * 1000)
@@ -66,3 +70,45 @@ def test_shared_clip_is_encoded_near_the_bitrate_asked_for(kbps):
     assert sent_kbps_measured <= 1.3 * kbps
     if SHARED_VIDEO.exists():    # a real clip fills its budget; the synthetic one needs far less
         assert sent_kbps_measured >= 0.7 * kbps
+
+
+async def connected_student(monkeypatch) -> tuple[SimulatedStudent, RTCPeerConnection]:
+    """A simulated student's sending connection to a plain aiortc receiver, consent checked every 0.2 s
+    (aioice's 5 s would make a lost connection take 30 s to notice)."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.2)
+    student = SimulatedStudent("http://127.0.0.1:1", "room", "key", "Student 01", no_face_frames(count=5))
+    sending = student._sending_pc()
+    receiver = RTCPeerConnection()
+
+    @receiver.on("track")
+    def on_track(track) -> None:
+        async def drain() -> None:
+            with contextlib.suppress(Exception):
+                while True:
+                    await track.recv()
+        asyncio.ensure_future(drain())
+
+    await sending.setLocalDescription(await sending.createOffer())
+    await receiver.setRemoteDescription(sending.localDescription)
+    await receiver.setLocalDescription(await receiver.createAnswer())
+    await sending.setRemoteDescription(receiver.localDescription)
+    await asyncio.wait_for(student.connected.wait(), 10)
+    return student, receiver
+
+
+async def test_a_connection_the_other_side_drops_counts_as_lost_and_leaving_does_not(monkeypatch):
+    """The harness reports connections_lost: an overloaded bot that misses ICE consent checks drops whole
+    students, which a rate over each student's own span of samples cannot show."""
+    student, receiver = await connected_student(monkeypatch)
+    await receiver.close()
+    for _ in range(150):
+        if student.connections_lost:
+            break
+        await asyncio.sleep(0.1)
+    assert student.connections_lost == 1 and not student.connected.is_set()
+
+    student, receiver = await connected_student(monkeypatch)
+    await student.leave()
+    await receiver.close()
+    await asyncio.sleep(2)
+    assert student.connections_lost == 0

@@ -6,7 +6,7 @@
 const room = CM.roomFromPath("/join/");
 const key = new URLSearchParams(location.search).get("k") || "";
 const $ = (id) => document.getElementById(id);
-let ws = null, pc = null, stream = null, cameraPending = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 5 };
+let ws = null, pc = null, stream = null, cameraPending = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 5, kbps: 150 };
 let joined = false, myName = "", retryTimer = null, backoff = 1000, lastError = null, attempt = 0;
 let mode = "direct", meeting = null;
 
@@ -148,7 +148,10 @@ async function connectToBot() {
   if (!botId) { status("Connected. Waiting for the assistant to join.", ""); return; }
   const peer = new RTCPeerConnection({ iceServers });
   pc = peer;
-  for (const track of media.getVideoTracks()) peer.addTransceiver(track, { direction: "sendonly", streams: [media] });
+  // Capped at what the server asks (welcome.video.kbps): the assistant sends no bandwidth feedback, and
+  // uncapped a browser stays near its start rate, twice what 2 Hz analysis needs.
+  const sendEncodings = [{ maxBitrate: 1000 * (video.kbps || 150), maxFramerate: video.fps }];
+  for (const track of media.getVideoTracks()) peer.addTransceiver(track, { direction: "sendonly", streams: [media], sendEncodings });
   peer.addEventListener("connectionstatechange", () => {
     if (pc !== peer) return;
     if (peer.connectionState === "connected") status("Connected — the assistant is analysing your expressions.", "ok");
