@@ -5,7 +5,8 @@ aiortc peers in this process) streaming a video; prints a summary read back from
 
 The last line with --json is one JSON object: students, samples, samples_per_student_per_s (over each
 student's own span of samples), window_samples_per_student_per_s (over the whole window: a student analysed
-half of it counts half), connections_lost, p50/p95_frame_to_row_s, alerts, alert_latency_s, bot_cpu_percent, bot_peak_rss_mb, frames_dropped,
+half of it counts half), connections_lost, bot_udp_backlog_kb_max (the fullest of the bot's sockets: video
+waiting to be read), p50/p95_frame_to_row_s, alerts, alert_latency_s, bot_cpu_percent, bot_peak_rss_mb, frames_dropped,
 errors, rows_lost, ... With --workers N: `workers` (per worker process: worker_id, rooms, students,
 samples, samples_per_s, cpu_percent, peak_rss_mb), server_cpu_percent, rooms and session_ids.
 """
@@ -155,6 +156,10 @@ class ProcessMonitor:
 
     def reset(self) -> None:
         self.cpu_start, self.t_start = self._cpu(), time.monotonic()
+        self.peak_udp_backlog = self.peak_udp_backlog_total = 0
+
+    peak_udp_backlog = 0          # bytes: the fullest receive queue of one of the process's UDP sockets
+    peak_udp_backlog_total = 0    # bytes: all its UDP sockets together
 
     async def run(self) -> None:
         while True:
@@ -162,12 +167,41 @@ class ProcessMonitor:
                 members = self._members()      # one walk of the process tree per sample, for both figures
                 self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in members))
                 self.cpu_end, self.t_end = self._cpu(members), time.monotonic()
+                queues = udp_receive_queues(self.process.pid)
+                if queues:
+                    self.peak_udp_backlog = max(self.peak_udp_backlog, max(queues))
+                    self.peak_udp_backlog_total = max(self.peak_udp_backlog_total, sum(queues))
             except Exception:
                 return
             await asyncio.sleep(0.5)
 
     def cpu_percent(self) -> float:
         return 100.0 * (self.cpu_end - self.cpu_start) / max(1e-6, self.t_end - self.t_start)
+
+
+def udp_receive_queues(pid: int) -> list[int]:
+    """Bytes waiting in the kernel to be read, for each UDP socket of the process (Linux; [] elsewhere). Packets
+    wait there when the process's event loop reads its sockets slower than they fill: time that the bot's
+    frame->row latency cannot see, since its clock starts when a frame is decoded."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        queues = []
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            with open(table) as f:
+                for line in f.read().splitlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[9] in inodes:
+                        queues.append(int(fields[4].split(":")[1], 16))
+        return queues
+    except OSError:
+        return []
 
 
 async def simulate(args: argparse.Namespace) -> dict[str, Any]:
@@ -327,6 +361,9 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "students_received_teacher_data": sorted(leaked),
         "bot_cpu_percent": round(pool.cpu_percent() if args.workers else monitor.cpu_percent(), 1),
         "bot_peak_rss_mb": round((pool.peak_rss() if args.workers else monitor.peak_rss) / 2**20, 1),
+        # Video that reached the bot's machine but waits in its sockets (kernel accounting, ~1.6x the payload).
+        "bot_udp_backlog_kb_max": None if args.workers else round(monitor.peak_udp_backlog / 1024),
+        "bot_udp_backlog_kb_total_max": None if args.workers else round(monitor.peak_udp_backlog_total / 1024),
         "via": args.via,
         "bitrate_kbps": None if args.live_encode else sent_kbps(args),
         "janus_cpu_percent": round(janus_monitor.cpu_percent(), 1) if janus_monitor else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from pathlib import Path
 
 import aioice.ice
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 
-from bot.simulate import parse_args, sent_kbps
+from bot.simulate import parse_args, sent_kbps, udp_receive_queues
 from bot.students import DIRECT_KBPS, EncodedClip, LoopingPacketTrack, SimulatedStudent, load_video_frames, no_face_frames
 from core.simulcast import LOW_LAYER_KBPS
 
@@ -112,3 +114,19 @@ async def test_a_connection_the_other_side_drops_counts_as_lost_and_leaving_does
     await receiver.close()
     await asyncio.sleep(2)
     assert student.connections_lost == 0
+
+
+@pytest.mark.skipif(not Path("/proc/net/udp").exists(), reason="reads Linux's /proc/net/udp")
+def test_unread_datagrams_show_as_the_process_udp_backlog():
+    """bot_udp_backlog_kb_max: what waits in a socket unread is seen (what the frame->row latency cannot)."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        assert max(udp_receive_queues(os.getpid()), default=0) < 3000
+        for _ in range(3):
+            sender.sendto(b"x" * 1200, receiver.getsockname())
+        assert max(udp_receive_queues(os.getpid())) >= 3 * 1200
+    finally:
+        receiver.close()
+        sender.close()
