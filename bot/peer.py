@@ -67,6 +67,10 @@ class BotPeer:
         self.room: ClassRoom | None = None
         self.pcs: dict[str, RTCPeerConnection] = {}
         self.consumers: dict[str, asyncio.Task] = {}
+        # Media connections that failed or were closed by the other side (ICE consent lost, the SFU hung up)
+        # while the student was still wanted: that student is not analysed until they reconnect.
+        self.connections_lost = 0
+        self._loss_checks: set[str] = set()
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -381,8 +385,30 @@ class BotPeer:
                 pc = self.pcs.pop(peer, None)
                 if pc is not None:
                     self._spawn(pc.close())
+                self._check_lost_later(peer)
+
+    LOSS_GRACE = 3.0    # s: a leaving student's media often ends before the server says they left
+
+    def _check_lost_later(self, peer: str) -> None:
+        """A student's media connection ended: if, LOSS_GRACE s later, they are still in class with analysis on
+        and have not connected again, the bot has lost them: counted (stats) and said (log)."""
+        if peer in self._loss_checks:
+            return
+        self._loss_checks.add(peer)
+
+        async def check() -> None:
+            try:
+                await asyncio.sleep(self.LOSS_GRACE)
+            finally:
+                self._loss_checks.discard(peer)
+            if self.room is not None and self.room.wants_video(peer) and peer not in self.pcs:
+                self.connections_lost += 1
+                log.warning("room %s: the media connection to %s ended while they are still in class; they are "
+                            "not analysed until they reconnect", self.room_id, peer)
+        self._spawn(check())
 
     async def _drop_peer(self, peer: str) -> None:
+        self._check_lost_later(peer)
         consumer = self.consumers.pop(peer, None)
         if consumer is not None:
             consumer.cancel()

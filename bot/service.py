@@ -54,6 +54,7 @@ class BotService:
         self.rooms: dict[str, ClassRoom] = {}
         self.peers: dict[str, BotPeer] = {}
         self.tasks: dict[str, asyncio.Task] = {}
+        self.connections_lost_before = 0     # students' media connections lost in rooms no longer served
         self._loop: asyncio.AbstractEventLoop | None = None
         # This process's id in the database's room leases (sent in the worker hello; the server invites
         # under it). Rooms it was invited to are `leased`: it renews them while it serves them.
@@ -165,7 +166,8 @@ class BotService:
     def _joined_done(self, room_id: str, task: asyncio.Task) -> None:
         if self.tasks.get(room_id) is task:
             self.tasks.pop(room_id, None)
-            self.peers.pop(room_id, None)
+            peer = self.peers.pop(room_id, None)
+            self.connections_lost_before += peer.connections_lost if peer is not None else 0
         if not task.cancelled() and task.exception() is not None:
             log.error("room %s: bot stopped with an error", room_id, exc_info=task.exception())
 
@@ -213,4 +215,5 @@ class BotService:
                 "inference_convert_s": round(self.analyzer.convert_seconds, 3),
                 "inference_child_cpu_s": round(float(getattr(self.analyzer.analyse, "child_cpu_seconds", 0.0)), 3),
                 "frames_dropped": self.mailbox.dropped, "frames_accepted": self.mailbox.accepted,
-                "frame_errors": self.analyzer.errors}
+                "frame_errors": self.analyzer.errors,
+                "connections_lost": self.connections_lost_before + sum(p.connections_lost for p in self.peers.values())}

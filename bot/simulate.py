@@ -5,7 +5,8 @@ aiortc peers in this process) streaming a video; prints a summary read back from
 
 The last line with --json is one JSON object: students, samples, samples_per_student_per_s (over each
 student's own span of samples), window_samples_per_student_per_s (over the whole window: a student analysed
-half of it counts half), connections_lost, bot_udp_backlog_kb_max (the fullest of the bot's sockets: video
+half of it counts half), connections_lost (the students' side) and bot_connections_lost (the bot's: both
+count as errors), bot_udp_backlog_kb_max (the fullest of the bot's sockets: video
 waiting to be read), p50/p95_frame_to_row_s, alerts, alert_latency_s, bot_cpu_percent, bot_peak_rss_mb, frames_dropped,
 errors, rows_lost, ... With --workers N: `workers` (per worker process: worker_id, rooms, students,
 samples, samples_per_s, cpu_percent, peak_rss_mb), server_cpu_percent, rooms and session_ids.
@@ -368,9 +369,11 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "bitrate_kbps": None if args.live_encode else sent_kbps(args),
         "janus_cpu_percent": round(janus_monitor.cpu_percent(), 1) if janus_monitor else None,
         "janus_peak_rss_mb": round(janus_monitor.peak_rss / 2**20, 1) if janus_monitor else None,
-        "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),
+        "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0)
+        + int(bot_stats.get("connections_lost", 0) or 0),
         "error_messages": (errors + error_lines)[:20], "db": str(db), "bot_log": str(log_path),
         "rooms": len(room_ids), "connections_lost": connections_lost,
+        "bot_connections_lost": int(bot_stats.get("connections_lost", 0) or 0),
     })
     if args.workers:
         summary["server_cpu_percent"] = round(monitor.cpu_percent(), 1)
@@ -460,9 +463,10 @@ class WorkerPool:
     def combined_stats(self) -> dict[str, Any]:
         """The workers' counters added up, in the shape of `bot run`'s stats file."""
         stats = self.stats()
-        total: dict[str, Any] = {"storage": {"lost": 0}, "samples_accepted": 0, "frames_dropped": 0, "frame_errors": 0}
+        total: dict[str, Any] = {"storage": {"lost": 0}, "samples_accepted": 0, "frames_dropped": 0, "frame_errors": 0,
+                                 "connections_lost": 0}
         for one in stats:
-            for k in ("samples_accepted", "frames_dropped", "frame_errors"):
+            for k in ("samples_accepted", "frames_dropped", "frame_errors", "connections_lost"):
                 total[k] += int(one.get(k) or 0)
             total["storage"]["lost"] += int((one.get("storage") or {}).get("lost") or 0)
             total["sample_hz"] = one.get("sample_hz", total.get("sample_hz"))

@@ -195,6 +195,26 @@ async def test_a_stalled_track_pauses_that_student_and_resumes_when_video_comes_
         await stop_class(live)
 
 
+async def test_a_media_connection_lost_in_class_is_counted_and_said_but_leaving_is_not(tmp_path, caplog):
+    """The bot's stats say how many students it lost without them leaving (bot.simulate counts them as errors):
+    an overloaded bot whose connections close shows up there, not as a quiet gap in the data."""
+    live = await start_class(tmp_path)
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        lost = await live.add_student("Lost", VIDEOS / "woman2.mp4")
+        leaving = await live.add_student("Leaving", VIDEOS / "emotions.mp4")
+        await asyncio.wait_for(asyncio.gather(lost.connected.wait(), leaving.connected.wait()), 30)
+        await leaving.leave()
+        await lost._close_pc()          # its camera connection ends; the student stays in class
+        assert await eventually(lambda: live.service.stats()["connections_lost"] == 1, timeout=10)
+        assert "still in class" in caplog.text and lost.peer_id in caplog.text
+        await asyncio.sleep(4)          # the one who left is never counted
+        assert live.service.stats()["connections_lost"] == 1
+    finally:
+        await stop_class(live)
+
+
 async def test_after_a_server_restart_the_invited_bot_rejoins_its_room_and_session(tmp_path):
     live = await start_class(tmp_path, server={"worker_key": "a-deployment-key-not-the-default"})
     try:
