@@ -351,6 +351,9 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     error_lines = [line for line in bot_log.splitlines() if " ERROR " in line or "Traceback" in line]
     bot_stats = json.loads(stats_file.read_text()) if stats_file.exists() else pool.combined_stats()
     summary = summarise(db, room_ids, started, ended, args, bot_stats)
+    bot_lost = int(bot_stats.get("connections_lost", 0) or 0)
+    if bot_lost:
+        errors.append(f"the bot lost the media connections of {bot_lost} students still in class")
     error_lines += pool.error_lines()
     leaked = set().union(*leaked_sets) if leaked_sets else set()
     delivery = sorted(a["received_at"] - float(a.get("t") or 0) for a in teacher_alerts)
@@ -369,11 +372,10 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "bitrate_kbps": None if args.live_encode else sent_kbps(args),
         "janus_cpu_percent": round(janus_monitor.cpu_percent(), 1) if janus_monitor else None,
         "janus_peak_rss_mb": round(janus_monitor.peak_rss / 2**20, 1) if janus_monitor else None,
-        "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0)
-        + int(bot_stats.get("connections_lost", 0) or 0),
+        "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),
         "error_messages": (errors + error_lines)[:20], "db": str(db), "bot_log": str(log_path),
         "rooms": len(room_ids), "connections_lost": connections_lost,
-        "bot_connections_lost": int(bot_stats.get("connections_lost", 0) or 0),
+        "bot_connections_lost": bot_lost,
     })
     if args.workers:
         summary["server_cpu_percent"] = round(monitor.cpu_percent(), 1)
