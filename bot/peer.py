@@ -71,6 +71,8 @@ class BotPeer:
         # while the student was still wanted: that student is not analysed until they reconnect.
         self.connections_lost = 0
         self._loss_checks: set[str] = set()
+        self._losses: dict[str, int] = {}   # per student: lost connections (how long to wait before asking again)
+        self.meeting = False                # the room's video comes through the SFU (welcome.media.mode == "sfu")
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -245,6 +247,7 @@ class BotPeer:
     async def _welcome(self, data: dict[str, Any]) -> None:
         self.peer_id = data.get("peer_id")
         self.ice_servers = list(data.get("ice_servers") or [])
+        self.meeting = (data.get("media") or {}).get("mode") == "sfu"
         if self.room is None:
             session_id = await asyncio.to_thread(self.repository.resume_or_start_session, self.room_id,
                                                  data.get("session_id"))
@@ -403,8 +406,19 @@ class BotPeer:
                 self._loss_checks.discard(peer)
             if self.room is not None and self.room.wants_video(peer) and peer not in self.pcs:
                 self.connections_lost += 1
-                log.warning("room %s: the media connection to %s ended while they are still in class; they are "
-                            "not analysed until they reconnect", self.room_id, peer)
+                self._losses[peer] = losses = self._losses.get(peer, 0) + 1
+                if not self.meeting or self.external is not None:
+                    log.warning("room %s: the media connection to %s ended while they are still in class; they are "
+                                "not analysed until they reconnect", self.room_id, peer)
+                    return
+                # In a meeting the bot can ask for the student's video again. Soon after the first loss; a
+                # student lost again and again (a bot short of CPU) waits longer each time, up to a minute.
+                delay = min(60.0, self.LOSS_GRACE * (2 ** (losses - 1) - 1))
+                log.warning("room %s: the media connection to %s ended while they are still in class; asking "
+                            "for their video again in %.0f s", self.room_id, peer, delay)
+                await asyncio.sleep(delay)
+                if self.room is not None and self.room.wants_video(peer) and peer not in self.pcs:
+                    await self.send({"type": "subscribe", "feed": peer})
         self._spawn(check())
 
     async def _drop_peer(self, peer: str) -> None:

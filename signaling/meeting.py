@@ -107,6 +107,24 @@ class Meeting:
         """A media message of a member (validated by signaling.protocol)."""
         self._spawn(self._handle(room, peer, data))
 
+    def resubscribe_bot_soon(self, room: Room, feed: str) -> None:
+        self._spawn(self.resubscribe_bot(room, feed))
+
+    async def resubscribe_bot(self, room: Room, feed: str) -> None:
+        """The bot lost its connection to a feed it is subscribed to (a bot short of CPU misses ICE consent
+        checks; a network fault): hang the old subscription up and offer it again, if the bot may still have it."""
+        state = self._room(room)
+        async with state.lock:
+            if feed not in state.bot_feeds:
+                return          # not the bot's (any more): sync_bot decides what it gets
+            state.bot_feeds.discard(feed)
+            try:
+                await self.sfu.unsubscribe(room.room_id, BOT, feed)
+            except JanusError as exc:
+                log.debug("room %s: hanging up the bot's lost subscription to %s: %s", room.room_id, feed, exc)
+        log.info("room %s: the bot lost its connection to %s; offering it again", room.room_id, feed)
+        await self.sync_bot(room)
+
     def bot_answer_soon(self, room: Room, feed: str, sdp: str) -> None:
         self._spawn(self.bot_answer(room, feed, sdp))
 

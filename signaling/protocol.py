@@ -251,6 +251,8 @@ INBOUND: dict[str, tuple[frozenset[str], Callable[[dict[str, Any]], dict[str, An
     MessageType.STATE: (frozenset({Role.BOT}), _state),
     MessageType.ALERT: (frozenset({Role.BOT}), _alert),
     **{kind: (frozenset({Role.STUDENT, Role.TEACHER}), _media) for kind in MEDIA_TYPES},
+    # In a meeting the bot sends subscribe {feed} only to have a feed it lost offered again (signaling/meeting.py).
+    MessageType.SUBSCRIBE: (frozenset({Role.STUDENT, Role.TEACHER, Role.BOT}), _media),
 }
 
 

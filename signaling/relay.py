@@ -362,6 +362,11 @@ def on_media(room: Room, peer: Peer, data: dict[str, Any]) -> None:
     """publish, unpublish, subscribe, unsubscribe, answer: the meeting makes the SFU calls."""
     if room.meeting is None:
         raise ProtocolError(ErrorCode.BAD_TYPE, "this server has no media server: video goes to the bot directly")
+    if peer.role == Role.BOT:
+        if room.bot is not peer:
+            raise ProtocolError(ErrorCode.REPLACED, "this bot no longer serves the room")
+        room.meeting.resubscribe_bot_soon(room, data["feed"])
+        return
     room.meeting.handle(room, peer, data)
 
 

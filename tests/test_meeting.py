@@ -187,6 +187,38 @@ async def test_janus_killed_during_class_comes_back_and_the_session_continues(tm
         await stop_class(live)
 
 
+async def test_a_bot_that_loses_a_students_video_gets_it_offered_again_and_analysis_resumes(tmp_path):
+    """A bot short of CPU misses ICE consent checks and its subscription closes (100 students on 2 cores lost
+    most of theirs): the student stays in class, so the bot asks for the feed again and the server offers it."""
+    live = await start_class(tmp_path, janus=True)
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        asha = await live.add_student("Asha", CLIP)
+        ben = await live.add_student("Ben", CLIP)
+        assert await eventually(lambda: sample_count(live, asha) >= 3 and sample_count(live, ben) >= 3, 40)
+        bot = live.service.peers[live.room["room"]]
+        lost_pc = bot.pcs[asha.peer_id]
+        # What aioice does when ICE consent expires: its connection closes, with no goodbye to Janus (which
+        # therefore reports no hang-up: only the bot knows).
+        ice = lost_pc.getTransceivers()[0].receiver.transport.transport
+        await ice._connection.close()
+        assert await eventually(lambda: bot.connections_lost == 1, 10)
+        assert await eventually(lambda: bot.pcs.get(asha.peer_id) not in (None, lost_pc), 20), "no new subscription"
+        stored = sample_count(live, asha)
+        assert await eventually(lambda: sample_count(live, asha) >= stored + 3, 30), "analysis did not resume"
+        assert live.media.sfu.subscribed(live.room["room"], "bot", asha.peer_id)
+        assert asha.publishes == 1 and ben.publishes == 1, "nobody had to publish again"
+        # A feed the bot may not have (Ben opts out) is not offered again when the bot asks for it.
+        await ben.set_analysis(False)
+        assert await eventually(lambda: not live.media.sfu.subscribed(live.room["room"], "bot", ben.peer_id), 10)
+        await bot.send({"type": "subscribe", "feed": ben.peer_id})
+        await asyncio.sleep(2)
+        assert not live.media.sfu.subscribed(live.room["room"], "bot", ben.peer_id)
+    finally:
+        await stop_class(live)
+
+
 async def test_janus_down_or_wrong_secret_is_a_clear_error_naming_the_url():
     require_janus()
     port = free_port()
