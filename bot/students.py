@@ -170,6 +170,8 @@ class SimulatedStudent:
     """A student as the browser page behaves; streams `frames` (encoded live by aiortc) or an
     EncodedClip (shared, already encoded)."""
 
+    RECONNECT_SECONDS = 2.0     # the first wait before connecting again after a lost media connection
+
     def __init__(self, server: str, room: str, key: str, name: str, frames: list[np.ndarray] | EncodedClip,
                  fps: float = 5.0, analysis: bool = True, offset: int = 0) -> None:
         self.server, self.room, self.key, self.name = server, room, key, name
@@ -253,6 +255,12 @@ class SimulatedStudent:
             elif pc.connectionState in ("failed", "closed") and self.pc is pc:   # not our own _close_pc
                 self.connections_lost += 1
                 self.connected.clear()
+                self.pc = None
+                await pc.close()
+                # As the pages do: connect again, waiting longer after each loss (join.js, meeting.js).
+                await asyncio.sleep(min(30.0, self.RECONNECT_SECONDS * 2 ** (self.connections_lost - 1)))
+                if self.pc is None and self._ws is not None and not self._ws.closed:
+                    await (self._publish() if self.sfu else self._connect_to_bot())
 
         track = LoopingPacketTrack(self.frames, self.offset) if isinstance(self.frames, EncodedClip) \
             else LoopingVideoTrack(self.frames, self.fps, self.offset)

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import aioice.ice
 import cv2
 import numpy as np
 import pytest
@@ -211,6 +212,28 @@ async def test_a_media_connection_lost_in_class_is_counted_and_said_but_leaving_
         assert "still in class" in caplog.text and lost.peer_id in caplog.text
         await asyncio.sleep(4)          # the one who left is never counted
         assert live.service.stats()["connections_lost"] == 1
+    finally:
+        await stop_class(live)
+
+
+async def test_a_student_whose_connection_the_bot_lost_connects_again_and_is_analysed(tmp_path, monkeypatch):
+    """Direct path: the bot's ICE connection to a student closes without a goodbye (what aioice does when consent
+    expires); the student's side notices and connects again, as join.js does, and analysis resumes."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.2)     # consent lost in ~2 s instead of ~30
+    live = await start_class(tmp_path)
+    try:
+        await live.create_room()
+        await live.invite_bot()
+        asha = await live.add_student("Asha", VIDEOS / "woman2.mp4")
+        await asyncio.wait_for(asha.connected.wait(), 30)
+        assert await eventually(lambda: len(live.samples_of(asha)) >= 3, 20)
+        bot = live.service.peers[live.room["room"]]
+        lost_pc = bot.pcs[asha.peer_id]
+        await lost_pc.getTransceivers()[0].receiver.transport.transport._connection.close()
+        assert await eventually(lambda: asha.connections_lost == 1, 15), "the student did not notice"
+        assert await eventually(lambda: bot.pcs.get(asha.peer_id) not in (None, lost_pc), 20), "no new connection"
+        t_back = time.time()
+        assert await eventually(lambda: [r for r in live.samples_of(asha) if r[0] > t_back], 20), "not analysed again"
     finally:
         await stop_class(live)
 

@@ -8,6 +8,8 @@ const key = new URLSearchParams(location.search).get("k") || "";
 const $ = (id) => document.getElementById(id);
 let ws = null, pc = null, stream = null, cameraPending = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 5, kbps: 150 };
 let joined = false, myName = "", retryTimer = null, backoff = 1000, lastError = null, attempt = 0;
+let mediaLosses = 0, reconnecting = false;   // video connections to the assistant lost after working (each
+                                            // reconnect waits longer); a reconnect under way (it retries until one works)
 let mode = "direct", meeting = null;
 
 const INVALID_LINK = "This link is not valid any more: ask your teacher for a new one.";
@@ -152,10 +154,24 @@ async function connectToBot() {
   // uncapped a browser stays near its start rate, twice what 2 Hz analysis needs.
   const sendEncodings = [{ maxBitrate: 1000 * (video.kbps || 150), maxFramerate: video.fps }];
   for (const track of media.getVideoTracks()) peer.addTransceiver(track, { direction: "sendonly", streams: [media], sendEncodings });
+  let worked = false;
   peer.addEventListener("connectionstatechange", () => {
     if (pc !== peer) return;
-    if (peer.connectionState === "connected") status("Connected — the assistant is analysing your expressions.", "ok");
-    else if (peer.connectionState === "failed") status("Could not reach the assistant (network). Your teacher may need a TURN server.", "warn");
+    if (peer.connectionState === "connected") {
+      worked = true; reconnecting = false;
+      status("Connected — the assistant is analysing your expressions.", "ok");
+    } else if ((peer.connectionState === "failed" || peer.connectionState === "closed") && (worked || reconnecting)) {
+      // It worked, then broke (a network fault, a busy assistant that gave up on us): connect again, later
+      // each time it happens, while still in class with analysis on.
+      closePeer();
+      reconnecting = true;
+      const wait = Math.min(30000, 2000 * 2 ** mediaLosses++);
+      status("The connection to the assistant was lost; reconnecting…", "warn");
+      const mine = attempt;
+      setTimeout(() => { if (mine === attempt && joined && analysisOn() && !pc) connectToBot(); }, wait);
+    } else if (peer.connectionState === "failed") {
+      status("Could not reach the assistant (network). Your teacher may need a TURN server.", "warn");
+    }
   });
   status("Connecting to the assistant…", "");
   try {
