@@ -138,6 +138,8 @@ class ProcessMonitor:
         self.t_start = time.monotonic()
         self.cpu_end = self.cpu_start
         self.t_end = self.t_start
+        self.peak_udp_backlog = 0          # bytes: the fullest receive queue of one of the process's UDP sockets
+        self.peak_udp_backlog_total = 0    # bytes: all its UDP sockets together
 
     def _members(self) -> list[Any]:
         if not self.with_children:
@@ -158,9 +160,6 @@ class ProcessMonitor:
     def reset(self) -> None:
         self.cpu_start, self.t_start = self._cpu(), time.monotonic()
         self.peak_udp_backlog = self.peak_udp_backlog_total = 0
-
-    peak_udp_backlog = 0          # bytes: the fullest receive queue of one of the process's UDP sockets
-    peak_udp_backlog_total = 0    # bytes: all its UDP sockets together
 
     async def run(self) -> None:
         while True:
@@ -309,8 +308,8 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
             churn_task = asyncio.ensure_future(churn(students, make_student)) if args.churn else None
             await asyncio.sleep(args.seconds)
             ended = time.time()
-            # A student whose media connection dies while in class is not analysed again (an overloaded bot
-            # that misses ICE consent checks ends connections this way): an error, not a quiet gap.
+            # A student whose media connection dies while in class is not analysed until it reconnects (an
+            # overloaded bot that misses ICE consent checks ends connections this way): an error, not a quiet gap.
             connections_lost = sum(s.connections_lost for s in everyone)
             if connections_lost:
                 errors.append(f"{connections_lost} media connections of students still in class failed or were closed")
