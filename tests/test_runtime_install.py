@@ -96,8 +96,10 @@ def runtime_python(tmp_path_factory) -> str:
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    result = subprocess.run([python, "-m", "pip", "install", str(sources)], cwd=root, capture_output=True,
-                            text=True, timeout=840)
+    # --no-compile: the same files as the user's `pip install .`, without compiling every installed .py to bytecode
+    # first (Python compiles what it imports anyway); TensorFlow's thousands of files made that ~30 of ~85 s here.
+    result = subprocess.run([python, "-m", "pip", "install", "--no-compile", str(sources)], cwd=root,
+                            capture_output=True, text=True, timeout=840)
     assert result.returncode == 0, f"pip install of the project failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return python
 
