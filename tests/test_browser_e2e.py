@@ -129,16 +129,6 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             # Her camera sends the assistant no more than the server's cap (welcome.video.kbps, 150 by default).
             sent_kbps = await pages["asha"].evaluate(SENT_KBPS)
             assert 0 < sent_kbps <= 1.25 * ServerSettings.video_kbps, f"the student page sent {sent_kbps:.0f} kbit/s"
-            # Her connection to the assistant breaks without a goodbye (what aioice does when a busy assistant's ICE
-            # consent expires): her page notices (~16 s, Chromium's consent check) and connects again by itself.
-            bot = next(iter(live.service.peers.values()))    # the one room, created on the teacher page
-            asha_id = next(pid for pid, s in bot.room.students.items() if s.name == "Asha")
-            lost_pc = bot.pcs[asha_id]
-            await lost_pc.getTransceivers()[0].receiver.transport.transport._connection.close()
-            assert await eventually(lambda: bot.pcs.get(asha_id) not in (None, lost_pc), 45), "the page did not reconnect"
-            t_back = time.time()
-            assert await eventually(lambda: live.rows("SELECT COUNT(*) FROM samples WHERE participant_id = ? AND t > ?",
-                                                      asha_id, t_back)[0][0] > 0, 20), "not analysed again"
             await teacher.screenshot(path=str(ARTIFACTS / "teacher-page.png"), full_page=True)
             assert await teacher.evaluate("document.documentElement.scrollWidth") <= 1280, "a long name widened the page"
             # Bars are meters and buttons say whom they are about, for screen readers.
@@ -241,6 +231,16 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await review.get_by_role("alert").filter(has_text="still in the room").wait_for(timeout=10_000)
             assert live.rows("SELECT COUNT(*) FROM sessions")[0][0] == 1
 
+            # Asha's connection to the assistant breaks without a goodbye (what aioice does when a busy assistant's ICE
+            # consent expires): her page notices (~16 s, Chromium's consent check) and connects again by itself.
+            bot = next(iter(live.service.peers.values()))    # the one room, created on the teacher page
+            asha_id = next(pid for pid, s in bot.room.students.items() if s.name == "Asha")
+            lost_pc = bot.pcs[asha_id]
+            await lost_pc.getTransceivers()[0].receiver.transport.transport._connection.close()
+            assert await eventually(lambda: bot.pcs.get(asha_id) not in (None, lost_pc), 45), "the page did not reconnect"
+            t_back = time.time()
+            assert await eventually(lambda: live.rows("SELECT COUNT(*) FROM samples WHERE participant_id = ? AND t > ?",
+                                                      asha_id, t_back)[0][0] > 0, 20), "not analysed again"
             # Asha opts out during class: her camera stops at once and the teacher sees analysis off.
             asha = pages["asha"]
             assert await asha.evaluate(LIVE_TRACKS) >= 1
