@@ -9,6 +9,7 @@ each recorded in schema_version.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import Any, Callable
 
@@ -120,9 +121,21 @@ schema_version = Table(
 def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        # Turning a file's rollback journal into WAL needs an exclusive lock, and SQLite does not wait for that
+        # one: a connection opened while another (the server, a bot starting beside it) holds a lock on a new
+        # database failed at once with "database is locked". Retry within the busy timeout; once one connection
+        # has switched, the others find WAL on already.
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        while True:
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA secure_delete=ON")     # erased sessions are overwritten, not left in free pages
         cursor.close()

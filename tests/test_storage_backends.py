@@ -3,7 +3,9 @@ shipped schema version, built from the migration steps themselves, is brought to
 start with its rows intact, and ends up with the same tables as a database created new."""
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -128,3 +130,29 @@ def test_the_server_and_a_bot_starting_together_migrate_one_database_once(url):
     with engine.connect() as conn:
         assert list(conn.execute(text("SELECT version FROM schema_version")).scalars()) == [schema.SCHEMA_VERSION]
     engine.dispose()
+
+
+def test_a_connection_opened_while_another_holds_a_new_sqlite_file_waits_instead_of_failing(tmp_path):
+    """Switching a new file to WAL needs an exclusive lock that SQLite does not wait for by itself: the server and a
+    bot opening one new database together failed with "database is locked" (1 CI run in ~8)."""
+    path = tmp_path / "new.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE first_writer (x INTEGER)")
+    modes: list[Any] = []
+
+    def open_it() -> None:
+        try:
+            engine = schema.create_engine_for(f"sqlite:///{path}", migrate_schema=False)
+            with engine.connect() as conn:
+                modes.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+            engine.dispose()
+        except Exception as exc:    # reported by the assertion below
+            modes.append(exc)
+    opener = threading.Thread(target=open_it)
+    opener.start()
+    time.sleep(0.3)
+    holder.execute("COMMIT")
+    opener.join()
+    holder.close()
+    assert modes == ["wal"]
