@@ -4,6 +4,7 @@ Each takes a gray uint8 face at webcam scale (FER2013's 48x48 faces are first up
 about the size of a face in a 320x240 webcam frame) and returns it degraded, same size:
 
     vp8:KBPS      VP8 encode/decode (libvpx through PyAV) of 320x240 frames holding the face, 5 fps, KBPS
+                  (vp8@FPS:KBPS: at FPS frames/s; every frame holds another face, so what counts is KBPS / FPS)
     jpeg:Q        JPEG at quality Q (meeting-bot services send JPEG or PNG frames)
     downscale:F   down to F x the size and back (a 720p call seen at 360p)
     blur:SIGMA    Gaussian blur (focus, motion)
@@ -38,13 +39,18 @@ KINDS = tuple(LEVELS)
 
 
 def parse(spec: str) -> tuple[str, float]:
-    """'jpeg' | 'jpeg:mid' | 'jpeg:40' -> ('jpeg', 40.0); ValueError names the kinds and levels."""
+    """'jpeg' | 'jpeg:mid' | 'jpeg:40' -> ('jpeg', 40.0); 'vp8@3:90' -> ('vp8@3', 90.0) (VP8 at 3 frames/s);
+    ValueError names the kinds and levels."""
     kind, _, level = spec.partition(":")
-    if kind not in LEVELS:
-        raise ValueError(f"unknown degradation {kind!r}: choose from {', '.join(KINDS)}")
+    base, at, fps = kind.partition("@")
+    if base not in LEVELS:
+        raise ValueError(f"unknown degradation {base!r}: choose from {', '.join(KINDS)}")
+    if at and (base != "vp8" or vp8_fps(kind) is None):
+        raise ValueError(f"{spec}: only vp8 takes a frame rate, as vp8@FPS with FPS from 1 to 60")
+    kind = f"vp8@{vp8_fps(kind):g}" if at else base
     names = {"low": 0, "mid": 1, "high": 2, "": 1}
     if level in names:
-        return kind, float(LEVELS[kind][names[level]])
+        return kind, float(LEVELS[base][names[level]])
     try:
         value = float(level)
     except ValueError:
@@ -63,10 +69,23 @@ def degrade_faces(faces: np.ndarray, kind: str, level: float) -> np.ndarray:
     return (np.stack(small).astype(np.float32) / 255.0)[..., None] if small else faces.copy()
 
 
+def vp8_fps(kind: str) -> float | None:
+    """'vp8' -> 5.0, 'vp8@3' -> 3.0; None for another kind or a frame rate outside 1-60."""
+    base, at, fps = kind.partition("@")
+    if base != "vp8":
+        return None
+    try:
+        value = float(fps) if at else 5.0
+    except ValueError:
+        return None
+    return value if 1 <= value <= 60 else None
+
+
 def degrade_images(images: list[np.ndarray], kind: str, level: float) -> list[np.ndarray]:
     """Gray uint8 images of any size -> degraded copies (vp8 runs them through one encoder as a clip)."""
-    if kind == "vp8":
-        return _vp8(images, int(level * 1000))
+    fps = vp8_fps(kind)
+    if fps is not None:
+        return _vp8(images, int(level * 1000), fps)
     rng = np.random.default_rng(0)
     return [_one(image, kind, level, rng) for image in images]
 
@@ -97,8 +116,8 @@ def _one(image: np.ndarray, kind: str, level: float, rng: np.random.Generator) -
     raise ValueError(f"unknown degradation {kind!r}")
 
 
-def _vp8(images: list[np.ndarray], bitrate: int, fps: int = 5) -> list[np.ndarray]:
-    """Each face centred in a 320x240 frame, the frames encoded as one 5 fps VP8 clip at `bitrate` (one
+def _vp8(images: list[np.ndarray], bitrate: int, fps: float = 5.0) -> list[np.ndarray]:
+    """Each face centred in a 320x240 frame, the frames encoded as one `fps` VP8 clip at `bitrate` (one
     keyframe a second, as the bot's senders do) and decoded again; the faces cut back out."""
     import av
     if not images:
@@ -106,9 +125,10 @@ def _vp8(images: list[np.ndarray], bitrate: int, fps: int = 5) -> list[np.ndarra
     codec = av.CodecContext.create("libvpx", "w")
     codec.width, codec.height, codec.pix_fmt = 320, 240, "yuv420p"
     codec.bit_rate = bitrate
-    codec.framerate = fractions.Fraction(fps, 1)
-    codec.time_base = fractions.Fraction(1, fps)
-    codec.gop_size = fps
+    rate = fractions.Fraction(round(fps * 1000), 1000)
+    codec.framerate = rate
+    codec.time_base = 1 / rate
+    codec.gop_size = max(1, round(fps))
     codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
     decoder = av.CodecContext.create("vp8", "r")
     out: list[np.ndarray] = []

@@ -283,6 +283,26 @@ def test_calibrate_fits_a_temperature_on_publictest_and_the_classifier_applies_i
     assert bad.returncode == 2 and "error:" in bad.stderr
 
 
+def test_vp8_degradation_takes_a_frame_rate_and_fewer_bits_a_frame_cost_more_detail():
+    """vp8@FPS:KBPS: what a camera track capped at FPS and KBPS leaves of each face (every frame holds another face)."""
+    from models.degrade import degrade_images, parse
+    assert parse("vp8@3:90") == ("vp8@3", 90.0) and parse("vp8@2.5") == ("vp8@2.5", 300.0) and parse("vp8:90") == ("vp8", 90.0)
+    for spec in ("jpeg@3:50", "vp8@0:90", "vp8@fast:90", "vp8@99:90"):
+        with pytest.raises(ValueError):
+            parse(spec)
+    rng = np.random.default_rng(3)
+    faces = ([cv2.cvtColor(cv2.resize(f, (144, 144)), cv2.COLOR_BGR2GRAY) for f in frames_of("woman2.mp4", count=12)]
+             if MEDIA else [cv2.GaussianBlur(rng.integers(0, 255, (144, 144), np.uint8), (0, 0), 2) for _ in range(12)])
+
+    def error(kind: str, kbps: float) -> float:
+        out = degrade_images(faces, kind, kbps)
+        assert len(out) == len(faces) and all(o.shape == f.shape for o, f in zip(out, faces))
+        return float(np.mean([np.abs(o.astype(float) - f).mean() for o, f in zip(out, faces)]))
+
+    # The same 90 kbit/s spread over 15 frames/s leaves each face 6 kbit instead of 30.
+    assert error("vp8@15", 90) > 1.2 * error("vp8@3", 90)
+
+
 def test_evaluate_scores_degraded_faces_one_kind_or_all_of_them(tiny_model, tmp_path):
     from models.degrade import KINDS, degrade_faces, parse
     assert parse("jpeg") == ("jpeg", 50.0) and parse("blur:high") == ("blur", 3.0) and parse("noise:12") == ("noise", 12.0)
