@@ -337,7 +337,7 @@ class BotPeer:
         """Pull decoded frames; hand one to the mailbox every 1/sample_hz s. Every frame must be
         received (the decoder needs them) but only sampled ones are converted, in the worker thread."""
         room = self.room
-        # sample_hz is a floor: frames arrive on their own clock (e.g. every 200 ms at 5 fps), so the
+        # sample_hz is a floor: frames arrive on their own clock (e.g. every 333 ms at 3 fps), so the
         # schedule runs 5 % fast to make the delivered rate never fall under the configured one.
         period = 1.0 / (self.settings.bot.sample_hz * 1.05)
         stall = self.settings.bot.stall_seconds

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -34,7 +35,8 @@ import numpy as np
 
 from bot.students import DIRECT_KBPS, EncodedClip, SimulatedStudent, harness_arg_problem, load_video_frames, no_face_frames
 from core import settings as settings_mod
-from core.simulcast import LOW_LAYER_KBPS
+from core.settings import BotSettings, ServerSettings
+from core.simulcast import HEADROOM, bot_layer_fps, bot_layer_kbps
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -61,10 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="make the bot use scripted expressions (confused|bored|happy|neutral) on the faces it finds")
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=240)
-    p.add_argument("--fps", type=float, default=5.0)
+    p.add_argument("--fps", type=float, default=None,
+                   help="frames/s each student sends (default: what a browser sends the bot on that path: the server's "
+                        f"video_fps ({ServerSettings.video_fps}) direct; via janus, the temporal layers of the low "
+                        "simulcast layer that the bot's sampling rate needs, core.simulcast)")
     p.add_argument("--bitrate", type=positive_kbps, default=None, metavar="KBPS",
                    help="VP8 bitrate each student sends (default: what a browser sends the bot on that path: "
-                        f"{DIRECT_KBPS} direct, {LOW_LAYER_KBPS} via janus, the meeting's low simulcast layer)")
+                        f"{DIRECT_KBPS} direct; via janus, what the temporal layers the bot subscribes to carry of the "
+                        f"low simulcast layer's cap: {bot_layer_kbps(BotSettings.sample_hz)} at the default sampling rate)")
     p.add_argument("--live-encode", action="store_true",
                    help="every student runs its own VP8 encoder on this machine (as if the students' laptops "
                         "were this machine), instead of sending one shared clip encoded once")
@@ -79,7 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "instead of one `python -m bot run`; the summary gains a per-worker table (`workers`)")
     p.add_argument("--rooms", type=int, default=1,
                    help="spread the students over this many rooms (classes), so rooms can spread over workers")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fps is None:
+        args.fps = sent_fps(args)
+    return args
 
 
 def positive_kbps(text: str) -> int:
@@ -89,11 +98,26 @@ def positive_kbps(text: str) -> int:
     return value
 
 
+def sent_fps(args: argparse.Namespace) -> float:
+    """Frames/s a browser sends the bot on this path. Via Janus, a Chrome student's low layer is 5 frames/s in
+    three temporal layers and the bot subscribes to those its sampling rate needs (2 Hz: 2.5 frames/s); the
+    harness's students send no temporal layers, so they send what the bot would get."""
+    if args.fps:
+        return float(args.fps)
+    if args.via == "janus":
+        return bot_layer_fps(args.sample_hz or BotSettings.sample_hz)
+    # The join page sends server.video_fps, which must be at least HEADROOM x the sampling rate (core.settings).
+    return float(max(ServerSettings.video_fps, math.ceil(HEADROOM * (args.sample_hz or 0))))
+
+
 def sent_kbps(args: argparse.Namespace) -> int:
-    """The VP8 bitrate of the shared clip: --bitrate, else what a browser sends the bot on this path."""
+    """The VP8 bitrate of the shared clip: --bitrate, else what a browser sends the bot on this path (via Janus:
+    the share of the low layer's cap that its temporal layers the bot subscribes to carry)."""
     if args.bitrate:
         return int(args.bitrate)
-    return LOW_LAYER_KBPS if args.via == "janus" else DIRECT_KBPS
+    if args.via == "janus":
+        return bot_layer_kbps(args.sample_hz or BotSettings.sample_hz)
+    return DIRECT_KBPS
 
 
 def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[str]:
@@ -101,7 +125,7 @@ def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[st
     flags = ["--server-port", str(port), "--server-host", "127.0.0.1",
              "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
              "--server-video-width", str(args.width), "--server-video-height", str(args.height),
-             "--server-video-fps", str(int(args.fps)),
+             "--server-video-fps", str(max(1, math.ceil(args.fps))),
              # The whole simulated class joins from 127.0.0.1 at once: lift the per-address and per-room
              # join bursts (signaling/guard.py) to the class size, as an operator would for a NAT'ed school.
              "--server-join-burst-per-address", str(max(60, args.students + 10)),
@@ -368,7 +392,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "bot_udp_backlog_kb_max": None if args.workers else round(monitor.peak_udp_backlog / 1024),
         "bot_udp_backlog_kb_total_max": None if args.workers else round(monitor.peak_udp_backlog_total / 1024),
         "via": args.via,
-        "bitrate_kbps": None if args.live_encode else sent_kbps(args),
+        "bitrate_kbps": None if args.live_encode else sent_kbps(args), "fps": args.fps,
         "janus_cpu_percent": round(janus_monitor.cpu_percent(), 1) if janus_monitor else None,
         "janus_peak_rss_mb": round(janus_monitor.peak_rss / 2**20, 1) if janus_monitor else None,
         "errors": len(errors) + len(error_lines) + int(bot_stats.get("frame_errors", 0) or 0),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from core.protocol import MAX_WORKER_KEY
+from core.simulcast import HEADROOM as SAMPLING_HEADROOM
 
 DEV_WORKER_KEY = "dev-worker-key-change-me"   # server.worker_key's public default (loopback only)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -50,13 +51,16 @@ class ServerSettings:
     # Capture constraints the server asks student browsers for: what analysis needs, no more.
     video_width: int = 320
     video_height: int = 240
-    video_fps: int = 5
-    # The most a student's camera track may send the bot, in kbit/s (the browser's sender cap). What 2 Hz analysis
-    # needs: the meeting's low simulcast layer carries the same (core.simulcast.LOW_LAYER_KBPS), and faces
-    # through VP8 at 150 score as clean ones (models.evaluate --degrade vp8:150). Uncapped, a browser that gets no
-    # bandwidth feedback from the bot sends ~300: at 100 students the bot's socket buffers overflowed and whole
+    # Frames/s a student's camera track sends the bot (its maxFramerate). The track is for analysis only, so it
+    # sends what bot.sample_hz needs: at least 1.2 x it (the bot samples 5 % fast and a camera's frames are not
+    # evenly spaced); every frame costs the bot packets and a decode whether it is analysed or not (issue 24).
+    video_fps: int = 3
+    # The most a student's camera track may send the bot, in kbit/s (the browser's sender cap): 30 kbit a frame at
+    # video_fps, as the meeting's low simulcast layer (150 at 5 fps, core.simulcast); faces through VP8 at that
+    # budget score as clean ones (models.evaluate --degrade vp8@3:90 and vp8:150). Uncapped, a browser that gets
+    # no bandwidth feedback from the bot sends ~300: at 100 students the bot's socket buffers overflowed and whole
     # connections were lost (issue 24).
-    video_kbps: int = 150
+    video_kbps: int = 90
     # --- per-connection limits of the signaling server ---
     hello_timeout_seconds: float = 10.0    # a /ws socket that sends no hello within this is closed
     # Sockets one client address (IPv6: its /64) may have open before their hello; beyond, new ones are
@@ -334,6 +338,9 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from positive("server", "hello_timeout_seconds messages_per_second room_idle_seconds")
     yield from at_least("server", "worker_lease_seconds", 1)   # renewals are 1/5 of it apart: not a busy loop
     yield from at_least("server", "heartbeat_seconds rooms_per_minute_per_address", 0)   # 0: off / no limit
+    yield from check("server", "video_fps", server.video_fps >= SAMPLING_HEADROOM * settings.bot.sample_hz,
+                     f"must be at least {SAMPLING_HEADROOM:g} x bot.sample_hz ({settings.bot.sample_hz:g}): the student "
+                     "pages send this many frames a second and the bot could not sample them as often as asked")
     # --- bot ---
     yield from positive("bot", "sample_hz stall_seconds state_push_hz")
     yield from at_least("bot", "queue_frames inference_threads max_batch redetect_every", 1)

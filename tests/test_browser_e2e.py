@@ -126,7 +126,7 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             alert = teacher.get_by_test_id("alert-item").filter(has_text="Asha")
             await alert.first.wait_for(timeout=60_000)
             await teacher.get_by_test_id("student-row").filter(has_text=LONG_NAME).wait_for(timeout=10_000)
-            # Her camera sends the assistant no more than the server's cap (welcome.video.kbps, 150 by default).
+            # Her camera sends the assistant no more than the server's cap (welcome.video.kbps, 90 by default).
             sent_kbps = await pages["asha"].evaluate(SENT_KBPS)
             assert 0 < sent_kbps <= 1.25 * ServerSettings.video_kbps, f"the student page sent {sent_kbps:.0f} kbit/s"
             await teacher.screenshot(path=str(ARTIFACTS / "teacher-page.png"), full_page=True)
@@ -230,11 +230,16 @@ async def test_teacher_sees_live_state_and_alert_students_see_nothing(tmp_path):
             await review.get_by_test_id("delete-session").click()
             await review.get_by_role("alert").filter(has_text="still in the room").wait_for(timeout=10_000)
             assert live.rows("SELECT COUNT(*) FROM sessions")[0][0] == 1
+            bot = next(iter(live.service.peers.values()))    # the one room, created on the teacher page
+            asha_id = next(pid for pid, s in bot.room.students.items() if s.name == "Asha")
+            # Her page sends server.video_fps (3) frames a second, no more than analysis needs: enough for the bot to
+            # sample her at bot.sample_hz (2 Hz).
+            times = [t for (t,) in live.rows("SELECT t FROM samples WHERE participant_id = ? ORDER BY t", asha_id)]
+            rate = (len(times) - 1) / max(1e-6, times[-1] - times[0])
+            assert rate >= 1.6, f"the bot samples Asha at {rate:.2f}/s over {times[-1] - times[0]:.1f} s, not 2"
 
             # Asha's connection to the assistant breaks without a goodbye (what aioice does when a busy assistant's ICE
             # consent expires): her page notices (~16 s, Chromium's consent check) and connects again by itself.
-            bot = next(iter(live.service.peers.values()))    # the one room, created on the teacher page
-            asha_id = next(pid for pid, s in bot.room.students.items() if s.name == "Asha")
             lost_pc = bot.pcs[asha_id]
             await lost_pc.getTransceivers()[0].receiver.transport.transport._connection.close()
             assert await eventually(lambda: bot.pcs.get(asha_id) not in (None, lost_pc), 45), "the page did not reconnect"

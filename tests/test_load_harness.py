@@ -16,7 +16,8 @@ from aiortc import RTCPeerConnection
 
 from bot.simulate import parse_args, sent_kbps, udp_receive_queues
 from bot.students import DIRECT_KBPS, EncodedClip, LoopingPacketTrack, SimulatedStudent, load_video_frames, no_face_frames
-from core.simulcast import LOW_LAYER_KBPS
+from core.settings import BotSettings, ServerSettings
+from core.simulcast import LOW_LAYER_KBPS, bot_layer_fps, bot_layer_kbps
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -54,20 +55,27 @@ async def test_packet_track_starts_at_a_keyframe_and_keeps_the_frame_rate(clip):
     assert [p.pts for p in packets] == [18000, 36000, 54000]   # 90 kHz clock at 5 fps
 
 
-def test_meeting_students_send_the_bot_what_the_low_simulcast_layer_carries():
-    """--via janus models the layer the bot subscribes to (meeting.js's rid "l" cap: tests/test_simulcast.py), not
-    the direct path's rate."""
-    assert sent_kbps(parse_args(["--via", "janus"])) == LOW_LAYER_KBPS
-    assert sent_kbps(parse_args([])) == DIRECT_KBPS
+def test_meeting_students_send_the_bot_what_it_receives_of_a_chrome_students_low_simulcast_layer():
+    """--via janus models the temporal layers of the low layer that the bot subscribes to (meeting.js's rid "l" cap:
+    tests/test_simulcast.py), not the direct path's rate: the harness's students send no temporal layers."""
+    meeting = parse_args(["--via", "janus"])
+    assert (sent_kbps(meeting), meeting.fps) == (bot_layer_kbps(BotSettings.sample_hz), bot_layer_fps(BotSettings.sample_hz))
+    assert (sent_kbps(meeting), meeting.fps) == (90, 2.5)   # 2 Hz: layers 0-1 of 5 fps, 60 % of 150 kbit/s
+    slower = parse_args(["--via", "janus", "--sample-hz", "1"])
+    assert (sent_kbps(slower), slower.fps) == (60, 1.25)    # the base layer alone
+    direct = parse_args([])
+    assert (sent_kbps(direct), direct.fps) == (DIRECT_KBPS, ServerSettings.video_fps)
     assert sent_kbps(parse_args(["--via", "janus", "--bitrate", "400"])) == 400
+    assert parse_args(["--via", "janus", "--fps", "5"]).fps == 5
     with pytest.raises(SystemExit):
         parse_args(["--bitrate", "0"])
 
 
-@pytest.mark.parametrize("kbps", sorted({LOW_LAYER_KBPS, DIRECT_KBPS}))
-def test_shared_clip_is_encoded_near_the_bitrate_asked_for(kbps):
-    frames = load_video_frames(SHARED_VIDEO) if SHARED_VIDEO.exists() else no_face_frames(320, 240, count=25)
-    clip = EncodedClip(frames, fps=5.0, bitrate=kbps * 1000)
+@pytest.mark.parametrize("kbps, fps", sorted({(LOW_LAYER_KBPS, 5.0), (DIRECT_KBPS, float(ServerSettings.video_fps)),
+                                               (bot_layer_kbps(2.0), bot_layer_fps(2.0))}))
+def test_shared_clip_is_encoded_near_the_bitrate_asked_for(kbps, fps):
+    frames = load_video_frames(SHARED_VIDEO, fps=fps) if SHARED_VIDEO.exists() else no_face_frames(320, 240, count=25)
+    clip = EncodedClip(frames, fps=fps, bitrate=kbps * 1000)
     sent_kbps_measured = sum(map(len, clip.payloads)) * 8 / (len(clip.payloads) / clip.fps) / 1000
     assert sent_kbps_measured <= 1.3 * kbps
     if SHARED_VIDEO.exists():    # a real clip fills its budget; the synthetic one needs far less

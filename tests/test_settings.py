@@ -45,6 +45,7 @@ def test_the_defaults_are_valid():
     ("server", {"max_rooms": 0}, "server.max_rooms"),
     ("server", {"room_idle_seconds": float("nan")}, "server.room_idle_seconds"),
     ("bot", {"sample_hz": 0.0}, "bot.sample_hz"),
+    ("bot", {"sample_hz": 4.0}, "server.video_fps"),   # the pages would send 3 frames/s: too few to sample 4 Hz
     ("bot", {"max_batch": 0}, "bot.max_batch"),
     ("bot", {"min_face_score": 1.5}, "bot.min_face_score"),
     ("model", {"detector": "large"}, "model.detector"),
