@@ -222,7 +222,7 @@ async def test_offers_flow_student_to_bot_only_and_teacher_data_stays_with_teach
     room = await server.room()
     teacher, t_welcome = await server.teacher(room)
     assert t_welcome["participants"] == [] and t_welcome["bot"] is None
-    assert t_welcome["video"] == {"width": 320, "height": 240, "fps": 5, "kbps": 150} and t_welcome["ice_servers"] == []
+    assert t_welcome["video"] == {"width": 320, "height": 240, "fps": 3, "kbps": 90} and t_welcome["ice_servers"] == []
     bot, b_welcome = await server.bot(room)
     bot_id = b_welcome["peer_id"]
     assert (await recv_type(teacher, "bot"))["peer_id"] == bot_id

@@ -6,7 +6,7 @@
 const room = CM.roomFromPath("/join/");
 const key = new URLSearchParams(location.search).get("k") || "";
 const $ = (id) => document.getElementById(id);
-let ws = null, pc = null, stream = null, cameraPending = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 5, kbps: 150 };
+let ws = null, pc = null, stream = null, cameraPending = null, botId = null, iceServers = [], video = { width: 320, height: 240, fps: 3, kbps: 90 };
 let joined = false, myName = "", retryTimer = null, backoff = 1000, lastError = null, attempt = 0;
 let mediaLosses = 0, reconnecting = false;   // video connections to the assistant lost after working (each
                                             // reconnect waits longer); a reconnect under way (it retries until one works)
@@ -152,7 +152,7 @@ async function connectToBot() {
   pc = peer;
   // Capped at what the server asks (welcome.video.kbps): the assistant sends no bandwidth feedback, and
   // uncapped a browser stays near its start rate, twice what 2 Hz analysis needs.
-  const sendEncodings = [{ maxBitrate: 1000 * (video.kbps || 150), maxFramerate: video.fps }];
+  const sendEncodings = [{ maxBitrate: 1000 * (video.kbps || 90), maxFramerate: video.fps }];
   for (const track of media.getVideoTracks()) peer.addTransceiver(track, { direction: "sendonly", streams: [media], sendEncodings });
   let worked = false;
   peer.addEventListener("connectionstatechange", () => {
