@@ -53,9 +53,9 @@ def _serve(conn: Connection, settings: Settings) -> None:
         except (EOFError, OSError, KeyboardInterrupt):
             return
         try:
-            started = time.process_time()
+            started, started_wall = time.process_time(), time.perf_counter()
             faces = analyse([f.to_bgr() if isinstance(f, I420) else f for f in frames], keys)
-            conn.send(("ok", (faces, time.process_time() - started)))
+            conn.send(("ok", (faces, time.process_time() - started, time.perf_counter() - started_wall)))
         except Exception as exc:   # a bad round: the parent reports it; the child keeps serving
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -66,7 +66,9 @@ class ProcessAnalyse:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.restarts = 0
-        self.child_cpu_seconds = 0.0    # CPU time the child spent analysing (the rest of a round's wait is IPC or a busy CPU)
+        self.child_cpu_seconds = 0.0    # CPU time the child spent analysing
+        self.child_wall_seconds = 0.0   # wall time it took (more than the CPU time: the child waited for a core);
+                                        # the rest of a round's wait is the trip through the pipe
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
@@ -118,6 +120,7 @@ class ProcessAnalyse:
             raise InferenceProcessError(str(payload))
         faces: Faces = payload[0]
         self.child_cpu_seconds += float(payload[1])
+        self.child_wall_seconds += float(payload[2])
         return faces
 
     def close(self) -> None:

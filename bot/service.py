@@ -214,6 +214,7 @@ class BotService:
                 "inference_rounds": self.analyzer.rounds, "inference_busy_s": round(self.analyzer.busy_seconds, 3),
                 "inference_convert_s": round(self.analyzer.convert_seconds, 3),
                 "inference_child_cpu_s": round(float(getattr(self.analyzer.analyse, "child_cpu_seconds", 0.0)), 3),
+                "inference_child_wall_s": round(float(getattr(self.analyzer.analyse, "child_wall_seconds", 0.0)), 3),
                 "frames_dropped": self.mailbox.dropped, "frames_accepted": self.mailbox.accepted,
                 "frame_errors": self.analyzer.errors,
                 "connections_lost": self.connections_lost_before + sum(p.connections_lost for p in self.peers.values())}
