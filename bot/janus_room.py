@@ -229,6 +229,21 @@ class JanusRoomFeeds:
             await client.detach(handle)
             await bot.drop_peer(feed)
 
+    async def resubscribe(self, feed: str) -> None:
+        """The bot lost its connection for this feed (ICE consent, a bot short of CPU) while the publisher stayed:
+        Janus was told nothing, so drop the old subscription there and subscribe again."""
+        publisher = self.feeds.get(feed)
+        if publisher is None:
+            return      # gone meanwhile
+        handle = self.subscriptions.pop(feed, None)
+        if handle is not None and self.client is not None and self.client.connected:
+            try:
+                await self.client.detach(handle)
+            except JanusError as exc:
+                log.debug("VideoRoom %s: detaching the lost subscription to %s: %s", self.room, feed, exc)
+        log.info("VideoRoom %s: subscribing to feed %s again", self.room, feed)
+        await self._publisher(publisher)
+
     async def _unsubscribe(self, feed: str) -> None:
         handle = self.subscriptions.pop(feed, None)
         if self.bot is not None:

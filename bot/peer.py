@@ -392,9 +392,14 @@ class BotPeer:
 
     LOSS_GRACE = 3.0    # s: a leaving student's media often ends before the server says they left
 
+    def _still_lost(self, peer: str) -> bool:
+        """The student is in class with analysis on, and the bot has no media connection to them."""
+        return self.room is not None and self.room.wants_video(peer) and peer not in self.pcs
+
     def _check_lost_later(self, peer: str) -> None:
         """A student's media connection ended: if, LOSS_GRACE s later, they are still in class with analysis on
-        and have not connected again, the bot has lost them: counted (stats) and said (log)."""
+        and have not connected again, the bot has lost them: counted (stats) and said (log). Where the bot
+        subscribes (a meeting, or another app's Janus room) it asks for their video again."""
         if peer in self._loss_checks:
             return
         self._loss_checks.add(peer)
@@ -404,21 +409,26 @@ class BotPeer:
                 await asyncio.sleep(self.LOSS_GRACE)
             finally:
                 self._loss_checks.discard(peer)
-            if self.room is not None and self.room.wants_video(peer) and peer not in self.pcs:
-                self.connections_lost += 1
-                self._losses[peer] = losses = self._losses.get(peer, 0) + 1
-                if not self.meeting or self.external is not None:
-                    log.warning("room %s: the media connection to %s ended while they are still in class; they are "
-                                "not analysed until they reconnect", self.room_id, peer)
-                    return
-                # In a meeting the bot can ask for the student's video again. Soon after the first loss; a
-                # student lost again and again (a bot short of CPU) waits longer each time, up to a minute.
-                delay = min(60.0, self.LOSS_GRACE * (2 ** (losses - 1) - 1))
-                log.warning("room %s: the media connection to %s ended while they are still in class; asking "
-                            "for their video again in %.0f s", self.room_id, peer, delay)
-                await asyncio.sleep(delay)
-                if self.room is not None and self.room.wants_video(peer) and peer not in self.pcs:
-                    await self.send({"type": "subscribe", "feed": peer})
+            if not self._still_lost(peer):
+                return
+            self.connections_lost += 1
+            self._losses[peer] = losses = self._losses.get(peer, 0) + 1
+            if not self.meeting and self.external is None:
+                log.warning("room %s: the media connection to %s ended while they are still in class; they are "
+                            "not analysed until they reconnect", self.room_id, peer)
+                return
+            # Soon after the first loss; a student lost again and again (a bot short of CPU) waits longer each
+            # time, up to a minute.
+            delay = min(60.0, self.LOSS_GRACE * (2 ** (losses - 1) - 1))
+            log.warning("room %s: the media connection to %s ended while they are still in class; asking "
+                        "for their video again in %.0f s", self.room_id, peer, delay)
+            await asyncio.sleep(delay)
+            if not self._still_lost(peer):
+                return
+            if self.external is not None:
+                await self.external.resubscribe(peer)
+            else:
+                await self.send({"type": "subscribe", "feed": peer})
         self._spawn(check())
 
     async def _drop_peer(self, peer: str) -> None:

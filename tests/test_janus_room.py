@@ -109,6 +109,17 @@ async def test_bot_analyses_the_other_apps_students_but_not_the_teacher_or_opted
         assert await eventually(lambda: live.rows("SELECT left_at FROM participants WHERE participant_id = ?",
                                                   cam)[0][0] is not None, 10)
         assert cam not in feeds.subscriptions
+        # The bot's connection for Asha closes the way aioice closes it when a busy bot misses ICE consent checks:
+        # Janus is told nothing and Asha keeps publishing, so the bot subscribes to her again by itself.
+        bot = live.service.peers[live.room["room"]]
+        lost_pc, lost_handle = bot.pcs[asha], feeds.subscriptions[asha]
+        await lost_pc.getTransceivers()[0].receiver.transport.transport._connection.close()
+        assert await eventually(lambda: bot.connections_lost == 1, 10)
+        assert await eventually(lambda: bot.pcs.get(asha) not in (None, lost_pc), 20), "no new subscription"
+        assert feeds.subscriptions.get(asha) not in (None, lost_handle)
+        stored = samples(asha)
+        assert await eventually(lambda: samples(asha) >= stored + 3, 30), "analysis did not resume"
+        assert samples(teacher) == 0 and samples(ben) == 0
     finally:
         await chat.close()
         await stop_class(live)
