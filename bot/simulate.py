@@ -125,7 +125,8 @@ def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[st
     flags = ["--server-port", str(port), "--server-host", "127.0.0.1",
              "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
              "--server-video-width", str(args.width), "--server-video-height", str(args.height),
-             "--server-video-fps", str(max(1, math.ceil(args.fps))),
+             # What the join page would ask for: at least what the students send, and what the sampling rate needs.
+             "--server-video-fps", str(max(1, math.ceil(args.fps), math.ceil(HEADROOM * (args.sample_hz or 0)))),
              # The whole simulated class joins from 127.0.0.1 at once: lift the per-address and per-room
              # join bursts (signaling/guard.py) to the class size, as an operator would for a NAT'ed school.
              "--server-join-burst-per-address", str(max(60, args.students + 10)),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 
-from bot.simulate import parse_args, sent_kbps, udp_receive_queues
+from bot.simulate import check_bot_settings, parse_args, sent_kbps, udp_receive_queues
 from bot.students import DIRECT_KBPS, EncodedClip, LoopingPacketTrack, SimulatedStudent, load_video_frames, no_face_frames
 from core.settings import BotSettings, ServerSettings
 from core.simulcast import LOW_LAYER_KBPS, bot_layer_fps, bot_layer_kbps
@@ -67,6 +67,11 @@ def test_meeting_students_send_the_bot_what_it_receives_of_a_chrome_students_low
     assert (sent_kbps(direct), direct.fps) == (DIRECT_KBPS, ServerSettings.video_fps)
     assert sent_kbps(parse_args(["--via", "janus", "--bitrate", "400"])) == 400
     assert parse_args(["--via", "janus", "--fps", "5"]).fps == 5
+    # A higher sampling rate: the students send more, and the bot's settings (server.video_fps) still pass.
+    for argv in (["--sample-hz", "5"], ["--via", "janus", "--sample-hz", "5"]):
+        args = parse_args(argv)
+        assert args.fps >= 5
+        check_bot_settings(args)
     with pytest.raises(SystemExit):
         parse_args(["--bitrate", "0"])
 
