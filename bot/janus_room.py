@@ -16,6 +16,7 @@ ID), the bot posts a notice there when it joins and greets each newcomer with ho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -205,8 +206,9 @@ class JanusRoomFeeds:
             join["private_id"] = self.private_id     # rooms with require_pvtid accept only members' subscribers
         if self.pin:
             join["pin"] = self.pin
-        handle = await client.attach()
+        handle: int | None = None
         try:
+            handle = await client.attach()
             _, jsep = await client.request(handle, join)
             if not jsep:
                 raise JanusError(500, "no offer")
@@ -219,14 +221,27 @@ class JanusRoomFeeds:
                 if track.kind == "video":     # (the bot asked for video only; anything else is ignored)
                     bot.consumers[feed] = bot.spawn(bot.consume(feed, track))
 
+            @pc.on("connectionstatechange")
+            async def on_state() -> None:
+                # A connection that fails before any video (or without its track ending) is dropped like a lost
+                # one, so that the bot subscribes again.
+                if pc.connectionState in ("failed", "closed") and bot.pcs.get(feed) is pc:
+                    log.info("VideoRoom %s: connection for feed %s %s", self.room, feed, pc.connectionState)
+                    await bot.drop_peer(feed)
+
             await pc.setRemoteDescription(RTCSessionDescription(decline_extensions(jsep["sdp"]), "offer"))
             await pc.setLocalDescription(await pc.createAnswer())
             await client.request(handle, {"request": "start"}, jsep={"type": "answer", "sdp": pc.localDescription.sdp})
             self.subscriptions[feed] = handle
             log.info("VideoRoom %s: analysing feed %s", self.room, feed)
         except JanusError as exc:
+            # Dropping the peer has the bot check, a few seconds later, whether the student is still in class
+            # without video, and then ask again (BotPeer._check_lost_later); a Janus that went away is rejoined
+            # as a whole by run().
             log.warning("VideoRoom %s: subscribing to %s failed: %s", self.room, feed, exc)
-            await client.detach(handle)
+            if handle is not None:
+                with contextlib.suppress(JanusError):
+                    await client.detach(handle)
             await bot.drop_peer(feed)
 
     async def resubscribe(self, feed: str) -> None:
