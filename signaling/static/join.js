@@ -151,7 +151,7 @@ async function connectToBot() {
   const peer = new RTCPeerConnection({ iceServers });
   pc = peer;
   // Capped at what the server asks (welcome.video.kbps): the assistant sends no bandwidth feedback, and
-  // uncapped a browser stays near its start rate, twice what 2 Hz analysis needs.
+  // uncapped a browser stays near its start rate (~300 kbit/s), several times what 2 Hz analysis needs.
   const sendEncodings = [{ maxBitrate: 1000 * (video.kbps || 90), maxFramerate: video.fps }];
   for (const track of media.getVideoTracks()) peer.addTransceiver(track, { direction: "sendonly", streams: [media], sendEncodings });
   let worked = false;
