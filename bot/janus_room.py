@@ -221,13 +221,7 @@ class JanusRoomFeeds:
                 if track.kind == "video":     # (the bot asked for video only; anything else is ignored)
                     bot.consumers[feed] = bot.spawn(bot.consume(feed, track))
 
-            @pc.on("connectionstatechange")
-            async def on_state() -> None:
-                # A connection that fails before any video (or without its track ending) is dropped like a lost
-                # one, so that the bot subscribes again.
-                if pc.connectionState in ("failed", "closed") and bot.pcs.get(feed) is pc:
-                    log.info("VideoRoom %s: connection for feed %s %s", self.room, feed, pc.connectionState)
-                    await bot.drop_peer(feed)
+            bot.drop_when_failed(feed, pc)
 
             await pc.setRemoteDescription(RTCSessionDescription(decline_extensions(jsep["sdp"]), "offer"))
             await pc.setLocalDescription(await pc.createAnswer())
@@ -250,6 +244,7 @@ class JanusRoomFeeds:
         publisher = self.feeds.get(feed)
         if publisher is None:
             return      # gone meanwhile
+        # Not _unsubscribe: the bot has dropped this peer already, and dropping it again would start another loss check.
         handle = self.subscriptions.pop(feed, None)
         if handle is not None and self.client is not None and self.client.connected:
             try:

@@ -206,6 +206,15 @@ class BotPeer:
     async def drop_peer(self, peer: str) -> None:
         await self._drop_peer(peer)
 
+    def drop_when_failed(self, peer: str, pc: RTCPeerConnection) -> None:
+        """A media connection that fails or is closed while it is still this student's is dropped, which has the bot
+        check whether it lost them (and, where it subscribes, ask again); also one that fails before any video."""
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and self.pcs.get(peer) is pc:
+                log.info("room %s: connection to %s %s", self.room_id, peer, pc.connectionState)
+                await self._drop_peer(peer)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -305,12 +314,7 @@ class BotPeer:
                     old.cancel()
                 self.consumers[peer] = self._spawn(self._consume(peer, track))
 
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed") and self.pcs.get(peer) is pc:
-                log.info("room %s: connection to %s %s", self.room_id, peer, pc.connectionState)
-                await self._drop_peer(peer)
-
+        self.drop_when_failed(peer, pc)
         try:
             await asyncio.wait_for(self._negotiate(pc, peer, sdp), timeout=15)
         except Exception as exc:  # bad SDP, ICE trouble, peer vanished mid-handshake

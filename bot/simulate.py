@@ -36,7 +36,7 @@ import numpy as np
 from bot.students import DIRECT_KBPS, EncodedClip, SimulatedStudent, harness_arg_problem, load_video_frames, no_face_frames
 from core import settings as settings_mod
 from core.settings import BotSettings, ServerSettings
-from core.simulcast import HEADROOM, bot_layer_fps, bot_layer_kbps
+from core.simulcast import bot_layer_fps, bot_layer_kbps, min_video_fps
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_VIDEO = PROJECT.parent / "shared" / "media" / "videos" / "short_hamilton_clip.mp4"
@@ -99,15 +99,14 @@ def positive_kbps(text: str) -> int:
 
 
 def sent_fps(args: argparse.Namespace) -> float:
-    """Frames/s a browser sends the bot on this path. Via Janus, a Chrome student's low layer is 5 frames/s in
-    three temporal layers and the bot subscribes to those its sampling rate needs (2 Hz: 2.5 frames/s); the
-    harness's students send no temporal layers, so they send what the bot would get."""
-    if args.fps:
-        return float(args.fps)
+    """Frames/s a browser sends the bot on this path (the default of --fps). Via Janus, a Chrome student's low
+    layer is 5 frames/s in three temporal layers and the bot subscribes to those its sampling rate needs (2 Hz:
+    2.5 frames/s); the harness's students send no temporal layers, so they send what the bot would get."""
+    sample_hz = args.sample_hz or BotSettings.sample_hz
     if args.via == "janus":
-        return bot_layer_fps(args.sample_hz or BotSettings.sample_hz)
-    # The join page sends server.video_fps, which must be at least HEADROOM x the sampling rate (core.settings).
-    return float(max(ServerSettings.video_fps, math.ceil(HEADROOM * (args.sample_hz or 0))))
+        return bot_layer_fps(sample_hz)
+    # The join page sends server.video_fps, which must be enough for the sampling rate (core.settings checks it).
+    return float(max(ServerSettings.video_fps, min_video_fps(sample_hz)))
 
 
 def sent_kbps(args: argparse.Namespace) -> int:
@@ -126,7 +125,7 @@ def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[st
              "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
              "--server-video-width", str(args.width), "--server-video-height", str(args.height),
              # What the join page would ask for: at least what the students send, and what the sampling rate needs.
-             "--server-video-fps", str(max(1, math.ceil(args.fps), math.ceil(HEADROOM * (args.sample_hz or 0)))),
+             "--server-video-fps", str(max(math.ceil(args.fps), min_video_fps(args.sample_hz or BotSettings.sample_hz))),
              # The whole simulated class joins from 127.0.0.1 at once: lift the per-address and per-room
              # join bursts (signaling/guard.py) to the class size, as an operator would for a NAT'ed school.
              "--server-join-burst-per-address", str(max(60, args.students + 10)),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from core.protocol import MAX_WORKER_KEY
-from core.simulcast import HEADROOM as SAMPLING_HEADROOM
+from core.simulcast import HEADROOM as SAMPLING_HEADROOM, min_video_fps
 
 DEV_WORKER_KEY = "dev-worker-key-change-me"   # server.worker_key's public default (loopback only)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -338,7 +338,7 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from positive("server", "hello_timeout_seconds messages_per_second room_idle_seconds")
     yield from at_least("server", "worker_lease_seconds", 1)   # renewals are 1/5 of it apart: not a busy loop
     yield from at_least("server", "heartbeat_seconds rooms_per_minute_per_address", 0)   # 0: off / no limit
-    yield from check("server", "video_fps", server.video_fps >= SAMPLING_HEADROOM * settings.bot.sample_hz,
+    yield from check("server", "video_fps", server.video_fps >= min_video_fps(settings.bot.sample_hz),
                      f"must be at least {SAMPLING_HEADROOM:g} x bot.sample_hz ({settings.bot.sample_hz:g}): the student "
                      "pages send this many frames a second and the bot could not sample them as often as asked")
     # --- bot ---

@@ -8,6 +8,8 @@ Firefox) is forwarded whole whatever the layer asked for.
 """
 from __future__ import annotations
 
+import math
+
 LOW_LAYER_FPS = 5.0     # maxFramerate of the meeting page's low simulcast layer
 LOW_LAYER_KBPS = 150    # its maxBitrate, in kbit/s: what a meeting student sends the bot (the load harness copies it)
 TEMPORAL_LAYERS = 3     # L1T3: layer t carries LOW_LAYER_FPS / 2 ** (2 - t) frames/s together with those below it
@@ -23,6 +25,11 @@ def temporal_layer_for(sample_hz: float, layer_fps: float = LOW_LAYER_FPS) -> in
         if layer_fps / 2 ** (TEMPORAL_LAYERS - 1 - layer) >= sample_hz * HEADROOM:
             return layer
     return TEMPORAL_LAYERS - 1
+
+
+def min_video_fps(sample_hz: float) -> int:
+    """The fewest whole frames/s a camera track may send for the bot to sample it at sample_hz: 2 Hz -> 3."""
+    return math.ceil(HEADROOM * sample_hz)
 
 
 def bot_layer_fps(sample_hz: float) -> float:
