@@ -7,7 +7,8 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cv2
@@ -130,10 +131,11 @@ class Analyzer:
         self.rounds = 0
         self.frames = 0
         self.errors = 0
-        self.busy_seconds = 0.0
+        self.busy_seconds = 0.0         # each round from its start to its results (rounds in flight together overlap)
         self.convert_seconds = 0.0      # of busy_seconds: preparing frames (planes copied out, or BGR); the rest is analyse()
         self._decode_pool: ThreadPoolExecutor | None = None
         self.observe_round: Callable[[float], None] | None = None   # seconds of each round (bot/metrics.py)
+        self._prepare_seconds = 0.0     # recent time to prepare and send a round (moving average)
 
     def _decoder(self) -> ThreadPoolExecutor:
         if self._decode_pool is None:
@@ -156,35 +158,84 @@ class Analyzer:
             close()
 
     def _run(self) -> None:
+        # An analyser that can take a round while it works on another (the child process: `submit`/`collect`)
+        # gets the next round shortly before it finishes the last one. Preparing and pickling a round happens
+        # in this thread, which shares the bot's GIL with the event loop (at 100 students ~15 % of a round's
+        # time); done after the last round's results, it left the child idle meanwhile. Taken as late as that
+        # allows, the next round's frames are as fresh as before.
+        depth = 2 if callable(getattr(self.analyse, "submit", None)) else 1
+        in_flight: deque[_Round] = deque()
         while not self._stop.is_set():
-            batch = self.mailbox.take_all(self.max_batch, timeout=0.2)
-            if not batch:
-                continue
-            started = time.perf_counter()
-            try:
-                results = self.process(batch)
-            except Exception:  # never let one bad round kill analysis for the whole class
-                log.exception("inference round failed; %d frames skipped", len(batch))
-                self.errors += len(batch)
-                results = [FrameResult(key, item.received_at, item.received_mono, False, error="inference failed")
-                           for key, item in batch]
-            elapsed = time.perf_counter() - started
-            self.busy_seconds += elapsed
-            if self.observe_round is not None:
-                self.observe_round(elapsed)
-            self.rounds += 1
-            self.frames += len(batch)
-            try:
-                self.on_results(results)
-            except Exception:
-                log.exception("delivering inference results failed")
+            if in_flight:
+                self._until_next_round(in_flight[0])
+            batch = self.mailbox.take_all(self.max_batch, timeout=0.0 if in_flight else 0.2)
+            if batch:
+                in_flight.append(self._start_round(batch, in_flight[-1] if in_flight else None))
+            if in_flight and (len(in_flight) >= depth or not batch):
+                self._end_round(in_flight.popleft())
+        while in_flight:   # stopping: rounds already sent still deliver their results
+            self._end_round(in_flight.popleft())
+
+    def _until_next_round(self, busy: _Round) -> None:
+        """Wait while the analyser works on `busy`, until its results are in or until it is time to prepare the
+        next round: the expected end of `busy` less what preparing a round takes, with a margin."""
+        wait = getattr(self.analyse, "wait", None)
+        if busy.ticket is None or not callable(wait):
+            return
+        lead = 1.5 * self._prepare_seconds + 0.005
+        wait(busy.ticket, busy.expected_end - lead - time.perf_counter())
+
+    def _start_round(self, batch: list[tuple[FrameKey, PendingFrame]], previous: _Round | None = None) -> _Round:
+        """Prepare a round and, for an analyser that takes rounds ahead, send it; `previous` is the round it
+        will wait behind, for its expected end."""
+        started = time.perf_counter()
+        round_ = _Round(batch, started)
+        try:
+            self._prepare(round_)
+            submit = getattr(self.analyse, "submit", None)
+            if round_.images and callable(submit):
+                round_.ticket = submit(round_.images, [batch[i][0] for i in round_.owners])
+        except Exception as exc:  # the analyser refused the round; _end_round reports it
+            round_.failure = exc
+        sent = time.perf_counter()
+        self._prepare_seconds = 0.7 * self._prepare_seconds + 0.3 * (sent - started)
+        per_frame = float(getattr(self.analyse, "seconds_per_frame", 0.0) or 0.0)
+        begins = max(sent, previous.expected_end if previous is not None else sent)
+        round_.expected_end = begins + per_frame * len(round_.images)
+        return round_
+
+    def _end_round(self, round_: _Round) -> None:
+        try:
+            if round_.failure is not None:
+                raise round_.failure
+            results = self._analyse(round_)
+        except Exception:  # never let one bad round kill analysis for the whole class
+            log.exception("inference round failed; %d frames skipped", len(round_.batch))
+            self.errors += len(round_.batch)
+            results = [FrameResult(key, item.received_at, item.received_mono, False, error="inference failed")
+                       for key, item in round_.batch]
+        elapsed = time.perf_counter() - round_.started
+        self.busy_seconds += elapsed
+        if self.observe_round is not None:
+            self.observe_round(elapsed)
+        self.rounds += 1
+        self.frames += len(round_.batch)
+        try:
+            self.on_results(results)
+        except Exception:
+            log.exception("delivering inference results failed")
 
     def process(self, batch: list[tuple[FrameKey, PendingFrame]]) -> list[FrameResult]:
+        """One round, start to finish: prepare the frames, analyse them, one FrameResult per frame."""
+        round_ = _Round(batch, time.perf_counter())
+        self._prepare(round_)
+        return self._analyse(round_)
+
+    def _prepare(self, round_: _Round) -> None:
+        """Each frame as the analyser takes it; a corrupt one is this student's error, not the round's."""
         # An analyser in another process takes a decoded video frame's planes and converts them itself.
         prepare: Callable[[Any], Any] = getattr(self.analyse, "prepare", to_bgr)
-        images: list[Any] = []
-        owners: list[int] = []
-        results: list[FrameResult] = []
+        batch = round_.batch
         # Encoded frames (meeting-bot services) are decoded in parallel: OpenCV releases the GIL while it
         # inflates a PNG, and a 640x360 PNG costs about as much as finding the face in it.
         encoded = {i: item.frame for i, (_, item) in enumerate(batch) if isinstance(item.frame, (bytes, bytearray))}
@@ -192,7 +243,7 @@ class Analyzer:
         decoding = {i: self._decoder().submit(to_bgr, data) for i, data in encoded.items()} if len(encoded) > 1 else {}
         for i, (key, item) in enumerate(batch):
             result = FrameResult(key, item.received_at, item.received_mono, False)
-            results.append(result)
+            round_.results.append(result)
             try:
                 image = decoding[i].result() if i in decoding else prepare(item.frame)
             except Exception as exc:  # corrupt / zero-size frame: this student's sample only
@@ -201,16 +252,36 @@ class Analyzer:
                 log.warning("dropping a bad frame from %s: %s", key, exc)
                 continue
             result.frame_shape = image.shape[:2]
-            images.append(image)
-            owners.append(i)
+            round_.images.append(image)
+            round_.owners.append(i)
         self.convert_seconds += time.perf_counter() - started
-        if images:
-            faces = self.analyse(images, [batch[i][0] for i in owners])
-            for j in range(len(faces)):
-                result = results[owners[int(faces.frame_ids[j])]]
-                result.face_found = True
-                result.box = faces.boxes[j]
-                result.keypoints = faces.keypoints[j]
-                result.score = float(faces.scores[j])
-                result.probs = None if faces.probs is None else faces.probs[j]
-        return results
+
+    def _analyse(self, round_: _Round) -> list[FrameResult]:
+        """The round's faces (collected from the analyser it was submitted to, or computed now) into its results."""
+        if not round_.images:
+            return round_.results
+        if round_.ticket is not None:
+            faces = self.analyse.collect(round_.ticket)   # type: ignore[attr-defined]
+        else:
+            faces = self.analyse(round_.images, [round_.batch[i][0] for i in round_.owners])
+        for j in range(len(faces)):
+            result = round_.results[round_.owners[int(faces.frame_ids[j])]]
+            result.face_found = True
+            result.box = faces.boxes[j]
+            result.keypoints = faces.keypoints[j]
+            result.score = float(faces.scores[j])
+            result.probs = None if faces.probs is None else faces.probs[j]
+        return round_.results
+
+
+@dataclass
+class _Round:
+    """One batch on its way through the analyser: the frames taken, what was sent, and whose each face is."""
+    batch: list[tuple[FrameKey, PendingFrame]]
+    started: float
+    results: list[FrameResult] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)    # what the analyser takes, for the frames that could be prepared
+    owners: list[int] = field(default_factory=list)    # images[k] is batch[owners[k]]
+    ticket: Any = None                                 # the analyser's receipt for a submitted round
+    expected_end: float = 0.0                          # perf_counter when the analyser should be done with it
+    failure: Exception | None = None

@@ -5,7 +5,9 @@ from an event loop that is busy with thousands of RTP packets a second; at 100 s
 measured ~19 ms per frame for ~4.5 ms of work (issue 24). Here the inference thread of the bot only copies
 each decoded frame's YUV planes out (half the bytes of BGR, no colour conversion under the bot's GIL) and waits
 on a pipe; a child process (spawned, not forked: the parent has threads) converts, detects, follows and
-classifies. One request at a time, so the mailbox's drop-stale policy still sets the pace.
+classifies. The bot's thread sends the next round while the child works on the last one (two in flight at
+most), so the child does not wait while the bot prepares and pickles; the mailbox's drop-stale policy still
+sets the pace.
 
 A child that dies or hangs costs its round (the frames are reported as errors, as any failed round is) and
 is started again; a child that cannot load the model fails the bot's start-up with the model's error.
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
+import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, NoReturn, Sequence
 
 import numpy as np
 
@@ -47,15 +51,31 @@ def _serve(conn: Connection, settings: Settings) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
+    # Rounds are read by their own thread, so that the pipe is always drained: the parent sends the next
+    # round while this one is analysed, and both sides writing to a full pipe at once would deadlock.
+    rounds: queue.Queue[tuple[list[Any], list[Hashable] | None] | None] = queue.Queue()
+
+    def read() -> None:
+        while True:
+            try:
+                rounds.put(conn.recv())
+            except BaseException:   # the pipe closed (or broke): the parent starts a new child if it needs one
+                rounds.put(None)
+                return
+
+    threading.Thread(target=read, name="classmood-inference-reader", daemon=True).start()
     while True:
         try:
-            frames, keys = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
+            request = rounds.get()
+        except KeyboardInterrupt:
             return
+        if request is None:
+            return
+        frames, keys = request
         try:
             started, started_wall = time.process_time(), time.perf_counter()
             faces = analyse([f.to_bgr() if isinstance(f, I420) else f for f in frames], keys)
-            conn.send(("ok", (faces, time.process_time() - started, time.perf_counter() - started_wall)))
+            conn.send(("ok", (faces, time.process_time() - started, time.perf_counter() - started_wall, len(frames))))
         except Exception as exc:   # a bad round: the parent reports it; the child keeps serving
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -72,6 +92,8 @@ class ProcessAnalyse:
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
+        self._generation = 0            # which child a round was sent to (see collect)
+        self.seconds_per_frame = 0.0    # the child's recent wall time per frame (moving average), 0 until known
         self._start()
 
     def _start(self) -> None:
@@ -101,27 +123,60 @@ class ProcessAnalyse:
         return as_i420(frame) or to_bgr(frame)
 
     def __call__(self, frames: Sequence[np.ndarray | I420], keys: Sequence[Hashable] | None = None) -> Faces:
+        return self.collect(self.submit(frames, keys))
+
+    def submit(self, frames: Sequence[np.ndarray | I420], keys: Sequence[Hashable] | None = None) -> int:
+        """Send a round to the child and return at once; `collect(ticket)` reads its faces. The child answers
+        rounds in the order they were sent, so collect them in that order."""
         if self._conn is None:
             self._start()
         assert self._conn is not None
         try:
             self._conn.send((frames, list(keys) if keys is not None else None))
+        except OSError as exc:
+            self._restart(exc)
+        return self._generation
+
+    def collect(self, ticket: int) -> Faces:
+        """The faces of the oldest round not yet collected (sent under `ticket`). A round sent to a child that
+        has since been restarted is lost: InferenceProcessError, without waiting."""
+        if ticket != self._generation or self._conn is None:
+            raise InferenceProcessError("the inference process was restarted; this round is lost")
+        try:
             if not self._conn.poll(ROUND_TIMEOUT):
                 raise TimeoutError(f"no answer within {ROUND_TIMEOUT:.0f} s")
             status, payload = self._conn.recv()
         except (EOFError, OSError, TimeoutError) as exc:
-            code = self._process.exitcode if self._process is not None else None
-            log.error("the inference process failed (%s; exit code %s); starting a new one", exc or type(exc).__name__, code)
-            self.close()
-            self.restarts += 1
-            self._start()
-            raise InferenceProcessError("the inference process was restarted; this round is lost") from None
+            self._restart(exc)
         if status != "ok":
             raise InferenceProcessError(str(payload))
         faces: Faces = payload[0]
         self.child_cpu_seconds += float(payload[1])
         self.child_wall_seconds += float(payload[2])
+        frames = int(payload[3])
+        if frames:
+            per_frame = float(payload[2]) / frames
+            self.seconds_per_frame = per_frame if not self.seconds_per_frame else 0.7 * self.seconds_per_frame + 0.3 * per_frame
         return faces
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """Whether the oldest round's answer (or its failure) can be collected without blocking, waiting up to
+        `timeout` seconds for it."""
+        if ticket != self._generation or self._conn is None:
+            return True
+        try:
+            return self._conn.poll(max(0.0, timeout))
+        except (EOFError, OSError):
+            return True
+
+    def _restart(self, exc: BaseException) -> NoReturn:
+        code = self._process.exitcode if self._process is not None else None
+        log.error("the inference process failed (%s; exit code %s); starting a new one", exc or type(exc).__name__, code)
+        self.close()
+        self.restarts += 1
+        self._generation += 1       # rounds the old child held are lost
+        self._start()
+        raise InferenceProcessError("the inference process was restarted; this round is lost") from None
 
     def close(self) -> None:
         """Stop the child (closing the pipe ends its loop; terminate if it does not)."""

@@ -1,0 +1,152 @@
+"""The inference thread keeps the analyser busy: the next round is sent while the last one is analysed,
+results come back in order, and a restarted child loses only the rounds it held."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from bot.analyzer import Analyzer, PendingFrame
+from bot.inference_process import InferenceProcessError, ProcessAnalyse
+from bot.mailbox import FrameMailbox
+from core.faces import Faces
+from core.settings import Settings
+from tests.spine import VIDEOS
+
+
+def one_face_per_frame(frames: list[np.ndarray]) -> Faces:
+    n = len(frames)
+    boxes = np.tile(np.array([[10, 10, 40, 40]], np.float32), (n, 1))
+    kps = np.tile(np.array([[[18, 20], [32, 20], [25, 27], [25, 34], [12, 22], [38, 22]]], np.float32), (n, 1, 1))
+    return Faces(boxes, np.full(n, 0.9, np.float32), kps, np.arange(n, dtype=np.int32),
+                 np.tile(np.eye(7, dtype=np.float32)[3], (n, 1)))
+
+
+class WorkerAnalyse:
+    """An analyser that takes rounds ahead, as the child process does: a worker thread analyses them in
+    order (5 ms a frame), and the test sees how many were outstanding at once."""
+
+    def __init__(self) -> None:
+        self.seconds_per_frame = 0.0
+        self.outstanding = 0
+        self.most_outstanding = 0
+        self.submitted: list[int] = []       # each round's size, in the order sent
+        self._jobs: queue.Queue = queue.Queue()
+        self._done: dict[int, threading.Event] = {}
+        self._faces: dict[int, Faces] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            ticket, frames = self._jobs.get()
+            time.sleep(0.005 * len(frames))
+            self._faces[ticket] = one_face_per_frame(frames)
+            self._done[ticket].set()
+
+    def submit(self, frames, keys) -> int:
+        with self._lock:
+            ticket = len(self.submitted)
+            self.submitted.append(len(frames))
+            self.outstanding += 1
+            self.most_outstanding = max(self.most_outstanding, self.outstanding)
+            self._done[ticket] = threading.Event()
+        self._jobs.put((ticket, list(frames)))
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        return self._done[ticket].wait(max(0.0, timeout))
+
+    def collect(self, ticket: int) -> Faces:
+        assert self._done[ticket].wait(5)
+        with self._lock:
+            self.outstanding -= 1
+        self.seconds_per_frame = 0.005
+        return self._faces.pop(ticket)
+
+    def __call__(self, frames, keys=None) -> Faces:
+        return self.collect(self.submit(frames, keys))
+
+
+def test_the_next_round_is_sent_while_the_analyser_works_and_every_frame_taken_gets_its_result():
+    rounds: list[list] = []
+    box: FrameMailbox[tuple[str, str], PendingFrame] = FrameMailbox()
+    analyse = WorkerAnalyse()
+    analyzer = Analyzer(analyse, box, rounds.append, max_batch=64)
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    analyzer.start()
+    # 40 students sending 20 frames/s each: more than 5 ms a frame can keep up with, as at 100 students
+    ends = time.monotonic() + 1.5
+    while time.monotonic() < ends:
+        for student in range(40):
+            box.put(("room", f"s{student}"), PendingFrame(frame, time.time(), time.monotonic()))
+        time.sleep(0.05)
+    analyzer.stop()
+    assert analyse.most_outstanding == 2            # a round was sent before the last one's results were read
+    assert len(rounds) == len(analyse.submitted)    # every round sent was delivered, those in flight at stop too
+    assert [len(r) for r in rounds] == analyse.submitted      # in the order they were sent
+    delivered = sum(len(r) for r in rounds)
+    assert delivered == analyzer.frames == box.accepted - box.dropped - box.pending()
+    assert all(r.face_found and r.probs.argmax() == 3 for batch in rounds for r in batch)
+
+
+def test_an_analyser_that_takes_one_round_at_a_time_is_called_round_by_round():
+    calls: list[int] = []
+    busy = threading.Lock()
+
+    def analyse(frames, keys):
+        assert busy.acquire(blocking=False), "called while a round was running"
+        try:
+            calls.append(len(frames))
+            time.sleep(0.01)
+            return one_face_per_frame(frames)
+        finally:
+            busy.release()
+    results: list = []
+    box: FrameMailbox[tuple[str, str], PendingFrame] = FrameMailbox()
+    analyzer = Analyzer(analyse, box, results.extend)
+    analyzer.start()
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    for _ in range(20):
+        for student in range(5):
+            box.put(("room", f"s{student}"), PendingFrame(frame, time.time(), time.monotonic()))
+        time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while box.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    analyzer.stop()
+    assert sum(calls) == len(results) == box.accepted - box.dropped
+    assert all(r.face_found for r in results)
+
+
+def test_rounds_sent_ahead_to_the_inference_process_come_back_in_order_and_a_restart_loses_only_those():
+    settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"})
+    capture = cv2.VideoCapture(str(VIDEOS / "woman2.mp4"))
+    ok, face = capture.read()
+    if not ok:
+        pytest.skip(f"needs ../shared/media/videos/woman2.mp4 (a real face): {VIDEOS} is absent")
+    face = cv2.resize(face, (320, 240))
+    blank = np.full((240, 320, 3), 90, np.uint8)
+    analyse = ProcessAnalyse(settings)
+    try:
+        first = analyse.submit([face], [("r", "a")])
+        second = analyse.submit([blank, blank, face], [("r", "b"), ("r", "c"), ("r", "d")])
+        assert analyse.collect(first).frame_ids.tolist() == [0]
+        assert analyse.collect(second).frame_ids.tolist() == [2]
+        assert analyse.seconds_per_frame > 0
+
+        held = [analyse.submit([face], [("r", "a")]), analyse.submit([face], [("r", "b")])]
+        os.kill(analyse._process.pid, signal.SIGKILL)
+        for ticket in held:
+            with pytest.raises(InferenceProcessError, match="restarted"):
+                analyse.collect(ticket)
+        assert analyse.restarts == 1                # the second lost round did not restart the new child
+        assert analyse([face], [("r", "a")]).frame_ids.tolist() == [0]
+    finally:
+        analyse.close()
