@@ -152,7 +152,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class StorageSettings:
     url: str = "sqlite:///classmood.sqlite"
-    flush_seconds: float = 0.5             # batched writes: at most this much delay before a commit
+    flush_seconds: float = 0.25            # batched writes: at most this much delay before a commit (4 a second)
     max_pending_rows: int = 100_000        # rows kept in memory while the database is unavailable
     # Sessions are erased this many days after they end (checked hourly by the server); 0 = keep until
     # the teacher deletes them. Storage limitation: expression data should not outlive its use.

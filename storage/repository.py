@@ -30,7 +30,7 @@ log = logging.getLogger("classmood.storage")
 
 
 class Repository:
-    def __init__(self, url: str, flush_seconds: float = 0.5, max_pending_rows: int = 100_000) -> None:
+    def __init__(self, url: str, flush_seconds: float = 0.25, max_pending_rows: int = 100_000) -> None:
         self.url = url
         self.engine = schema.create_engine_for(url)
         self.write_engine = schema.create_engine_for(url, busy_timeout_s=WRITER_BUSY_TIMEOUT_S, migrate_schema=False)

@@ -35,7 +35,7 @@ def _rejected_for_good(exc: BaseException) -> bool:
 
 class BatchWriter:
     def __init__(self, engine: Engine, apply: Callable[[Connection, list[Op]], int],
-                 flush_seconds: float = 0.5, max_pending_rows: int = 100_000, name: str = "classmood-db-writer") -> None:
+                 flush_seconds: float = 0.25, max_pending_rows: int = 100_000, name: str = "classmood-db-writer") -> None:
         self.engine = engine
         self.apply = apply
         self.flush_seconds = max(0.0, float(flush_seconds))

@@ -159,7 +159,7 @@ def test_round_trip_of_rooms_sessions_participants_samples_alerts(repo, url):
 
 
 def test_rows_accepted_before_close_are_all_in_the_database(url):
-    repo = Repository(url, flush_seconds=0.5)   # the default pace: close must not wait for it
+    repo = Repository(url, flush_seconds=0.5)   # a slow pace: close must not wait for it
     sid = new_session(repo, people=("p1", "p2"))
     repo.add_samples(samples(sid, "p1", 300, 1000.0))
     repo.add_samples(samples(sid, "p2", 200, 1000.0, SAD))
