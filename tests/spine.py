@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
 
@@ -18,6 +19,7 @@ from bot.media_server import MediaServer, open_media_server
 from bot.service import BotService
 from bot.simulate import free_port
 from bot.students import SimulatedStudent, load_video_frames, no_face_frames
+from core.faces import Faces
 from core.settings import Settings
 from signaling.server import ServerRunner, create_app
 from storage import Repository
@@ -138,3 +140,12 @@ async def stop_class(live: LiveClass) -> None:
     if live.media is not None:
         await live.media.close()
     live.repository.close()
+
+
+def one_face_per_frame(frames: list[np.ndarray], keys: object = None) -> Faces:
+    """A stand-in analyser: one face in every frame, happy."""
+    n = len(frames)
+    boxes = np.tile(np.array([[10, 10, 40, 40]], np.float32), (n, 1))
+    kps = np.tile(np.array([[[18, 20], [32, 20], [25, 27], [25, 34], [12, 22], [38, 22]]], np.float32), (n, 1, 1))
+    return Faces(boxes, np.full(n, 0.9, np.float32), kps, np.arange(n, dtype=np.int32),
+                 np.tile(np.eye(7, dtype=np.float32)[3], (n, 1)))

@@ -17,15 +17,7 @@ from bot.inference_process import InferenceProcessError, ProcessAnalyse
 from bot.mailbox import FrameMailbox
 from core.faces import Faces
 from core.settings import Settings
-from tests.spine import VIDEOS
-
-
-def one_face_per_frame(frames: list[np.ndarray]) -> Faces:
-    n = len(frames)
-    boxes = np.tile(np.array([[10, 10, 40, 40]], np.float32), (n, 1))
-    kps = np.tile(np.array([[[18, 20], [32, 20], [25, 27], [25, 34], [12, 22], [38, 22]]], np.float32), (n, 1, 1))
-    return Faces(boxes, np.full(n, 0.9, np.float32), kps, np.arange(n, dtype=np.int32),
-                 np.tile(np.eye(7, dtype=np.float32)[3], (n, 1)))
+from tests.spine import VIDEOS, one_face_per_frame
 
 
 class WorkerAnalyse:

@@ -14,19 +14,10 @@ import pytest
 from bot.analyzer import Analyzer, PendingFrame, to_bgr
 from bot.mailbox import FrameMailbox
 from bot.service import BotService
-from core.faces import Faces
 from aiohttp import web
 
 from signaling.server import REGISTRY_KEY, create_app
-from tests.spine import VIDEOS, eventually, start_class, stop_class
-
-
-def one_face_per_frame(frames: list[np.ndarray], keys: object = None) -> Faces:
-    n = len(frames)
-    boxes = np.tile(np.array([[10, 10, 40, 40]], np.float32), (n, 1))
-    kps = np.tile(np.array([[[18, 20], [32, 20], [25, 27], [25, 34], [12, 22], [38, 22]]], np.float32), (n, 1, 1))
-    return Faces(boxes, np.full(n, 0.9, np.float32), kps, np.arange(n, dtype=np.int32),
-                 np.tile(np.eye(7, dtype=np.float32)[3], (n, 1)))
+from tests.spine import VIDEOS, eventually, one_face_per_frame, start_class, stop_class
 
 
 class BrokenFrame:
