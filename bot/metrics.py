@@ -22,7 +22,9 @@ ROUND_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 def round_histogram() -> Histogram:
     """Not registered anywhere: BotCollector yields it from whichever registry holds the collector."""
-    return Histogram("classmood_inference_round_seconds", "Time of one batched inference round",
+    return Histogram("classmood_inference_round_seconds",
+                     "Time of one batched inference round, from taking its frames to their results "
+                     "(a round sent ahead waits for the one before it)",
                      buckets=ROUND_BUCKETS, registry=None)
 
 
