@@ -117,6 +117,18 @@ def test_an_analyser_that_takes_one_round_at_a_time_is_called_round_by_round():
     assert all(r.face_found for r in results)
 
 
+def wait_until_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """Whether the process is stopped (state T in /proc) within `timeout` seconds: a signal is delivered
+    asynchronously."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return True
+        time.sleep(0.005)
+    return False
+
+
 def test_rounds_sent_ahead_to_the_inference_process_come_back_in_order_and_a_restart_loses_only_those():
     settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"})
     capture = cv2.VideoCapture(str(VIDEOS / "woman2.mp4"))
@@ -133,7 +145,12 @@ def test_rounds_sent_ahead_to_the_inference_process_come_back_in_order_and_a_res
         assert analyse.collect(second).frame_ids.tolist() == [2]
         assert analyse.seconds_per_frame > 0
 
-        held = [analyse.submit([face], [("r", "a")]), analyse.submit([face], [("r", "b")])]
+        # The child is stopped first, so that it cannot answer the two rounds before it dies (small frames:
+        # both fit in the pipe while nobody reads it).
+        small = np.full((48, 64, 3), 90, np.uint8)
+        os.kill(analyse._process.pid, signal.SIGSTOP)
+        assert wait_until_stopped(analyse._process.pid)
+        held = [analyse.submit([small], [("r", "a")]), analyse.submit([small], [("r", "b")])]
         os.kill(analyse._process.pid, signal.SIGKILL)
         for ticket in held:
             with pytest.raises(InferenceProcessError, match="restarted"):
