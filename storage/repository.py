@@ -30,7 +30,8 @@ log = logging.getLogger("classmood.storage")
 
 
 class Repository:
-    def __init__(self, url: str, flush_seconds: float = 0.25, max_pending_rows: int = 100_000) -> None:
+    def __init__(self, url: str, flush_seconds: float = StorageSettings.flush_seconds,
+                 max_pending_rows: int = StorageSettings.max_pending_rows) -> None:
         self.url = url
         self.engine = schema.create_engine_for(url)
         self.write_engine = schema.create_engine_for(url, busy_timeout_s=WRITER_BUSY_TIMEOUT_S, migrate_schema=False)

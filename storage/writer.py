@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from core.errors import describe
+from core.settings import StorageSettings
 from storage.writes import ROW_KINDS, Op
 
 log = logging.getLogger("classmood.storage")
@@ -35,7 +36,8 @@ def _rejected_for_good(exc: BaseException) -> bool:
 
 class BatchWriter:
     def __init__(self, engine: Engine, apply: Callable[[Connection, list[Op]], int],
-                 flush_seconds: float = 0.25, max_pending_rows: int = 100_000, name: str = "classmood-db-writer") -> None:
+                 flush_seconds: float = StorageSettings.flush_seconds,
+                 max_pending_rows: int = StorageSettings.max_pending_rows, name: str = "classmood-db-writer") -> None:
         self.engine = engine
         self.apply = apply
         self.flush_seconds = max(0.0, float(flush_seconds))
