@@ -98,11 +98,16 @@ def positive_kbps(text: str) -> int:
     return value
 
 
+def asked_sample_hz(args: argparse.Namespace) -> float:
+    """The bot's sampling rate in this run: --sample-hz, else the bot's default."""
+    return float(args.sample_hz or BotSettings.sample_hz)
+
+
 def sent_fps(args: argparse.Namespace) -> float:
     """Frames/s a browser sends the bot on this path (the default of --fps). Via Janus, a Chrome student's low
     layer is 5 frames/s in three temporal layers and the bot subscribes to those its sampling rate needs (2 Hz:
     2.5 frames/s); the harness's students send no temporal layers, so they send what the bot would get."""
-    sample_hz = args.sample_hz or BotSettings.sample_hz
+    sample_hz = asked_sample_hz(args)
     if args.via == "janus":
         return bot_layer_fps(sample_hz)
     # The join page sends server.video_fps, which must be enough for the sampling rate (core.settings checks it).
@@ -115,7 +120,7 @@ def sent_kbps(args: argparse.Namespace) -> int:
     if args.bitrate:
         return int(args.bitrate)
     if args.via == "janus":
-        return bot_layer_kbps(args.sample_hz or BotSettings.sample_hz)
+        return bot_layer_kbps(asked_sample_hz(args))
     return DIRECT_KBPS
 
 
@@ -125,7 +130,7 @@ def bot_settings_flags(args: argparse.Namespace, port: int, db: Path) -> list[st
              "--storage-url", f"sqlite:///{db}", "--server-max-participants-per-room", str(max(200, args.students + 10)),
              "--server-video-width", str(args.width), "--server-video-height", str(args.height),
              # What the join page would ask for: at least what the students send, and what the sampling rate needs.
-             "--server-video-fps", str(max(math.ceil(args.fps), min_video_fps(args.sample_hz or BotSettings.sample_hz))),
+             "--server-video-fps", str(max(math.ceil(args.fps), min_video_fps(asked_sample_hz(args)))),
              # The whole simulated class joins from 127.0.0.1 at once: lift the per-address and per-room
              # join bursts (signaling/guard.py) to the class size, as an operator would for a NAT'ed school.
              "--server-join-burst-per-address", str(max(60, args.students + 10)),
