@@ -42,12 +42,13 @@ def parse(spec: str) -> tuple[str, float]:
     """'jpeg' | 'jpeg:mid' | 'jpeg:40' -> ('jpeg', 40.0); 'vp8@3:90' -> ('vp8@3', 90.0) (VP8 at 3 frames/s);
     ValueError names the kinds and levels."""
     kind, _, level = spec.partition(":")
-    base, at, fps = kind.partition("@")
+    base, at, _ = kind.partition("@")
     if base not in LEVELS:
         raise ValueError(f"unknown degradation {base!r}: choose from {', '.join(KINDS)}")
-    if at and (base != "vp8" or vp8_fps(kind) is None):
+    fps = vp8_fps(kind) if at else None
+    if at and fps is None:
         raise ValueError(f"{spec}: only vp8 takes a frame rate, as vp8@FPS with FPS from 1 to 60")
-    kind = f"vp8@{vp8_fps(kind):g}" if at else base
+    kind = f"vp8@{fps:g}" if fps is not None else base
     names = {"low": 0, "mid": 1, "high": 2, "": 1}
     if level in names:
         return kind, float(LEVELS[base][names[level]])
