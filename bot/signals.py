@@ -21,6 +21,7 @@ These are proxies computed from facial behaviour; FER-7 has no "confused" or "bo
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -189,28 +190,35 @@ class Baseline:
     changes the baseline only once it fills half of the span (then it *is* this student's usual).
     `ready` once the kept history spans `warmup_seconds`; until then `value` is None and the raw score
     is used, so that a student who looks confused from the start is not taken as their own normal.
+    The scores are also kept sorted, so the median costs nothing: it is read on every sample (200 a
+    second in a class of 100) over up to 600 scores.
     """
 
     def __init__(self, seconds: float, warmup_seconds: float) -> None:
         self.seconds, self.warmup_seconds = float(seconds), float(warmup_seconds)
         self._history: deque[tuple[float, float]] = deque()
+        self._sorted: list[float] = []
 
     def reset(self) -> None:
         self._history.clear()
+        self._sorted.clear()
 
     def add(self, t: float, score: float | None) -> None:
         if self.seconds <= 0 or score is None:
             return
         self._history.append((t, float(score)))
+        bisect.insort(self._sorted, float(score))
         while self._history and self._history[0][0] < t - self.seconds:
-            self._history.popleft()
+            _, old = self._history.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
 
     @property
     def value(self) -> float | None:
         if self.seconds <= 0 or not self._history or \
                 self._history[-1][0] - self._history[0][0] < self.warmup_seconds - _EPS:
             return None
-        return float(np.median([v for _, v in self._history]))
+        values, mid = self._sorted, len(self._sorted) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2.0
 
 
 def adjusted_score(score: float | None, baseline: float | None, reference: float) -> float | None:
@@ -224,8 +232,38 @@ def adjusted_score(score: float | None, baseline: float | None, reference: float
 class _Sample:
     t: float
     face: bool
-    probs: np.ndarray | None
     facing: float          # facing() of this sample; 0 without a face
+
+
+class _FaceRows:
+    """The probabilities of the window's face samples as one (n, 7) array, oldest first. Rows are appended
+    at the end and dropped from the front in place, so the window is never re-stacked from its samples."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._rows = np.empty((capacity, NUM_EMOTIONS), dtype=np.float64)
+        self._start = self._end = 0
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    def append(self, probs: np.ndarray) -> None:
+        if self._end == len(self._rows):
+            n = len(self)
+            rows = np.empty((2 * len(self._rows), NUM_EMOTIONS)) if 2 * n > len(self._rows) else self._rows
+            rows[:n] = self._rows[self._start:self._end]
+            self._rows, self._start, self._end = rows, 0, n
+        self._rows[self._end] = probs
+        self._end += 1
+
+    def popleft(self) -> None:
+        self._start += 1
+
+    def clear(self) -> None:
+        self._start = self._end = 0
+
+    @property
+    def array(self) -> np.ndarray:
+        return self._rows[self._start:self._end]
 
 
 class StudentSignals:
@@ -234,6 +272,7 @@ class StudentSignals:
     def __init__(self, settings: SignalSettings | None = None) -> None:
         self.settings = settings or SignalSettings()
         self._window: deque[_Sample] = deque()
+        self._faces = _FaceRows()      # the probabilities of the window's face samples, in window order
         self._last_t: float | None = None
         self.state: StudentState | None = None
         s = self.settings
@@ -243,6 +282,7 @@ class StudentSignals:
     def reset(self) -> None:
         """Forget every sample (e.g. when the student opts out)."""
         self._window.clear()
+        self._faces.clear()
         for baseline in self._baselines.values():
             baseline.reset()
         self._last_t = None
@@ -263,18 +303,22 @@ class StudentSignals:
             if np.all(np.isfinite(arr)):
                 probs = arr
         face = probs is not None
-        self._window.append(_Sample(t, face, probs, facing(obs.yaw, s) if face else 0.0))
+        self._window.append(_Sample(t, face, facing(obs.yaw, s) if face else 0.0))
+        if probs is not None:
+            self._faces.append(probs)
         horizon = t - s.window_seconds
         while self._window and self._window[0].t <= horizon:
-            self._window.popleft()
-        state = self._compute(t)
+            if self._window.popleft().face:
+                self._faces.popleft()
+        fields = self._compute(t)
+        confusion, boredom = fields["confusion"], fields["boredom"]
         base_c, base_b = self._baselines["confusion"], self._baselines["boredom"]
-        base_c.add(t, state.confusion)
-        base_b.add(t, state.boredom)
+        base_c.add(t, confusion)
+        base_b.add(t, boredom)
         bc, bb = base_c.value, base_b.value
-        self.state = replace(state, confusion_baseline=bc, boredom_baseline=bb,
-                             confusion_adjusted=self._adjusted(state.confusion, bc, s.baseline_reference_confusion),
-                             boredom_adjusted=self._adjusted(state.boredom, bb, s.baseline_reference_boredom))
+        self.state = StudentState(**fields, confusion_baseline=bc, boredom_baseline=bb,
+                                  confusion_adjusted=self._adjusted(confusion, bc, s.baseline_reference_confusion),
+                                  boredom_adjusted=self._adjusted(boredom, bb, s.baseline_reference_boredom))
         return self.state
 
     def _adjusted(self, score: float | None, baseline: float | None, reference: float) -> float | None:
@@ -287,12 +331,13 @@ class StudentSignals:
             return _clip(score - s.baseline_warmup_margin, 0.0, 1.0)
         return adjusted_score(score, baseline, reference)
 
-    def _compute(self, t: float) -> StudentState:
+    def _compute(self, t: float) -> dict[str, Any]:
+        """StudentState's fields over the window, without the baselines."""
         s = self.settings
         window = self._window
         n = len(window)
-        face_probs = [w.probs for w in window if w.face and w.probs is not None]
-        n_face = len(face_probs)
+        P = self._faces.array
+        n_face = len(P)
         face_share = n_face / n if n else 0.0
         absent_share = 1.0 - face_share
         attention = sum(w.facing for w in window) / n if n else None
@@ -301,7 +346,6 @@ class StudentSignals:
         mean_probs: np.ndarray | None = None
         confusion = low_arousal = stillness = expressiveness = None
         if n_face:
-            P = np.stack(face_probs)
             mean_probs = P.mean(axis=0)
             if n_face >= s.min_samples:
                 confusion = float(np.mean(confusion_instant(P, s)))
@@ -314,11 +358,11 @@ class StudentSignals:
             boredom = _clip(s.boredom_w_low_arousal * (low_arousal or 0.0) + s.boredom_w_stillness * (stillness or 0.0)
                             + s.boredom_w_away * away_share + s.boredom_w_absent * absent_share, 0.0, 1.0)
         top_label = EMOTIONS[int(np.argmax(mean_probs))] if mean_probs is not None else None
-        return StudentState(
+        return dict(
             t=t, n=n, n_face=n_face, face_share=face_share,
             confusion=None if confusion is None else _clip(confusion, 0.0, 1.0), boredom=boredom,
             attention=None if attention is None else _clip(attention, 0.0, 1.0), top_label=top_label,
-            mean_probs=None if mean_probs is None else tuple(float(x) for x in mean_probs),
+            mean_probs=None if mean_probs is None else tuple(mean_probs.tolist()),
             components={"low_arousal": low_arousal, "stillness": stillness, "expressiveness": expressiveness,
                         "away_share": away_share, "absent_share": absent_share})
 

@@ -172,6 +172,34 @@ def test_stillness_distinguishes_a_still_from_a_changing_face():
     assert changing.boredom < still.boredom
 
 
+def test_a_long_class_scores_each_window_from_exactly_its_own_samples():
+    # 20 minutes of mixed samples (faces, empty frames, jumps in time): the state after each sample must equal
+    # that of a fresh student fed only the samples still inside the window, and the baseline must be the
+    # median of the scores of the last baseline_seconds.
+    rng = np.random.default_rng(7)
+    sig, seen, scores, t = StudentSignals(S), [], [], 0.0
+    for i in range(2400):
+        t += float(rng.choice([0.5, 0.5, 0.45, 3.0], p=[0.5, 0.3, 0.17, 0.03]))
+        face = bool(rng.random() > 0.2)
+        obs = Observation(t=t, face_found=face, probs=rng.dirichlet(np.ones(7)) if face else None,
+                          yaw=float(rng.uniform(-1, 1)))
+        seen.append(obs)
+        st = sig.update(obs)
+        scores.append((t, st.confusion))
+        if i % 97:
+            continue
+        fresh = StudentSignals(S)
+        for old in seen:
+            if old.t > t - S.window_seconds:
+                expected = fresh.update(old)
+        assert (st.n, st.n_face, st.top_label) == (expected.n, expected.n_face, expected.top_label)
+        for name in ("confusion", "boredom", "attention", "mean_probs"):
+            assert getattr(st, name) == pytest.approx(getattr(expected, name), abs=1e-12)
+        kept = [c for u, c in scores if u >= t - S.baseline_seconds and c is not None]
+        if st.confusion_baseline is not None:
+            assert st.confusion_baseline == pytest.approx(float(np.median(kept)), abs=1e-12)
+
+
 def test_out_of_order_sample_does_not_break_the_window():
     sig = StudentSignals(S)
     run(sig, NEUTRAL, 10)
