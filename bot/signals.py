@@ -50,17 +50,17 @@ def yaw_components(keypoints: Any) -> tuple[float, float] | None:
     kp = np.asarray(keypoints, dtype=np.float64)
     if kp.shape != (6, 2) or not np.all(np.isfinite(kp)):
         return None
-    right_eye, left_eye, nose, _mouth, right_ear, left_ear = kp
-    axis = left_eye - right_eye
-    iod = float(np.hypot(axis[0], axis[1]))
+    # Plain floats from here: numpy on 2-vectors costs more than the arithmetic (this runs on every sample).
+    (rx, ry), (lx, ly), (nx, ny), _mouth, (rex, rey), (lex, ley) = kp.tolist()
+    iod = math.hypot(lx - rx, ly - ry)
     if iod < 1e-6:
         return None
-    u = axis / iod
-    nose_offset = float(np.dot(nose - (right_eye + left_eye) / 2.0, u)) / iod
-    d_right = float(np.dot(right_eye - right_ear, u))
-    d_left = float(np.dot(left_ear - left_eye, u))
-    span = max(d_right, 0.0) + max(d_left, 0.0)
-    ear_asymmetry = (max(d_right, 0.0) - max(d_left, 0.0)) / span if span > _EPS else 0.0
+    ux, uy = (lx - rx) / iod, (ly - ry) / iod
+    nose_offset = ((nx - (rx + lx) / 2.0) * ux + (ny - (ry + ly) / 2.0) * uy) / iod
+    d_right = max((rx - rex) * ux + (ry - rey) * uy, 0.0)
+    d_left = max((lex - lx) * ux + (ley - ly) * uy, 0.0)
+    span = d_right + d_left
+    ear_asymmetry = (d_right - d_left) / span if span > _EPS else 0.0
     return nose_offset, ear_asymmetry
 
 
@@ -83,9 +83,9 @@ def attention_cues(box: Any, keypoints: Any, frame_shape: Sequence[int] | None =
         yaw = _clip(s.yaw_nose_weight * nose_term + s.yaw_ear_weight * ear_asymmetry, -1.0, 1.0)
     frac: float | None = None
     if frame_shape is not None and box is not None:
-        b = np.asarray(box, dtype=np.float64).reshape(-1)
+        b = np.asarray(box, dtype=np.float64).reshape(-1).tolist()
         h, w = float(frame_shape[0]), float(frame_shape[1])
-        if b.shape == (4,) and np.all(np.isfinite(b)) and h > 0 and w > 0:
+        if len(b) == 4 and all(map(math.isfinite, b)) and h > 0 and w > 0:
             frac = _clip(max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0) / (h * w), 0.0, 1.0)
     return {"yaw": yaw, "face_box_frac": frac}
 
