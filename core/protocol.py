@@ -95,6 +95,9 @@ class ErrorCode(_StrEnum):
 # What students and teachers send about their media in a meeting (each has its own rate budget).
 MEDIA_TYPES: tuple[str, ...] = (MessageType.PUBLISH, MessageType.UNPUBLISH, MessageType.SUBSCRIBE,
                                 MessageType.UNSUBSCRIBE, MessageType.ANSWER)
+# The simulcast layer a watcher asks for: "low" (the 320x240 layer the bot also takes; a small tile in a
+# gallery needs no more) or "high" (full size).
+QUALITIES: tuple[str, ...] = ("low", "high")
 
 
 class CloseCode(IntEnum):

@@ -102,6 +102,9 @@ class ServerSettings:
     meeting_video_width: int = 640        # camera constraints in a meeting: for people; the bot subscribes
     meeting_video_height: int = 480       # to the lowest simulcast layer, which is all 2 Hz analysis needs
     meeting_video_fps: int = 15
+    # A page watching this many feeds or more gets its small tiles (<= 400 device px wide) as the low simulcast
+    # layer (half size, 5 frames/s, ~150 kbit/s instead of ~600): a teacher's gallery of a large class. 0 = never.
+    meeting_gallery_low_from: int = 7
 
 
 JANUS_MODES = ("embedded", "external", "off")

@@ -69,6 +69,7 @@ def create_app(settings: Settings, store: Store | None = None, static_dir: Path 
                                 students_see_students=cfg.students_see_students,
                                 publish={"width": cfg.meeting_video_width, "height": cfg.meeting_video_height,
                                          "fps": cfg.meeting_video_fps, "simulcast": True},
+                                gallery_low_from=cfg.meeting_gallery_low_from,
                                 bot_temporal_layer=temporal_layer_for(settings.bot.sample_hz))
         meeting = state.meeting
         app.on_cleanup.append(lambda _app: meeting.stop_tasks())

@@ -25,6 +25,9 @@ from signaling.sfu import Sfu
 log = logging.getLogger("classmood.meeting")
 
 BOT = "bot"             # the bot's subscriber name in the SFU: a replacing bot inherits nothing stale
+# Janus's simulcast substream for each quality a page asks for (meeting.js sends two layers: 0 low, 1 high; Janus
+# clamps 2 to the highest layer a publisher sends).
+SUBSTREAMS = {"low": 0, "high": 2}
 RESUBSCRIBE_DELAY_S = 2.0
 
 
@@ -38,13 +41,16 @@ class MeetingRoom:
 
 class Meeting:
     def __init__(self, sfu: Sfu, rooms: Callable[[], Iterable[Room]], *, students_see_students: bool = False,
-                 publish: dict[str, Any] | None = None, bot_temporal_layer: int = 1) -> None:
+                 publish: dict[str, Any] | None = None, bot_temporal_layer: int = 1,
+                 gallery_low_from: int = 7) -> None:
         """bot_temporal_layer: how much of a student's low simulcast layer the bot receives
-        (core.simulcast.temporal_layer_for(bot.sample_hz))."""
+        (core.simulcast.temporal_layer_for(bot.sample_hz)). gallery_low_from: pages watching this many feeds or
+        more ask for the low layer of their small tiles (0 = never; see meeting.js)."""
         self.sfu = sfu
         self.rooms = rooms                      # the live rooms (for a media reset)
         self.students_see_students = students_see_students
         self.bot_temporal_layer = bot_temporal_layer
+        self.gallery_low_from = max(0, int(gallery_low_from))
         self.publish_constraints = publish or {"width": 640, "height": 480, "fps": 15, "simulcast": True}
         self.state: dict[str, MeetingRoom] = {}
         self._live: dict[str, Room] = {}
@@ -57,7 +63,7 @@ class Meeting:
     # ---- what clients are told ----------------------------------------------------------------------
     def welcome_media(self) -> dict[str, Any]:
         return {"mode": "sfu", "students_see_students": self.students_see_students,
-                "publish": self.publish_constraints}
+                "publish": self.publish_constraints, "gallery_low_from": self.gallery_low_from}
 
     def _room(self, room: Room) -> MeetingRoom:
         self._live[room.room_id] = room
@@ -163,7 +169,8 @@ class Meeting:
                 if not self.may_watch(room, peer, feed):
                     peer.send(self._error(data, ErrorCode.BAD_TARGET, "you may not watch that feed (or it is not publishing)"))
                     return
-                offer = await self.sfu.subscribe(room.room_id, peer.peer_id, feed)
+                offer = await self.sfu.subscribe(room.room_id, peer.peer_id, feed,
+                                                 substream=SUBSTREAMS.get(data.get("quality", "")))
                 peer.send(protocol.message(MessageType.OFFER, feed=feed, sdp=offer))
             elif kind == MessageType.ANSWER:
                 await self.sfu.start_subscription(room.room_id, peer.peer_id, data["feed"], data["sdp"])

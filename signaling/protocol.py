@@ -19,10 +19,10 @@ import re
 import unicodedata
 from typing import Any, Callable
 
-from core.protocol import (CONTROL_ACTIONS, MAX_WORKER_KEY, MEDIA_TYPES, ROLES, SDP_TYPES, THRESHOLD_KINDS, VERSION,
+from core.protocol import (CONTROL_ACTIONS, MAX_WORKER_KEY, MEDIA_TYPES, QUALITIES, ROLES, SDP_TYPES, THRESHOLD_KINDS, VERSION,
                            CloseCode, ErrorCode, MessageType, Role)
 
-__all__ = ["VERSION", "ROLES", "CONTROL_ACTIONS", "THRESHOLD_KINDS", "SDP_TYPES", "MEDIA_TYPES", "CloseCode", "ErrorCode",
+__all__ = ["VERSION", "ROLES", "CONTROL_ACTIONS", "THRESHOLD_KINDS", "SDP_TYPES", "MEDIA_TYPES", "QUALITIES", "CloseCode", "ErrorCode",
            "MessageType", "Role", "ProtocolError", "INBOUND", "decode", "parse", "parse_hello", "parse_hello_raw",
            "clean_name", "clean_title", "clean_text", "is_id", "message", "error", "welcome", "participant",
            "bot_presence", "signal_from", "control_from", "invite"]
@@ -192,7 +192,8 @@ def _sdp(sdp: Any) -> str:
 
 
 def _media(data: dict[str, Any]) -> dict[str, Any]:
-    """Meeting messages of students and teachers: publish {sdp}, unpublish, (un)subscribe {feed}, answer."""
+    """Meeting messages of students and teachers: publish {sdp}, unpublish, (un)subscribe {feed}, answer;
+    subscribe may name the simulcast layer wanted ("quality": low or high)."""
     kind = data["type"]
     if kind == MessageType.PUBLISH:
         return {"type": kind, "sdp": _sdp(data.get("sdp"))}
@@ -201,6 +202,11 @@ def _media(data: dict[str, Any]) -> dict[str, Any]:
     out = {"type": kind, "feed": _id(data.get("feed"), "feed")}
     if kind == MessageType.ANSWER:
         out["sdp"] = _sdp(data.get("sdp"))
+    if kind == MessageType.SUBSCRIBE and data.get("quality") is not None:
+        quality = data.get("quality")
+        if not isinstance(quality, str) or quality not in QUALITIES:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "quality must be low or high")
+        out["quality"] = quality
     return out
 
 

@@ -211,7 +211,9 @@ class Sfu:
                 data, jsep = await janus.request(handle, {
                     "request": "joinandconfigure", "ptype": "publisher", "room": room_id, "id": peer,
                     "display": display, "audio": True, "video": True},
-                    jsep={"type": "offer", "sdp": offer_sdp})
+                    # meeting.js lists its simulcast layers low first ("l;h"); Janus assumes high first unless told,
+                    # and then gave substream 0 (the bot's, and small tiles') the HIGH layer.
+                    jsep={"type": "offer", "sdp": offer_sdp, "rid_order": "lmh"})
             except BaseException:
                 self._handles.pop(handle, None)
                 await self._quiet_detach(handle)
@@ -248,12 +250,14 @@ class Sfu:
 
     # ---- subscribing ------------------------------------------------------------------------------
     async def subscribe(self, room_id: str, subscriber: str, feed: str, *, video_only: bool = False,
-                        low_temporal: int | None = None) -> str:
+                        low_temporal: int | None = None, substream: int | None = None) -> str:
         """Subscribe `subscriber` to `feed`; returns Janus's SDP offer (answer it with start_subscription).
 
         video_only: the feed's video stream(s) only (the bot never receives audio). low_temporal: the lowest
         simulcast layer only, up to this temporal layer (core.simulcast.temporal_layer_for: what the bot's
-        sampling rate needs); None: what Janus sends by default."""
+        sampling rate needs). substream: that simulcast layer, all its frames (0 = low, 2 = the highest sent).
+        Neither: what Janus sends by default (the highest layer). A page that wants another layer for a tile
+        subscribes again (meeting.js)."""
         room = self.rooms.get(room_id)
         if room is None or feed not in room.publishers:
             raise JanusError(NO_SUCH_ROOM, f"{feed} is not publishing")
@@ -269,6 +273,9 @@ class Sfu:
             if low_temporal is not None:
                 for stream in streams:
                     stream.update({"substream": 0, "temporal": low_temporal})
+            elif substream is not None:
+                for stream in streams:
+                    stream["substream"] = substream
             janus = self._janus()
             handle = await janus.attach()
             self._handles[handle] = (room_id, subscriber, feed)

@@ -124,6 +124,25 @@ def log_page(page, who: str, log: list[str]) -> None:
                                      ws.on("framesent", lambda p: frame("->", p))))
 
 
+TILE_SIZES = """[...document.querySelectorAll('[data-testid=video-tile]')].map((t) => {
+  const v = t.querySelector('video'); return [t.dataset.quality, v.videoWidth, v.videoHeight, v.clientWidth]; })"""
+# The simulcast layers a page sends: [rid, width, height, frames sent] per layer.
+SENT_LAYERS = """(async () => { const out = [];
+  for (const pc of window.__pcs) { (await pc.getStats()).forEach((r) => {
+    if (r.type === 'outbound-rtp' && r.kind === 'video') out.push([r.rid, r.frameWidth, r.frameHeight, r.framesSent]); }); }
+  return out; })()"""
+
+
+async def eventually_js(page, expression: str, timeout: float) -> bool:
+    """Poll a page until a JavaScript expression is true (False after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await page.evaluate(expression):
+            return True
+        await page.wait_for_timeout(250)
+    return False
+
+
 async def playing_tiles(page, expect: int, timeout: float = 60.0) -> list[dict]:
     """Wait until `expect` remote tiles play real frames: readyState >= 2, time advancing, not black."""
     deadline = time.monotonic() + timeout
@@ -180,10 +199,14 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     started = time.monotonic()
     cams = {who: video_to_y4m(VIDEOS / video, tmp_path / f"{who}.y4m")
-            for who, video in (("teacher", "short_hamilton_clip.mp4"), ("asha", "woman2.mp4"), ("ben", "emotions.mp4"))}
+            for who, video in (("teacher", "short_hamilton_clip.mp4"), ("ben", "emotions.mp4"))}
+    # Asha's camera is VGA, so that Chrome sends both simulcast layers (640x480 and 320x240; it sends one below 480x270).
+    cams["asha"] = video_to_y4m(VIDEOS / "woman2.mp4", tmp_path / "asha.y4m", width=640, height=480)
     # Scripted expressions on the faces the real detector finds, and short windows, so that a confusion alert is
     # due within seconds of a student appearing.
+    # A gallery of two is "large" here, so that the teacher's small tiles get the low simulcast layer.
     live = await start_class(tmp_path, janus=True, model={"model": "scripted:confused"},
+                             server={"meeting_gallery_low_from": 2},
                              signals={"window_seconds": 4.0, "student_min_seconds": 2.0, "min_samples": 3,
                                       "cooldown_seconds": 600.0})
     log: list[str] = []
@@ -231,6 +254,15 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
             assert {t["peer"] for t in tiles} >= {await teacher.get_by_test_id("video-tile").filter(has_text=n)
                                                   .get_attribute("data-peer") for n in ("Asha", "Ben")}
             assert all(not t["muted"] and t["audio"] >= 1 for t in tiles), tiles
+            # The teacher's gallery tiles are small: she gets the low layer of each. Asha's tile was subscribed at the
+            # high layer while she was alone, and subscribed again at the low one when Ben came.
+            asha_peer = await grid.get_by_test_id("video-tile").filter(has_text="Asha").get_attribute("data-peer")
+            asha_video = f"document.querySelector('[data-testid=video-tile][data-peer=\"{asha_peer}\"] video')"
+            if not await eventually_js(teacher, f"{asha_video}.parentElement.dataset.quality === 'low'"
+                                       f" && {asha_video}.videoWidth === 320", 30):
+                raise AssertionError(
+                    "the teacher's small tile of Asha does not get her 320x240 layer: tiles (quality, width, height, "
+                    f"shown) {await teacher.evaluate(TILE_SIZES)}, Asha sends {await asha.evaluate(SENT_LAYERS)}")
             await decoding(teacher, 2)
             await hears(teacher, 2)
             # Each student: the teacher's tile (and her own camera in the self-view), playing, with sound.
@@ -240,6 +272,7 @@ async def test_meeting_teacher_and_students_see_and_hear_each_other(tmp_path):
                 shown = await playing_tiles(page, 1, timeout=TIMEOUT / 1000)
                 teacher_peer = await teacher_tile.get_attribute("data-peer")
                 assert teacher_peer in {t["peer"] for t in shown}, shown
+                assert await teacher_tile.get_attribute("data-quality") == "high"   # one big tile: full quality
                 await hears(page, 1)
                 own = (await page.evaluate(FRAMES, "[data-testid=self-view]"))[0]
                 assert own["ready"] >= 2 and own["muted"], own

@@ -168,6 +168,35 @@ async def test_members_cannot_watch_what_they_may_not_see_and_bad_sdp_is_a_clear
         await stop_class(live)
 
 
+async def test_a_watcher_asks_for_a_feeds_simulcast_layer_and_a_bad_one_is_a_clear_error(tmp_path):
+    # Which layer arrives needs a simulcast publisher (a browser: test_browser_meeting.py); here, what the server
+    # accepts and refuses, against the real Janus.
+    live = await start_class(tmp_path, janus=True)
+    members: list[Member] = []
+    try:
+        await live.create_room()
+        teacher = Member(live, "teacher")
+        await teacher.join()
+        members.append(teacher)
+        assert teacher.of("welcome")[0]["media"]["gallery_low_from"] == Settings().server.meeting_gallery_low_from
+        asha = await live.add_student("Asha", CLIP)
+        assert await eventually(lambda: asha.peer_id in teacher.feeds(), 15)
+        await teacher.send(type="subscribe", feed=asha.peer_id, quality="best")     # not a layer
+        assert await eventually(lambda: teacher.of("error"), 5)
+        assert [(e["code"], "quality" in e["message"]) for e in teacher.of("error")] == [("bad_field", True)]
+        # Low, then high (a tile that grew): the second subscription replaces the first, and the video plays.
+        for offers, quality in enumerate(("low", "high"), start=1):
+            await teacher.send(type="subscribe", feed=asha.peer_id, quality=quality)
+            assert await eventually(lambda n=offers: len(teacher.of("offer")) == n, 15)
+        assert await eventually(lambda: teacher.tracks.count(f"{asha.peer_id}:video") == 2, 15)
+        assert len(teacher.of("error")) == 1
+        assert live.media.sfu.subscribed(live.room["room"], teacher.of("welcome")[0]["peer_id"], asha.peer_id)
+    finally:
+        for member in members:
+            await member.close()
+        await stop_class(live)
+
+
 async def test_janus_killed_during_class_comes_back_and_the_session_continues(tmp_path):
     live = await start_class(tmp_path, janus=True, server={"room_idle_seconds": 600.0})
     try:

@@ -32,6 +32,7 @@ VALID = [
     {"v": 1, "type": "session", "session_id": "s1"},
     {"v": 1, "type": "state", "state": {"students": []}},
     {"v": 1, "type": "alert", "alert": {"alert_id": "a1", "message": "m"}},
+    {"v": 1, "type": "subscribe", "feed": "p1", "quality": "low"},
 ]
 
 

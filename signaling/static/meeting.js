@@ -6,6 +6,10 @@
 "use strict";
 
 const MEETING_RETRY_MAX = 15000;
+// In a gallery of at least media.gallery_low_from feeds, a tile this many device pixels wide or narrower gets the low
+// simulcast layer (320x240 at 5 frames/s for a 640x480 camera): a class of 100 then costs the teacher ~150 kbit/s a
+// student instead of ~600, and the browser decodes a quarter of the pixels. Fewer feeds: full quality everywhere.
+const LOW_QUALITY_MAX_PX = 400;
 // The media server reads rid simulcast; the low layer is all the assistant's 2 Hz analysis needs.
 const SIMULCAST = [{ rid: "l", scaleResolutionDownBy: 2, maxBitrate: 150000, maxFramerate: 5 }, { rid: "h", maxBitrate: 600000 }];
 
@@ -47,7 +51,34 @@ class Meeting {
     this.micOn = true; this.cameraOn = true;
     this.pub = null; this.pubWaiting = null; this.pubGen = 0; this.pubRetry = null; this.pubBackoff = 1000;
     this.feeds = new Map();         // peer_id -> {peer_id, name, role}: what the server lets us watch now
-    this.subs = new Map();          // peer_id -> {feed, tile, video, pc, timer, backoff}
+    this.subs = new Map();          // peer_id -> {feed, tile, video, pc, timer, backoff, quality, resized}
+    // Each tile's size decides the simulcast layer it asks for (see quality; a change subscribes again).
+    this.sizes = typeof ResizeObserver === "function" ? new ResizeObserver((entries) => {
+      for (const entry of entries) {
+        const sub = this.subs.get(entry.target.closest("[data-peer]")?.dataset.peer);
+        if (!sub) continue;
+        clearTimeout(sub.resized);
+        sub.resized = setTimeout(() => this.requalify(sub), 500);
+      }
+    }) : null;
+  }
+
+  // "low" for a small tile in a large gallery, "high" otherwise (or while its size is not known yet).
+  quality(sub) {
+    const from = Number(this.media.gallery_low_from) || 0;
+    const px = sub.video.clientWidth * (window.devicePixelRatio || 1);
+    return from > 0 && this.subs.size >= from && px > 0 && px <= LOW_QUALITY_MAX_PX ? "low" : "high";
+  }
+
+  // The layer this tile should get now. A change subscribes again (one short renegotiation, for a tile that crossed the
+  // size limit or a gallery that crossed gallery_low_from): the server then has one way to set a layer, not two.
+  requalify(sub) {
+    if (this.subs.get(sub.feed.peer_id) !== sub) return;
+    const quality = this.quality(sub);
+    if (quality === sub.quality) return;
+    sub.quality = quality;
+    sub.tile.dataset.quality = quality;
+    if (this.active) this.request(sub);
   }
 
   say(text, kind) { if (this.opts.status) this.opts.status(text, kind || ""); }
@@ -214,6 +245,7 @@ class Meeting {
     for (const f of list) if (f && typeof f.peer_id === "string") next.set(f.peer_id, f);
     for (const id of [...this.subs.keys()]) if (!next.has(id)) this.drop(id, true);
     this.feeds = next;
+    const added = [];
     for (const feed of next.values()) {
       const sub = this.subs.get(feed.peer_id);
       if (sub) {
@@ -221,9 +253,11 @@ class Meeting {
         sub.tile.querySelector(".tile-name").textContent = Meeting.label(feed);
         if (this.opts.decorate) this.opts.decorate(sub.tile, feed);
       } else {
-        this.add(feed);
+        added.push(this.add(feed));
       }
     }
+    // Subscribe once every tile is placed, so the gallery's size is known; the count may change the others' layer.
+    for (const sub of this.subs.values()) { if (added.includes(sub)) this.request(sub); else this.requalify(sub); }
   }
 
   static label(feed) {
@@ -240,11 +274,12 @@ class Meeting {
     caption.appendChild(CM.el("span", { class: "tile-name", testid: "tile-name" }, Meeting.label(feed)));
     caption.appendChild(CM.el("span", { class: "tile-info", testid: "tile-info" }));
     tile.appendChild(caption);
-    const sub = { feed, tile, video, pc: null, timer: null, backoff: 1000 };
+    const sub = { feed, tile, video, pc: null, timer: null, backoff: 1000, quality: "high", resized: null };
     this.subs.set(feed.peer_id, sub);
     if (this.opts.place) this.opts.place(tile, feed);
     if (this.opts.decorate) this.opts.decorate(tile, feed);
-    this.request(sub);
+    if (this.sizes) this.sizes.observe(video);
+    return sub;
   }
 
   closeSub(sub) {
@@ -258,6 +293,8 @@ class Meeting {
     const sub = this.subs.get(id);
     if (!sub) return;
     this.closeSub(sub);
+    clearTimeout(sub.resized);
+    if (this.sizes) this.sizes.unobserve(sub.video);
     sub.video.srcObject = null;
     sub.tile.remove();
     this.subs.delete(id);
@@ -268,7 +305,9 @@ class Meeting {
   request(sub) {
     this.closeSub(sub);
     if (!this.active || this.subs.get(sub.feed.peer_id) !== sub) return;
-    this.send({ type: "subscribe", feed: sub.feed.peer_id });
+    sub.quality = this.quality(sub);
+    sub.tile.dataset.quality = sub.quality;
+    this.send({ type: "subscribe", feed: sub.feed.peer_id, quality: sub.quality });
     sub.timer = setTimeout(() => this.retrySub(sub), 15000);
   }
 
