@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from core.settings import ServerSettings
 from signaling import protocol
 from signaling.protocol import ErrorCode, MessageType
 from signaling.janus import JanusError, JanusUnavailable
@@ -25,8 +26,8 @@ from signaling.sfu import Sfu
 log = logging.getLogger("classmood.meeting")
 
 BOT = "bot"             # the bot's subscriber name in the SFU: a replacing bot inherits nothing stale
-# Janus's simulcast substream for each quality a page asks for (meeting.js sends two layers: 0 low, 1 high; Janus
-# clamps 2 to the highest layer a publisher sends).
+# Janus's simulcast substream for each quality a page asks for (meeting.js sends two layers, 0 low and 1 high; for
+# 2 Janus sends the highest layer there is).
 SUBSTREAMS = {"low": 0, "high": 2}
 RESUBSCRIBE_DELAY_S = 2.0
 
@@ -42,7 +43,7 @@ class MeetingRoom:
 class Meeting:
     def __init__(self, sfu: Sfu, rooms: Callable[[], Iterable[Room]], *, students_see_students: bool = False,
                  publish: dict[str, Any] | None = None, bot_temporal_layer: int = 1,
-                 gallery_low_from: int = 7) -> None:
+                 gallery_low_from: int = ServerSettings.meeting_gallery_low_from) -> None:
         """bot_temporal_layer: how much of a student's low simulcast layer the bot receives
         (core.simulcast.temporal_layer_for(bot.sample_hz)). gallery_low_from: pages watching this many feeds or
         more ask for the low layer of their small tiles (0 = never; see meeting.js)."""
