@@ -34,6 +34,22 @@ def classifier_accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return float((classifier.predict(x).argmax(1) == y).mean())
 
 
+def scan_prior_shift(model, x: np.ndarray, y: np.ndarray, prior: np.ndarray) -> None:
+    """Accuracy and mean per-class recall on the selection faces for each prior shift (mirror averaged)."""
+    import keras
+    def logits(faces: np.ndarray) -> np.ndarray:
+        return np.log(np.clip(model.predict(faces, batch_size=256, verbose=0), 1e-7, 1.0))
+    plain, mirrored = logits(x), logits(x[:, :, ::-1])
+    print("tau   accuracy  mean recall  per-class recall (angry disgust fear happy sad surprise neutral)")
+    for tau in np.round(np.arange(-0.5, 1.51, 0.1), 2):
+        shift = tau * np.log(prior)
+        probs = (keras.ops.softmax(plain + shift).numpy() + keras.ops.softmax(mirrored + shift).numpy()) / 2
+        pred = probs.argmax(1)
+        recall = [float((pred[y == c] == c).mean()) if (y == c).any() else float("nan") for c in range(7)]
+        print(f"{tau:5.2f}  {float((pred == y).mean()):.4f}    {np.nanmean(recall):.4f}      "
+              + " ".join(f"{r:.3f}" for r in recall), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="training run folder holding best.weights.h5")
@@ -42,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(PROJECT.parent / "shared" / "datasets" / "fer2013"))
     p.add_argument("--labels", choices=("ferplus", "fer2013"), default=None)
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--prior-shift", type=float, default=0.0, metavar="TAU",
+                   help="add TAU x log(training class prior) to the output logits before converting: the operating "
+                        "point of a run trained with --logit-adjust (0 = its balanced output; its TAU = plain accuracy)")
+    p.add_argument("--scan-prior-shift", action="store_true",
+                   help="print PublicTest accuracy and mean per-class recall for a range of --prior-shift values, "
+                        "then stop (nothing is written)")
     p.add_argument("--max-drop", type=float, default=0.005, help="largest PublicTest accuracy loss allowed for a quantised file")
     args = p.parse_args(argv)
     os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -76,7 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     train_images = data.split("Training").images
     calib = (train_images[np.random.default_rng(0).permutation(len(train_images))[:400]].astype(np.float32) / 255.0)[..., None]
 
-    from models.train import mirror_averaged
+    from models.train import class_prior, mirror_averaged
+    train_hard, train_soft = data.split("Training").targets(labels)
+    in_train = train_hard >= 0
+    prior = class_prior(train_hard[in_train], train_soft[in_train] if train_soft is not None else None)
+    if args.scan_prior_shift:
+        scan_prior_shift(model, x_val, y_val, prior)
+        return 0
+    if args.prior_shift:
+        logits = model.get_layer("logits")
+        kernel, bias = logits.get_weights()
+        logits.set_weights([kernel, bias + args.prior_shift * np.log(prior)])
+        print(f"logits shifted by {args.prior_shift} x log prior {np.round(prior, 3).tolist()}", flush=True)
     keras_acc = float((mirror_averaged(model, x_val).argmax(1) == y_val).mean())
     variants = {"float32": tf.lite.TFLiteConverter.from_keras_model(model).convert()}
     # Dynamic range: int8 weights, activations quantised per face at run time (XNNPACK's qd8 kernels); on
@@ -106,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "publictest_n": int(len(y_val)), "publictest_scored_with": "mirror averaging", "best_epoch": state.get("best_epoch"), "epochs": state.get("epoch"),
         "training_minutes": round(state.get("elapsed_s", 0.0) / 60, 1), "train_args": state.get("args"),
         "trained_with": state.get("trained_with", "models.train (TensorFlow, CPU)"),
+        **({"prior_shift": {"tau": args.prior_shift, "prior": np.round(prior, 5).tolist()}} if args.prior_shift else {}),
         "file_bytes": len(content), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     target.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

@@ -45,6 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="strong: +-15 deg, +-10 %% shift, erasing half the time; light: +-10 deg, +-6 %% shift, erasing 1 in 5")
     p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt",
                    help="re-weight rare classes (disgust is 1.5%% of FER2013): inverse frequency, or its square root")
+    p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                   help="logit-adjusted loss (Menon et al., 2021): train on log p + TAU x log(class prior), so the "
+                        "plain output is balanced across classes (1 = fully balanced, 0 = plain cross-entropy)")
+    p.add_argument("--camera-aug", type=float, default=0.0, metavar="P",
+                   help="share of training faces also degraded as a webcam does (blur, low light, noise, "
+                        "down-scaling, JPEG, a hand over part of the lower face; one kind each, random strength)")
+    p.add_argument("--select", choices=("accuracy", "balanced"), default="accuracy",
+                   help="the epoch kept: best mirror-averaged selection accuracy, or best mean of accuracy and "
+                        "mean per-class recall (for --logit-adjust runs, which trade one for the other)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="keep every batch norm in inference mode (needed for weights rebuilt by models.from_tflite, "
+                        "whose batch norms are folded away)")
     p.add_argument("--backend", choices=("tensorflow", "torch"), default="tensorflow")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 = Keras mixed_bfloat16 (AMX); measured no faster than fp32+XLA for the small net here")
@@ -82,11 +94,45 @@ AUG_RANGES = {
 }
 
 
-class Augmenter:
-    """Random affine (rotation, scale, shift, mirror), brightness/contrast and erasing on uint8 48x48."""
+CAMERA_KINDS = ("blur", "dark", "noise", "downscale", "jpeg", "hand")
 
-    def __init__(self, rng: np.random.Generator, strength: str = "strong") -> None:
+
+def camera_degrade(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One webcam-like degradation of a uint8 48x48 face, at a random strength: what the live path adds to a
+    face (models.degrade has the same kinds at fixed levels for evaluation; these ranges are drawn, and the
+    hand is any size on either side or the chin, not evaluate's fixed patch)."""
+    import cv2
+    kind = CAMERA_KINDS[rng.integers(len(CAMERA_KINDS))]
+    if kind == "blur":
+        return cv2.GaussianBlur(face, (0, 0), rng.uniform(0.3, 1.0))
+    if kind == "dark":
+        gamma = rng.uniform(1.2, 2.5) if rng.random() < 0.8 else rng.uniform(0.5, 0.8)
+        return (255.0 * (face / 255.0) ** gamma).round().astype(np.uint8)
+    if kind == "noise":
+        return np.clip(face + rng.normal(0, rng.uniform(2, 6), face.shape), 0, 255).astype(np.uint8)
+    if kind == "downscale":
+        side = int(rng.integers(20, 36))
+        return cv2.resize(cv2.resize(face, (side, side), interpolation=cv2.INTER_AREA), (48, 48),
+                          interpolation=cv2.INTER_LINEAR)
+    if kind == "jpeg":
+        _, data = cv2.imencode(".jpg", face, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 71))])
+        return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    out = face.copy()   # a hand: a smooth patch of skin-like brightness over part of the lower face
+    h, w = int(rng.integers(8, 22)), int(rng.integers(12, 30))
+    y0 = int(rng.integers(48 - h - 6, 48 - h + 1))
+    x0 = 0 if rng.random() < 0.4 else (48 - w if rng.random() < 0.67 else int(rng.integers(0, 48 - w + 1)))
+    shade = np.median(face) + rng.normal(0, 12) + np.linspace(-8, 8, w)[None, :] * rng.choice((-1, 1))
+    out[y0:y0 + h, x0:x0 + w] = np.clip(shade + rng.normal(0, 3, (h, w)), 0, 255).astype(np.uint8)
+    return out
+
+
+class Augmenter:
+    """Random affine (rotation, scale, shift, mirror), brightness/contrast and erasing on uint8 48x48, and
+    with `camera` > 0 that share of faces also degraded as a webcam does (camera_degrade)."""
+
+    def __init__(self, rng: np.random.Generator, strength: str = "strong", camera: float = 0.0) -> None:
         self.rng = rng
+        self.camera = camera
         self.__dict__.update(AUG_RANGES[strength])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -100,6 +146,8 @@ class Augmenter:
             warped = cv2.warpAffine(img, m, (48, 48), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
             if rng.random() < 0.5:
                 warped = warped[:, ::-1]
+            if self.camera and rng.random() < self.camera:
+                warped = camera_degrade(np.ascontiguousarray(warped), rng)
             x = warped.astype(np.float32) / 255.0
             x = (x - x.mean()) * rng.uniform(1 - self.contrast, 1 + self.contrast) + x.mean() \
                 + rng.uniform(-self.brightness, self.brightness)
@@ -118,6 +166,26 @@ def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
         return np.ones(7, np.float32)
     weight = (1.0 / np.maximum(freq, 1e-3)) ** (0.5 if mode == "sqrt" else 1.0)
     return (weight / (weight * freq).sum()).astype(np.float32)
+
+
+def class_prior(hard: np.ndarray, soft: np.ndarray | None) -> np.ndarray:
+    """Share of each class in the training targets (the soft votes where there are any)."""
+    counts = soft.sum(0) if soft is not None else np.bincount(hard, minlength=7)
+    return (np.maximum(counts, 1e-6) / np.maximum(counts, 1e-6).sum()).astype(np.float32)
+
+
+def logit_adjusted_loss(prior: np.ndarray, tau: float, label_smoothing: float = 0.0):
+    """Cross-entropy on the softmax output shifted by tau x log prior (Menon et al., 2021, "Long-tail learning
+    via logit adjustment"): the network learns to leave the prior out of its own output, so at inference its
+    plain probabilities favour no class for being common. The model outputs probabilities, whose log is the
+    logits up to a constant per face, which softmax ignores."""
+    import keras
+    shift = keras.ops.convert_to_tensor((tau * np.log(prior)).astype(np.float32))
+
+    def loss(y_true, y_pred):
+        logits = keras.ops.log(keras.ops.clip(keras.ops.cast(y_pred, "float32"), 1e-7, 1.0)) + shift
+        return keras.losses.categorical_crossentropy(y_true, logits, from_logits=True, label_smoothing=label_smoothing)
+    return loss
 
 
 def mirror_averaged(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -293,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{(taught.argmax(1) == h_train).mean():.1%} of faces; {args.distill:.0%} of each target is theirs",
               flush=True)
     rng = np.random.default_rng(args.seed)
-    augment = Augmenter(rng, args.aug)
+    augment = Augmenter(rng, args.aug, camera=args.camera_aug)
 
     class Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
@@ -327,9 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     state_file = args.out / "state.json"
     initial_epoch = 0
     state = {"best_val_accuracy": 0.0, "best_epoch": None, "args": {k: str(v) for k, v in vars(args).items()}}
+    prior = class_prior(h_train, y_train)
+    loss = (logit_adjusted_loss(prior, args.logit_adjust, args.label_smoothing) if args.logit_adjust else
+            keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing))
     if args.resume and last.exists():
         try:
-            model = keras.saving.load_model(last)
+            model = keras.saving.load_model(last, custom_objects={"loss": loss})
             state = json.loads(state_file.read_text())
         except Exception as exc:   # a checkpoint cut short by a full disk or a kill
             print(f"error: --resume: cannot load {last} ({type(exc).__name__}); start without --resume "
@@ -347,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"({describe(exc)})", file=sys.stderr)
                 return 2
             print(f"starting from {args.init_weights}", flush=True)
+        if args.freeze_bn:
+            for layer in model.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False   # Keras 3 runs a frozen batch norm in inference mode
         model.compile(
             optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=args.weight_decay),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
+            loss=loss,
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=args.jit)
     print(f"{model.name}: {model.count_params():,} parameters; {len(x_train)} training faces "
           f"({args.labels} labels), {len(x_val)} {selection} faces for selection; class weights "
@@ -359,8 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     x_bn = (x_train[:4096].astype(np.float32) / 255.0)[..., None] if args.swa else None
     swa_file = args.out / "swa.weights.h5"
 
-    def mirror_accuracy(model) -> float:
-        return float((mirror_averaged(model, x_val).argmax(1) == y_val.argmax(1)).mean())
+    def mirror_accuracy(model, logs: dict, key: str) -> float:
+        """The selection score: mirror-averaged accuracy, or with --select balanced its mean with the mean
+        per-class recall; both go into metrics.csv (val_accuracy<key>, val_mean_recall<key>)."""
+        pred, truth = mirror_averaged(model, x_val).argmax(1), y_val.argmax(1)
+        accuracy = logs[f"val_accuracy{key}"] = float((pred == truth).mean())
+        recall = logs[f"val_mean_recall{key}"] = float(
+            np.mean([(pred[truth == c] == c).mean() for c in range(7) if (truth == c).any()]))
+        print(f"  selection faces: accuracy {accuracy:.4f}, mean per-class recall {recall:.4f}", flush=True)
+        return (accuracy + recall) / 2 if args.select == "balanced" else accuracy
 
     class Checkpoint(keras.callbacks.Callback):
         swa_sum, swa_n = None, 0
@@ -368,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             # Selection on mirror-averaged accuracy: that is how models.runtime.classifier runs the shipped file.
-            val_acc = logs["val_accuracy_mirror"] = mirror_accuracy(self.model)
+            val_acc = mirror_accuracy(self.model, logs, "_mirror")
             if val_acc > state["best_val_accuracy"]:
                 state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1)
                 self.model.save_weights(best)
@@ -378,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             last.with_suffix(".tmp.keras").replace(last)  # atomic: a crash never leaves a torn checkpoint
             state.update(epoch=epoch + 1, elapsed_s=state.get("elapsed_s", 0.0) + time.time() - self.t0)
             state_file.write_text(json.dumps(state, indent=2))
-            print(f"epoch {epoch + 1}: mirror-averaged val_accuracy {val_acc:.4f} (best {state['best_val_accuracy']:.4f} "
+            print(f"epoch {epoch + 1}: selection score ({args.select}) {val_acc:.4f} (best {state['best_val_accuracy']:.4f} "
                   f"at {state['best_epoch']})", flush=True)
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -390,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             self.swa_n += 1
             self.model.set_weights([w / self.swa_n for w in self.swa_sum])
             recompute_batch_norm(self.model, x_bn)
-            swa_acc = logs["val_accuracy_swa"] = mirror_accuracy(self.model)
+            swa_acc = mirror_accuracy(self.model, logs, "_swa")
             self.model.save_weights(swa_file)
             if swa_acc > state["best_val_accuracy"]:
                 state.update(best_val_accuracy=swa_acc, best_epoch=f"swa of epochs {epoch - self.swa_n + 1}-{epoch}")

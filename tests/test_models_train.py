@@ -290,3 +290,71 @@ def test_train_refuses_a_missing_teacher(tmp_path):
                         "--teacher", str(tmp_path / "nope"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--teacher" in result.stderr and "no such run folder" in result.stderr
+
+
+def test_a_shipped_model_rebuilt_from_its_tflite_file_computes_what_the_file_computes():
+    from models.from_tflite import rebuild
+    from models.runtime.classifier import ExpressionClassifier
+    path = PROJECT / "models" / "weights" / "ferplus.tflite"
+    rng = np.random.default_rng(3)
+    # Face-like inputs: smooth blobs, so that classes differ and the check is not on noise alone.
+    import cv2
+    faces = np.stack([cv2.GaussianBlur(rng.random((48, 48), dtype=np.float32), (0, 0), 3) for _ in range(48)])
+    faces = ((faces - faces.min()) / (faces.max() - faces.min()))[..., None].astype(np.float32)
+    shipped = ExpressionClassifier(str(path), threads=1, flip_average=False, calibrated=False).predict(faces)
+    rebuilt = rebuild(str(path)).predict(faces, verbose=0)
+    # The file quantises activations at run time; the rebuilt net is float32 with the same (int8) weights.
+    assert np.abs(shipped - rebuilt).max() < 0.05
+    assert (shipped.argmax(1) == rebuilt.argmax(1)).mean() >= 0.95
+    assert len(set(shipped.argmax(1))) > 1
+
+
+def test_a_fine_tune_of_rebuilt_weights_keeps_the_folded_batch_norms_frozen(tmp_path):
+    data_dir = tmp_path / "data"
+    write_fer_csv(data_dir, n_train=64, n_public=16)
+    rebuilt = tmp_path / "rebuilt"
+    made = run_module("models.from_tflite", "--model", "ferplus", "--out", str(rebuilt))
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "same top class" in made.stdout
+    run = tmp_path / "tuned"
+    result = run_module("models.train", "--data", str(data_dir), "--labels", "ferplus", "--out", str(run), "--quiet",
+                        "--no-jit", "--threads", "1", "--epochs", "1", "--batch", "32", "--lr", "0.01",
+                        "--init-weights", str(rebuilt / "best.weights.h5"), "--freeze-bn", "--logit-adjust", "1",
+                        "--camera-aug", "0.5", "--select", "balanced")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mean per-class recall" in result.stdout
+    from models.net import build_model
+    before, after = build_model("small"), build_model("small")
+    before.load_weights(rebuilt / "best.weights.h5")
+    import keras
+    after.set_weights(keras.saving.load_model(run / "last.keras", compile=False).get_weights())
+    bn_before, bn_after = before.get_layer("s2c1_bn").get_weights(), after.get_layer("s2c1_bn").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(bn_before, bn_after))      # frozen: statistics and affine kept
+    assert not np.array_equal(before.get_layer("s2c1_conv").get_weights()[0], after.get_layer("s2c1_conv").get_weights()[0])
+
+
+def test_logit_adjusted_loss_is_cross_entropy_shifted_against_common_classes():
+    import keras
+    from models.train import logit_adjusted_loss
+    prior = np.array([0.1, 0.01, 0.04, 0.3, 0.1, 0.1, 0.35], np.float32)
+    p = np.full((1, 7), 1 / 7, np.float32)
+    rare, common = np.eye(7, dtype=np.float32)[[1]], np.eye(7, dtype=np.float32)[[6]]
+    plain = float(keras.losses.categorical_crossentropy(rare, p)[0])
+    assert float(logit_adjusted_loss(prior, 0.0)(rare, p)[0]) == pytest.approx(plain, rel=1e-5)
+    # With the prior added to its logits, a uniform output under-predicts the rare class (larger loss) and
+    # over-predicts the common one (smaller loss): training pushes the plain output towards rare classes.
+    assert float(logit_adjusted_loss(prior, 1.0)(rare, p)[0]) > plain + 1.0
+    assert float(logit_adjusted_loss(prior, 1.0)(common, p)[0]) < plain
+
+
+@pytest.mark.parametrize("kind", ["blur", "dark", "noise", "downscale", "jpeg", "hand"])
+def test_each_camera_degradation_changes_a_face_and_the_hand_stays_on_the_lower_face(kind, monkeypatch):
+    import models.train as train
+    face = np.clip(np.random.default_rng(0).normal(120, 40, (48, 48)), 0, 255).astype(np.uint8)
+    monkeypatch.setattr(train, "CAMERA_KINDS", (kind,))
+    for seed in range(5):
+        out = train.camera_degrade(face, np.random.default_rng(seed))
+        assert out.shape == (48, 48) and out.dtype == np.uint8
+        assert not np.array_equal(out, face)
+        if kind == "hand":
+            assert np.array_equal(out[:20], face[:20])
