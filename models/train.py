@@ -168,9 +168,11 @@ def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
     return (weight / (weight * freq).sum()).astype(np.float32)
 
 
-def class_prior(hard: np.ndarray, soft: np.ndarray | None) -> np.ndarray:
+def class_prior(hard: np.ndarray | None, soft: np.ndarray | None) -> np.ndarray:
     """Share of each class in the training targets (the soft votes where there are any)."""
-    counts = soft.sum(0) if soft is not None else np.bincount(hard, minlength=7)
+    if soft is None and hard is None:
+        raise ValueError("class_prior needs hard or soft targets")
+    counts = soft.sum(0) if soft is not None else np.bincount(np.asarray(hard), minlength=7)
     return (np.maximum(counts, 1e-6) / np.maximum(counts, 1e-6).sum()).astype(np.float32)
 
 

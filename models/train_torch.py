@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spatial-dropout", type=unit_interval, default=0.1)
     p.add_argument("--aug", choices=("strong", "light"), default="strong")
     p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt")
+    p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                   help="logit-adjusted loss (as models.train): train on logits + TAU x log(class prior)")
+    p.add_argument("--select", choices=("accuracy", "balanced"), default="accuracy",
+                   help="keep the epoch with the best PublicTest accuracy, or the best mean of accuracy and mean "
+                        "per-class recall (for --logit-adjust runs)")
     p.add_argument("--teacher", action="append", default=[], metavar="NPZ",
                    help="a trained run (models.train_torch output or `torch_port teacher` file) whose prediction on "
                         "each augmented batch is blended into the targets (repeatable: the teachers' mean)")
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
               "models.train trains the same network with TensorFlow)", file=sys.stderr)
         return 2
     from models.torch_port import read_pack, read_teacher
-    from models.train import class_weights   # numpy only at import time, like this module
+    from models.train import class_prior, class_weights   # numpy only at import time, like this module
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
         return 2
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     x_val = torch.from_numpy(xv_np).to(dev).unsqueeze(1)
     y_val = torch.from_numpy(yv_np.astype(np.int64)).to(dev)
     class_w = torch.from_numpy(weights_np).to(dev)
+    prior_shift = torch.from_numpy(args.logit_adjust * np.log(class_prior(None, y_np))).to(dev)
 
     net = build_torch_net(args.width, args.dropout, args.spatial_dropout).to(dev)
     probe = torch.from_numpy(pack["probe_images"]).to(dev).permute(0, 3, 1, 2)
@@ -278,17 +284,22 @@ def main(argv: list[str] | None = None) -> int:
         return (torch.softmax(model(xb), 1) + torch.softmax(model(xb.flip(3)), 1)) / 2
 
     def evaluate(models_=None) -> float:
-        """Mirror-averaged PublicTest accuracy of the student, or of the given models' mean prediction."""
+        """Mirror-averaged PublicTest accuracy of the student, or of the given models' mean prediction; with
+        --select balanced, its mean with the mean per-class recall."""
         models_ = models_ or [net]
         for m in models_:
             m.eval()
-        correct = 0
+        preds = []
         with torch.no_grad():
             for start in range(0, len(x_val), 1024):
                 xb = x_val[start:start + 1024].float() / 255
-                probs = sum(mirror_averaged(m, xb) for m in models_)
-                correct += int((probs.argmax(1) == y_val[start:start + 1024]).sum())
-        return correct / max(1, len(x_val))
+                preds.append(sum(mirror_averaged(m, xb) for m in models_).argmax(1))
+        pred = torch.cat(preds)
+        accuracy = float((pred == y_val).float().mean())
+        if args.select == "accuracy":
+            return accuracy
+        recalls = [float((pred[y_val == c] == c).float().mean()) for c in range(7) if bool((y_val == c).any())]
+        return (accuracy + sum(recalls) / len(recalls)) / 2
 
     def teachers_predict(xb):
         # The teachers see the very batch the student sees ("consistent" distillation); bf16 for speed.
@@ -366,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             if teachers:
                 target = (1 - args.distill) * target + args.distill * teachers_predict(xb)
             logits = net(xb)
-            per_row = -(target * F.log_softmax(logits, 1)).sum(1)
+            # Logit adjustment (Menon et al., 2021): the loss sees the prior added, so the plain logits learn without it.
+            per_row = -(target * F.log_softmax(logits + prior_shift, 1)).sum(1)
             # Class weights on soft targets: each row weighted by its target's expected class weight.
             loss = (per_row * (yb * class_w).sum(1)).mean()
             opt.zero_grad(set_to_none=True)

@@ -191,3 +191,17 @@ def test_a_pack_missing_arrays_is_not_a_pack(tmp_path):
         np.savez(handle, train_images=np.zeros((1, 48, 48), np.uint8))
     with pytest.raises(ValueError, match="missing val_images"):
         read_pack(tmp_path / "p.xz")
+
+
+@requires_torch
+def test_a_logit_adjusted_pytorch_run_selected_for_balanced_recall_trains_and_imports(tmp_path):
+    _, pack = _synthetic_pack(tmp_path, n_train=160, n_public=48)
+    trained = run_module("models.train_torch", "--pack", str(pack), "--labels", "ferplus", "--width", "tiny",
+                         "--device", "cpu", "--epochs", "4", "--batch", "32", "--lr", "0.05", "--logit-adjust", "1",
+                         "--select", "balanced", "--out", str(tmp_path / "w.npz"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    meta = json.loads(str(np.load(tmp_path / "w.npz")["meta"]))
+    assert meta["args"]["logit_adjust"] == "1.0" and meta["args"]["select"] == "balanced"
+    assert 0.3 < meta["best_val_accuracy"] <= 1.0
+    assert run_module("models.torch_port", "import", "--weights", str(tmp_path / "w.npz"),
+                      "--out", str(tmp_path / "run")).returncode == 0
