@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spatial-dropout", type=unit_interval, default=0.1)
     p.add_argument("--aug", choices=("strong", "light"), default="strong")
     p.add_argument("--class-weight", choices=("none", "sqrt", "balanced"), default="sqrt")
+    p.add_argument("--camera-aug", type=unit_interval, default=0.0, metavar="P",
+                   help="share of training faces also degraded as a webcam does (as models.train; no JPEG here)")
     p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
                    help="logit-adjusted loss (as models.train): train on logits + TAU x log(class prior)")
     p.add_argument("--select", choices=("accuracy", "balanced"), default="accuracy",
@@ -146,10 +148,13 @@ class GpuAugmenter:
     """models.train.Augmenter on whole batches on the device: random affine (rotation, scale, shift, mirror),
     contrast/brightness and erasing; same ranges as the CPU path."""
 
-    def __init__(self, strength: str, generator) -> None:
+    KINDS = ("blur", "dark", "noise", "downscale", "hand")   # models.train.camera_degrade's, less JPEG
+
+    def __init__(self, strength: str, generator, camera: float = 0.0) -> None:
         from models.train import AUG_RANGES
         self.__dict__.update(AUG_RANGES[strength])
         self.g = generator
+        self.camera = camera
 
     def _uniform(self, n: int, low: float, high: float, device):
         import torch
@@ -184,7 +189,51 @@ class GpuAugmenter:
         box &= (torch.rand(n, 1, 1, device=dev, generator=self.g) < self.erase)
         fill = torch.rand(n, 1, 1, device=dev, generator=self.g).expand(n, 48, 48)
         x = torch.where(box.unsqueeze(1), fill.unsqueeze(1), x)
+        if self.camera > 0:
+            chosen = torch.rand(n, device=dev, generator=self.g) < self.camera
+            x = torch.where(chosen.view(n, 1, 1, 1), self.degrade(x.clamp(0.0, 1.0)), x)
         return x.clamp(0.0, 1.0)
+
+    def degrade(self, x, kind: str | None = None):
+        """Each face degraded as a webcam does, one kind each (random, or `kind` for all), at random strengths:
+        models.train.camera_degrade on the device, except JPEG, which has no GPU kernel here."""
+        import torch
+        import torch.nn.functional as F
+        n, dev = len(x), x.device
+        # One blur width and one down-scaled size per batch (a batch is 128 faces of thousands of batches).
+        sigma = float(self._uniform(1, 0.3, 1.0, dev))
+        taps = torch.arange(-2, 3, device=dev, dtype=x.dtype)
+        kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+        kernel = kernel / kernel.sum()
+        blurred = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), kernel.view(1, 1, 1, 5))
+        blurred = F.conv2d(F.pad(blurred, (0, 0, 2, 2), mode="reflect"), kernel.view(1, 1, 5, 1))
+        gamma = torch.where(torch.rand(n, 1, 1, 1, device=dev, generator=self.g) < 0.8,
+                            self._uniform(n, 1.2, 2.5, dev).view(n, 1, 1, 1), self._uniform(n, 0.5, 0.8, dev).view(n, 1, 1, 1))
+        dark = x.clamp(1e-4, 1.0) ** gamma
+        noisy = x + torch.randn(x.shape, device=dev, generator=self.g) * self._uniform(n, 2, 6, dev).view(n, 1, 1, 1) / 255
+        side = int(torch.randint(20, 36, (1,), device=dev, generator=self.g))
+        small = F.interpolate(F.interpolate(x, size=(side, side), mode="area"), size=(48, 48), mode="bilinear",
+                              align_corners=False)
+        # A hand: a smooth skin-like patch over part of the lower face, at the left, right or anywhere.
+        h = torch.randint(8, 22, (n, 1, 1), device=dev, generator=self.g)
+        w = torch.randint(12, 30, (n, 1, 1), device=dev, generator=self.g)
+        y0 = 48 - h - (torch.rand(n, 1, 1, device=dev, generator=self.g) * 7).long()
+        where = torch.rand(n, 1, 1, device=dev, generator=self.g)
+        anywhere = (torch.rand(n, 1, 1, device=dev, generator=self.g) * (48 - w + 1)).long()
+        x0 = torch.where(where < 0.4, torch.zeros_like(w), torch.where(where < 0.8, 48 - w, anywhere))
+        rows = torch.arange(48, device=dev).view(1, 48, 1)
+        cols = torch.arange(48, device=dev).view(1, 1, 48)
+        patch = (rows >= y0) & (rows < y0 + h) & (cols >= x0) & (cols < x0 + w)
+        slope = torch.where(torch.rand(n, 1, 1, device=dev, generator=self.g) < 0.5, -1.0, 1.0)
+        shade = (x.median(dim=3).values.median(dim=2).values.view(n, 1, 1)
+                 + torch.randn(n, 1, 1, device=dev, generator=self.g) * 12 / 255
+                 + slope * ((cols - x0).float() / w.float() * 16 - 8) / 255
+                 + torch.randn(n, 48, 48, device=dev, generator=self.g) * 3 / 255)
+        hand = torch.where(patch.unsqueeze(1), shade.unsqueeze(1), x)
+        options = torch.stack([blurred, dark, noisy, small, hand])          # (kinds, N, 1, 48, 48)
+        pick = (torch.full((n,), self.KINDS.index(kind), device=dev) if kind is not None
+                else torch.randint(0, len(self.KINDS), (n,), device=dev, generator=self.g))
+        return options[pick, torch.arange(n, device=dev)].clamp(0.0, 1.0)
 
 
 @contextlib.contextmanager
@@ -314,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     start_acc = evaluate() if args.init else 0.0
     opt = torch.optim.SGD(net.parameters(), lr=args.lr / 10, momentum=0.9, nesterov=True,
                           weight_decay=args.weight_decay)
-    augment = GpuAugmenter(args.aug, g)
+    augment = GpuAugmenter(args.aug, g, camera=args.camera_aug)
     steps_per_epoch = math.ceil(len(x_train) / args.batch)
     total_steps = steps_per_epoch * args.epochs
     warmup = min(args.warmup_epochs * steps_per_epoch, total_steps / 5)
@@ -402,10 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"{acc:.4f},{time.time() - t0:.1f}")
         if epoch % 10 == 0 or progress >= 1.0:
             print(f"epoch {epoch} ({time.time() - t0:.0f} s, progress {progress:.2f}, lr {lr:.5f}): "
-                  f"PublicTest {acc:.4f} (best {best_acc:.4f} at {best_epoch})", flush=True)
+                  f"PublicTest {args.select} {acc:.4f} (best {best_acc:.4f} at {best_epoch})", flush=True)
 
     save(final=True)
-    print(f"done: {args.labels} best PublicTest {best_acc:.4f} at epoch {best_epoch} of {epoch} "
+    print(f"done: {args.labels} best PublicTest {args.select} {best_acc:.4f} at epoch {best_epoch} of {epoch} "
           f"({(time.time() - t0) / 60:.1f} min) -> {out}", flush=True)
     return 0
 

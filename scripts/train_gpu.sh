@@ -9,7 +9,8 @@
 #   rounds 1-2 (shrunk to int8 by `torch_port teacher`, so they travel beside the pack), distill 0.5-0.9;
 #   ROUND=4 MINUTES=4.1: two ferplus runs at once as round 2, new seeds, ~155 epochs each (ferplus-p31 is the
 #   start of the shipped `ferplus`, which then gets one more cosine cycle on the CPU; the card has the command).
-#   ROUND=5 (not run yet; issue 21): four ferplus runs at once with the logit-adjusted loss, tau 0.5 and 1, kept
+#   ROUND=5 (not run yet; issue 21): four ferplus runs at once with the logit-adjusted loss, tau 0.5 and 1, each
+#   with and without webcam degradations (--camera-aug 0.3: blur, low light, noise, down-scaling, a hand), kept
 #   by the mean of PublicTest accuracy and mean per-class recall; export picks the operating point with
 #   `models.export --scan-prior-shift` then `--prior-shift TAU` (the card's "balanced recall" section).
 #
@@ -45,10 +46,10 @@ for t in .gpu/teacher-ferplus-light.npz .gpu/teacher-ferplus-strong.npz .gpu/tea
     teach+=(--teacher "$t")
 done
 if [ "$ROUND" = 5 ]; then
-    run ferplus-la5a --labels ferplus "${light[@]}" --logit-adjust 0.5 --select balanced --seed 51
-    run ferplus-la5b --labels ferplus "${light[@]}" --logit-adjust 0.5 --select balanced --seed 52
-    run ferplus-la10a --labels ferplus "${light[@]}" --logit-adjust 1 --select balanced --seed 53
-    run ferplus-la10b --labels ferplus "${light[@]}" --logit-adjust 1 --select balanced --seed 54
+    run ferplus-la5c --labels ferplus "${light[@]}" --logit-adjust 0.5 --select balanced --camera-aug 0.3 --seed 51
+    run ferplus-la5 --labels ferplus "${light[@]}" --logit-adjust 0.5 --select balanced --seed 52
+    run ferplus-la10c --labels ferplus "${light[@]}" --logit-adjust 1 --select balanced --camera-aug 0.3 --seed 53
+    run ferplus-la10 --labels ferplus "${light[@]}" --logit-adjust 1 --select balanced --seed 54
 elif [ "$ROUND" = 4 ]; then
     run ferplus-p31 --labels ferplus "${light[@]}" --seed 31
     run ferplus-p32 --labels ferplus "${light[@]}" --seed 32

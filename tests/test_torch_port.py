@@ -198,10 +198,25 @@ def test_a_logit_adjusted_pytorch_run_selected_for_balanced_recall_trains_and_im
     _, pack = _synthetic_pack(tmp_path, n_train=160, n_public=48)
     trained = run_module("models.train_torch", "--pack", str(pack), "--labels", "ferplus", "--width", "tiny",
                          "--device", "cpu", "--epochs", "4", "--batch", "32", "--lr", "0.05", "--logit-adjust", "1",
-                         "--select", "balanced", "--out", str(tmp_path / "w.npz"))
+                         "--select", "balanced", "--camera-aug", "0.3", "--out", str(tmp_path / "w.npz"))
     assert trained.returncode == 0, trained.stderr[-2000:]
     meta = json.loads(str(np.load(tmp_path / "w.npz")["meta"]))
     assert meta["args"]["logit_adjust"] == "1.0" and meta["args"]["select"] == "balanced"
     assert 0.3 < meta["best_val_accuracy"] <= 1.0
     assert run_module("models.torch_port", "import", "--weights", str(tmp_path / "w.npz"),
                       "--out", str(tmp_path / "run")).returncode == 0
+
+
+@requires_torch
+@pytest.mark.parametrize("kind", ["blur", "dark", "noise", "downscale", "hand"])
+def test_the_gpu_augmenter_degrades_faces_as_a_webcam_does_and_the_hand_stays_on_the_lower_face(kind):
+    import torch
+    from models.train_torch import GpuAugmenter
+    g = torch.Generator().manual_seed(0)
+    faces = (torch.rand(16, 1, 48, 48, generator=g) * 0.5 + 0.25)
+    out = GpuAugmenter("light", g, camera=1.0).degrade(faces, kind)
+    assert out.shape == faces.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    changed = (out - faces).abs().flatten(1).amax(1)
+    assert bool((changed > 1 / 255).all())      # every face degraded
+    if kind == "hand":
+        assert torch.equal(out[:, :, :20], faces[:, :, :20])
