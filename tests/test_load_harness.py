@@ -143,3 +143,47 @@ def test_unread_datagrams_show_as_the_process_udp_backlog():
     finally:
         receiver.close()
         sender.close()
+
+
+def test_a_run_that_misses_the_lecture_target_says_by_how_much():
+    from bot.simulate import short_of_target
+    assert short_of_target({"samples_per_student_per_s": 2.08, "p95_frame_to_row_s": 0.72}) is None
+    assert short_of_target({"samples_per_student_per_s": 1.591, "p95_frame_to_row_s": 1.421}) == \
+        {"samples_per_student_per_s": 0.409, "p95_frame_to_row_s": 0.421}
+    assert short_of_target({"samples_per_student_per_s": 2.1, "p95_frame_to_row_s": 1.2}) == \
+        {"samples_per_student_per_s": 0.0, "p95_frame_to_row_s": 0.2}
+
+
+class _Machine:
+    """A window's CPU readings, as bot.simulate.MachineMonitor reports them."""
+    def __init__(self, busy: float, steal: float, cores: int = 2) -> None:
+        self.busy, self.steal, self.cores = busy, steal, cores
+
+    def busy_percent(self) -> float:
+        return self.busy
+
+    def percent(self, field: str) -> float:
+        return self.steal if field == "steal" else 0.0
+
+    def harness_percent(self) -> float:
+        return 30.0
+
+
+def test_the_time_breakdown_names_a_saturated_inference_process_or_machine_as_the_bottleneck():
+    from bot.simulate import time_breakdown
+    summary = {"students": 100, "samples_in_window": 9464, "bot_cpu_percent": 138.3, "janus_cpu_percent": None}
+    stats = {"frames_analysed": 9945, "inference_child_cpu_s": 47.482}
+    slow = time_breakdown(summary, stats, _Machine(170.0, 1.0), 60.0)
+    assert slow["inference_child_ms_per_frame"] == 4.77
+    assert slow["inference_child_cpu_percent"] == round(4.77 * 9464 / 60 / 10, 1)
+    assert slow["bot_main_process_cpu_percent"] == round(138.3 - slow["inference_child_cpu_percent"], 1)
+    # 4.77 ms x 100 students x 2 Hz is 95 % of the child's one core: it cannot keep up, whatever else is idle.
+    assert slow["inference_child_cpu_percent_at_target"] == 95.4
+    assert slow["bottleneck"].startswith("the inference process")
+    fast_child = {"frames_analysed": 9945, "inference_child_cpu_s": 38.8}        # 3.9 ms a frame
+    machine_bound = time_breakdown(summary, fast_child, _Machine(193.0, 2.0), 60.0)
+    assert machine_bound["bottleneck"].startswith("the machine's CPU")
+    assert time_breakdown(summary, fast_child, _Machine(150.0, 0.0), 60.0)["bottleneck"] is None
+    no_child = time_breakdown(summary, {}, _Machine(80.0, 0.0), 60.0)
+    assert no_child["inference_child_ms_per_frame"] is None and no_child["bot_main_process_cpu_percent"] is None
+    assert no_child["bottleneck"] is None
