@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     calib = (train_images[np.random.default_rng(0).permutation(len(train_images))[:400]].astype(np.float32) / 255.0)[..., None]
 
     from models.train import class_prior, mirror_averaged
-    train_hard, train_soft = data.split("Training").targets(labels)
-    in_train = train_hard >= 0
-    prior = class_prior(train_hard[in_train], train_soft[in_train] if train_soft is not None else None)
+    if args.scan_prior_shift or args.prior_shift:
+        train_hard, train_soft = data.split("Training").targets(labels)
+        prior = class_prior(train_hard[train_hard >= 0], train_soft[train_hard >= 0])
     if args.scan_prior_shift:
         scan_prior_shift(model, x_val, y_val, prior)
         return 0

@@ -159,8 +159,15 @@ class Augmenter:
         return out[..., None]
 
 
+def class_counts(hard: np.ndarray | None, soft: np.ndarray | None) -> np.ndarray:
+    """How much of each class the training targets hold: the soft votes where there are any, else hard labels."""
+    if soft is None and hard is None:
+        raise ValueError("class counts need hard or soft targets")
+    return soft.sum(0) if soft is not None else np.bincount(np.asarray(hard), minlength=7)
+
+
 def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
-    counts = soft.sum(0) if soft is not None else np.bincount(hard, minlength=7)
+    counts = class_counts(hard, soft)
     freq = counts / counts.sum()
     if mode == "none":
         return np.ones(7, np.float32)
@@ -169,11 +176,9 @@ def class_weights(hard: np.ndarray, soft: np.ndarray, mode: str) -> np.ndarray:
 
 
 def class_prior(hard: np.ndarray | None, soft: np.ndarray | None) -> np.ndarray:
-    """Share of each class in the training targets (the soft votes where there are any)."""
-    if soft is None and hard is None:
-        raise ValueError("class_prior needs hard or soft targets")
-    counts = soft.sum(0) if soft is not None else np.bincount(np.asarray(hard), minlength=7)
-    return (np.maximum(counts, 1e-6) / np.maximum(counts, 1e-6).sum()).astype(np.float32)
+    """Share of each class in the training targets, never 0 (its log is taken)."""
+    counts = np.maximum(class_counts(hard, soft), 1e-6)
+    return (counts / counts.sum()).astype(np.float32)
 
 
 def logit_adjusted_loss(prior: np.ndarray, tau: float, label_smoothing: float = 0.0):
@@ -439,10 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     def mirror_accuracy(model, logs: dict, key: str) -> float:
         """The selection score: mirror-averaged accuracy, or with --select balanced its mean with the mean
         per-class recall; both go into metrics.csv (val_accuracy<key>, val_mean_recall<key>)."""
+        from models.evaluate import mean_recall
         pred, truth = mirror_averaged(model, x_val).argmax(1), y_val.argmax(1)
         accuracy = logs[f"val_accuracy{key}"] = float((pred == truth).mean())
-        recall = logs[f"val_mean_recall{key}"] = float(
-            np.mean([(pred[truth == c] == c).mean() for c in range(7) if (truth == c).any()]))
+        recall = logs[f"val_mean_recall{key}"] = mean_recall(pred, truth)
         print(f"  selection faces: accuracy {accuracy:.4f}, mean per-class recall {recall:.4f}", flush=True)
         return (accuracy + recall) / 2 if args.select == "balanced" else accuracy
 
