@@ -142,6 +142,10 @@ class BotSettings:
     # classifier pass per sample; the signals average the two over time) instead of both every sample.
     alternate_mirror: bool = True
     state_push_hz: float = 1.0             # live-state pushes to the teacher per second
+    # Nice value added to the bot's event-loop thread (network, VP8 decode, the server when it shares the
+    # process) once the inference process runs: under CPU contention the analysis, which paces the class, goes
+    # first; the receive path keeps only each student's newest frame anyway. 0 = leave priorities alone.
+    receive_nice: int = 5
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,7 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from positive("bot", "sample_hz stall_seconds state_push_hz")
     yield from at_least("bot", "queue_frames inference_threads max_batch redetect_every", 1)
     yield from unit("bot", "min_face_score")
+    yield from check("bot", "receive_nice", 0 <= settings.bot.receive_nice <= 19, "must be 0 to 19 (a nice increment)")
     # --- model ---
     name = model.model.strip()
     yield from check("model", "model", bool(name) and name != "scripted:",

@@ -2,6 +2,7 @@
 results come back in order, and a restarted child loses only the rounds it held."""
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -159,3 +160,53 @@ def test_rounds_sent_ahead_to_the_inference_process_come_back_in_order_and_a_res
         assert analyse([face], [("r", "a")]).frame_ids.tolist() == [0]
     finally:
         analyse.close()
+
+
+def thread_nice(tid: int) -> int:
+    """A thread's nice value, from /proc (field 19 of its stat line)."""
+    with open(f"/proc/self/task/{tid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads per-thread nice values from Linux's /proc")
+def test_under_load_the_inference_process_goes_before_the_event_loop_and_what_it_starts(tmp_path):
+    """bot.receive_nice lowers the event loop's thread only: the inference process and the thread that feeds
+    (and restarts) it keep their priority, threads the event loop starts later (VP8 decoders) inherit its."""
+    from bot.service import BotService
+    from storage import Repository
+    settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"},
+                                  storage={"url": f"sqlite:///{tmp_path / 'classmood.sqlite'}"})
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base + 5 > 19:
+        pytest.skip(f"this test process already runs at nice {base}")
+    repository = Repository.from_settings(settings.storage)
+    seen: dict[str, int] = {}
+
+    async def bot_thread() -> None:
+        service = BotService(settings, repository)
+        await service.start()
+        try:
+            service.yield_to_inference()
+            seen["event loop"] = thread_nice(threading.get_native_id())
+            started_later = threading.Thread(target=lambda: seen.update({"started later": thread_nice(threading.get_native_id())}))
+            started_later.start()
+            started_later.join()
+            assert service.analyzer._thread is not None
+            seen["feeder"] = thread_nice(service.analyzer._thread.native_id or 0)
+            seen["inference process"] = os.getpriority(os.PRIO_PROCESS, service.analyzer.analyse._process.pid)
+        finally:
+            await service.stop()
+            service.analyzer.stop()
+
+    # Its own thread and loop: the test's own thread must keep its priority.
+    runner = threading.Thread(target=lambda: asyncio.run(bot_thread()))
+    runner.start()
+    runner.join(60)
+    repository.close()
+    assert seen == {"event loop": base + 5, "started later": base + 5, "feeder": base, "inference process": base}
+    assert thread_nice(threading.get_native_id()) == base
+
+    # 0 leaves priorities alone; an increment beyond what nice can express is refused at start-up.
+    Settings().replace(bot={"receive_nice": 0}).validate()
+    with pytest.raises(ValueError, match="bot.receive_nice"):
+        Settings().replace(bot={"receive_nice": 20}).validate()
