@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
+import zlib
 from multiprocessing.connection import Connection
 from typing import Any, Hashable, NoReturn, Sequence
 
@@ -40,7 +42,6 @@ class InferenceProcessError(RuntimeError):
 
 def _serve(conn: Connection, settings: Settings) -> None:
     """The child: build the analyser, say ready (or why not), then answer rounds until the pipe closes."""
-    import os
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         from models.runtime.analyse import build_analyse
@@ -189,3 +190,105 @@ class ProcessAnalyse:
             if process.is_alive():
                 process.terminate()
                 process.join(2.0)
+
+
+def inference_process_count(setting: int) -> int:
+    """bot.inference_processes, with 0 (auto) read as one per CPU core this process may run on, at most 4."""
+    if setting > 0:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def shard_of(key: Hashable, shards: int) -> int:
+    """Which of `shards` inference processes analyses a student: stable for the student's whole class, so
+    that the face it follows between samples (models/runtime/tracking.py) stays in one process."""
+    return zlib.crc32(repr(key).encode()) % shards if shards > 1 else 0
+
+
+class InferencePool:
+    """`analyse(frames, keys) -> Faces` over several inference processes, each analysing its share of the
+    students (shard_of). One process can use one core at most, and at 100 students it was the bot's limit
+    while the machine had idle time (issue 24); two can use what the event loop leaves on both cores.
+    Same submit / collect / wait / prepare as ProcessAnalyse, which it holds one of per process."""
+
+    def __init__(self, settings: Settings, processes: int) -> None:
+        if processes < 1:
+            raise ValueError("an inference pool needs at least one process")
+        self.children: list[ProcessAnalyse] = []
+        try:
+            for _ in range(processes):
+                self.children.append(ProcessAnalyse(settings))
+        except BaseException:
+            self.close()
+            raise
+
+    prepare = staticmethod(ProcessAnalyse.prepare)
+
+    @property
+    def restarts(self) -> int:
+        return sum(child.restarts for child in self.children)
+
+    @property
+    def child_cpu_seconds(self) -> float:
+        return sum(child.child_cpu_seconds for child in self.children)
+
+    @property
+    def child_wall_seconds(self) -> float:
+        return sum(child.child_wall_seconds for child in self.children)
+
+    @property
+    def seconds_per_frame(self) -> float:
+        """Wall time a round takes per frame: the processes work on their shares side by side."""
+        known = [child.seconds_per_frame for child in self.children if child.seconds_per_frame]
+        return sum(known) / len(known) / len(self.children) if known else 0.0
+
+    def __call__(self, frames: Sequence[np.ndarray | I420], keys: Sequence[Hashable] | None = None) -> Faces:
+        return self.collect(self.submit(frames, keys))
+
+    def submit(self, frames: Sequence[np.ndarray | I420], keys: Sequence[Hashable] | None = None) -> list[tuple[int, int, list[int]]]:
+        """Send each process its students' frames; the ticket lists (process, its ticket, the frames' places)."""
+        shares: dict[int, list[int]] = {}
+        for i in range(len(frames)):
+            shard = shard_of(keys[i], len(self.children)) if keys is not None else i % len(self.children)
+            shares.setdefault(shard, []).append(i)
+        ticket = []
+        for shard, places in sorted(shares.items()):
+            child = self.children[shard]
+            try:
+                child_ticket = child.submit([frames[i] for i in places], [keys[i] for i in places] if keys is not None else None)
+            except InferenceProcessError:
+                child_ticket = -1        # restarted while sending: collect reports this share as lost
+            ticket.append((shard, child_ticket, places))
+        return ticket
+
+    def collect(self, ticket: list[tuple[int, int, list[int]]]) -> Faces:
+        """Every process's answer for the round (all are read, so that none is left in a pipe out of order),
+        as one Faces in frame order; a process that failed fails the round, after the others were read."""
+        parts: list[Faces] = []
+        failure: Exception | None = None
+        for shard, child_ticket, places in ticket:
+            try:
+                faces = self.children[shard].collect(child_ticket)
+            except Exception as exc:
+                failure = failure or exc
+                continue
+            parts.append(Faces(faces.boxes, faces.scores, faces.keypoints,
+                               np.asarray(places, np.int32)[faces.frame_ids] if len(faces) else faces.frame_ids, faces.probs))
+        if failure is not None:
+            raise failure
+        faces = Faces.concat(parts)
+        return faces[np.argsort(faces.frame_ids, kind="stable")] if len(faces) else faces
+
+    def wait(self, ticket: list[tuple[int, int, list[int]]], timeout: float) -> bool:
+        """Whether the whole round can be collected without blocking, waiting up to `timeout` seconds."""
+        deadline = time.perf_counter() + max(0.0, timeout)
+        return all(self.children[shard].wait(child_ticket, deadline - time.perf_counter())
+                   for shard, child_ticket, _ in ticket)
+
+    def close(self) -> None:
+        for child in self.children:
+            child.close()

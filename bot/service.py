@@ -50,8 +50,8 @@ class BotService:
         self.repository = repository
         self.mailbox: FrameMailbox[FrameKey, PendingFrame] = FrameMailbox(settings.bot.queue_frames)
         if analyse is None and settings.bot.inference_process:
-            from bot.inference_process import ProcessAnalyse
-            analyse = ProcessAnalyse(settings)
+            from bot.inference_process import InferencePool, inference_process_count
+            analyse = InferencePool(settings, inference_process_count(settings.bot.inference_processes))
         elif analyse is None:
             # Imported here, not at the top: `python -m bot serve` imports this module and must not load
             # OpenCV or the TFLite models it never uses.
@@ -243,6 +243,7 @@ class BotService:
                 "inference_convert_s": round(self.analyzer.convert_seconds, 3),
                 "inference_child_cpu_s": round(float(getattr(self.analyzer.analyse, "child_cpu_seconds", 0.0)), 3),
                 "inference_child_wall_s": round(float(getattr(self.analyzer.analyse, "child_wall_seconds", 0.0)), 3),
+                "inference_processes": len(getattr(self.analyzer.analyse, "children", ())),
                 "frames_dropped": self.mailbox.dropped, "frames_accepted": self.mailbox.accepted,
                 "frame_errors": self.analyzer.errors,
                 "connections_lost": self.connections_lost_before + sum(p.connections_lost for p in self.peers.values())}

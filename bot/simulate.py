@@ -10,7 +10,8 @@ count as errors), bot_udp_backlog_kb_max (the fullest of the bot's sockets: vide
 waiting to be read), p50/p95_frame_to_row_s, alerts, alert_latency_s, bot_cpu_percent, bot_peak_rss_mb, frames_dropped,
 errors, rows_lost, time_breakdown (cores, machine_busy_percent, machine_steal_percent, harness_cpu_percent,
 bot_cpu_percent, inference_child_ms_per_frame, inference_child_cpu_percent, inference_child_cpu_percent_at_target
-(what it would need for every student at 2 Hz), bot_main_process_cpu_percent,
+(what it would need for every student at 2 Hz; these three summed over the bot's inference processes),
+inference_processes, bot_main_process_cpu_percent,
 janus_cpu_percent, bottleneck: what limited the bot, or null), short_of_target (null when the run meets issue
 24's target of 2 samples per student per second and p95 frame->row under 1 s; else how far off), ... With --workers N: `workers` (per worker process: worker_id, rooms, students,
 samples, samples_per_s, cpu_percent, peak_rss_mb), server_cpu_percent, rooms and session_ids.
@@ -250,32 +251,35 @@ class MachineMonitor:
 
 
 def time_breakdown(summary: dict, bot_stats: dict, machine: MachineMonitor, window_s: float) -> dict:
-    """Where the CPU went in the window, and what limited the bot if anything did: the inference process (it
-    runs on one core) or the machine as a whole."""
+    """Where the CPU went in the window, and what limited the bot if anything did: the inference processes
+    (each runs on one core at most) or the machine as a whole. The inference_child_* figures are the sum over
+    the bot's inference processes (`inference_processes` of them)."""
     frames = float(bot_stats.get("frames_analysed") or 0)
     child_cpu = bot_stats.get("inference_child_cpu_s")
     ms_per_frame = round(1000.0 * float(child_cpu) / frames, 2) if child_cpu is not None and frames else None
     frames_per_s = summary.get("samples_in_window", 0) / window_s
     child_percent = round(ms_per_frame * frames_per_s / 10.0, 1) if ms_per_frame is not None else None
-    # What the inference process would need to analyse every student at the target rate: it runs on one core,
-    # so above ~90 % of it the bot falls behind however idle the rest of the machine is.
+    # What the inference processes would need to analyse every student at the target rate: each runs on one
+    # core at most, so above ~90 % of a core each the bot falls behind however idle the rest of the machine is.
     needed = round(ms_per_frame * summary.get("students", 0) * TARGET_SAMPLES_PER_STUDENT_PER_S / 10.0, 1) \
         if ms_per_frame is not None else None
+    processes = max(1, int(bot_stats.get("inference_processes") or 1))
     bot_percent = summary.get("bot_cpu_percent")
     busy, steal = round(machine.busy_percent(), 1), round(machine.percent("steal"), 1)
     out: dict[str, Any] = {
         "cores": machine.cores, "machine_busy_percent": busy, "machine_steal_percent": steal,
         "harness_cpu_percent": round(machine.harness_percent(), 1), "bot_cpu_percent": bot_percent,
         "inference_child_ms_per_frame": ms_per_frame, "inference_child_cpu_percent": child_percent,
-        "inference_child_cpu_percent_at_target": needed,
+        "inference_child_cpu_percent_at_target": needed, "inference_processes": processes,
         "bot_main_process_cpu_percent": round(bot_percent - child_percent, 1)
         if bot_percent is not None and child_percent is not None else None,
         "janus_cpu_percent": summary.get("janus_cpu_percent"),
     }
-    if needed is not None and needed >= 90.0:
-        out["bottleneck"] = (f"the inference process: {ms_per_frame} ms of CPU a frame x {summary.get('students')} "
-                             f"students x {TARGET_SAMPLES_PER_STUDENT_PER_S:g} Hz would need {needed:.0f} % of the one "
-                             f"core it runs on (it got {child_percent:.0f} %)")
+    if needed is not None and needed >= 90.0 * processes:
+        where = "the one core it runs on" if processes == 1 else f"the {processes} cores its {processes} processes run on"
+        out["bottleneck"] = (f"the inference process{'es' if processes > 1 else ''}: {ms_per_frame} ms of CPU a frame x "
+                             f"{summary.get('students')} students x {TARGET_SAMPLES_PER_STUDENT_PER_S:g} Hz would need "
+                             f"{needed:.0f} % of {where} (it got {child_percent:.0f} %)")
     elif busy + steal >= 95.0 * machine.cores:
         out["bottleneck"] = f"the machine's CPU: {busy:.0f} % busy and {steal:.0f} % stolen of {100 * machine.cores} %"
     else:

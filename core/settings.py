@@ -133,6 +133,9 @@ class BotSettings:
     # Run detection and classification in a child process (bot/inference_process.py), so that inference
     # never waits for the event loop's GIL; false = a thread of the bot's own process.
     inference_process: bool = True
+    # How many such processes, each analysing its share of the students (bot/inference_process.py
+    # InferencePool): one process uses one core at most. 0 = one per CPU core the bot may use, at most 4.
+    inference_processes: int = 0
     max_batch: int = 64                    # frames per detector/classifier batch
     min_face_score: float = 0.5
     # Run the face detector on every Nth sample of a student and follow the face by template matching in
@@ -352,6 +355,8 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from positive("bot", "sample_hz stall_seconds state_push_hz")
     yield from at_least("bot", "queue_frames inference_threads max_batch redetect_every", 1)
     yield from unit("bot", "min_face_score")
+    yield from check("bot", "inference_processes", 0 <= settings.bot.inference_processes <= 64,
+                     "must be 0 (one per CPU core, at most 4) to 64")
     yield from check("bot", "receive_nice", 0 <= settings.bot.receive_nice <= 19, "must be 0 to 19 (a nice increment)")
     # --- model ---
     name = model.model.strip()

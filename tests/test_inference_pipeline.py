@@ -162,6 +162,49 @@ def test_rounds_sent_ahead_to_the_inference_process_come_back_in_order_and_a_res
         analyse.close()
 
 
+def test_a_pool_of_inference_processes_splits_the_class_and_answers_in_frame_order():
+    """Each student always goes to the same process (its followed face lives there); every process gets its
+    share; the pool's faces point at the frames as sent, like one process's; a dead process costs one round."""
+    from bot.inference_process import InferencePool, shard_of
+    settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"})
+    capture = cv2.VideoCapture(str(VIDEOS / "woman2.mp4"))
+    ok, face = capture.read()
+    if not ok:
+        pytest.skip(f"needs ../shared/media/videos/woman2.mp4 (a real face): {VIDEOS} is absent")
+    face = cv2.resize(face, (320, 240))
+    blank = np.full((240, 320, 3), 90, np.uint8)
+    students = [("room", f"student-{i}") for i in range(12)]
+    assert {shard_of(key, 2) for key in students} == {0, 1}
+    assert all(shard_of(key, 2) == shard_of(("room", key[1]), 2) for key in students)   # stable
+    frames = [face if i % 3 else blank for i in range(len(students))]                   # every third: nobody
+    pool = InferencePool(settings, 2)
+    single = ProcessAnalyse(settings)
+    try:
+        first = pool.submit(frames, students)
+        second = pool.submit(frames[:5], students[:5])                                  # two rounds in flight
+        assert pool.wait(first, 30)
+        faces = pool.collect(first)
+        assert faces.frame_ids.tolist() == [i for i in range(len(students)) if i % 3]
+        alone = single(frames, students)                                                 # one process, same round
+        assert faces.frame_ids.tolist() == alone.frame_ids.tolist()
+        assert np.allclose(faces.boxes, alone.boxes, atol=1e-3) and np.allclose(faces.probs, alone.probs)
+        assert pool.collect(second).frame_ids.tolist() == [1, 2, 4]
+        assert all(child.child_wall_seconds > 0 for child in pool.children)
+        assert pool.seconds_per_frame > 0 and pool.child_cpu_seconds > 0
+
+        # One process dies: the round it was in fails, the other process's answer is read all the same
+        # (nothing is left in its pipe to be taken for the next round's), and the pool carries on.
+        os.kill(pool.children[0]._process.pid, signal.SIGKILL)
+        pool.children[0]._process.join(5)
+        with pytest.raises(InferenceProcessError):
+            pool(frames, students)
+        assert pool.restarts == 1
+        assert pool(frames, students).frame_ids.tolist() == [i for i in range(len(students)) if i % 3]
+    finally:
+        pool.close()
+        single.close()
+
+
 def thread_nice(tid: int) -> int:
     """A thread's nice value, from /proc (field 19 of its stat line)."""
     with open(f"/proc/self/task/{tid}/stat") as stat:
@@ -193,7 +236,8 @@ def test_under_load_the_inference_process_goes_before_the_event_loop_and_what_it
             started_later.join()
             assert service.analyzer._thread is not None
             seen["feeder"] = thread_nice(service.analyzer._thread.native_id or 0)
-            seen["inference process"] = os.getpriority(os.PRIO_PROCESS, service.analyzer.analyse._process.pid)
+            pool = service.analyzer.analyse
+            seen["inference process"] = max(os.getpriority(os.PRIO_PROCESS, child._process.pid) for child in pool.children)
         finally:
             await service.stop()
             service.analyzer.stop()

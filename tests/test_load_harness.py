@@ -187,3 +187,10 @@ def test_the_time_breakdown_names_a_saturated_inference_process_or_machine_as_th
     no_child = time_breakdown(summary, {}, _Machine(80.0, 0.0), 60.0)
     assert no_child["inference_child_ms_per_frame"] is None and no_child["bot_main_process_cpu_percent"] is None
     assert no_child["bottleneck"] is None
+    # Two inference processes share the same work over two cores: 95 % of one core is not their limit.
+    two = time_breakdown(summary, {**stats, "inference_processes": 2}, _Machine(170.0, 1.0), 60.0)
+    assert two["inference_processes"] == 2 and two["inference_child_cpu_percent_at_target"] == 95.4
+    assert two["bottleneck"] is None
+    saturated = {"frames_analysed": 9945, "inference_child_cpu_s": 99.5}         # 10 ms a frame: 200 % needed
+    assert time_breakdown(summary, {**saturated, "inference_processes": 2}, _Machine(170.0, 1.0), 60.0)["bottleneck"] \
+        .startswith("the inference processes: 10.01 ms")
