@@ -114,7 +114,6 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
             await media.close()
         return 2
     await service.start()
-    service.yield_to_inference()
     runner = None
     try:
         if args.command == "run":

@@ -40,9 +40,27 @@ class InferenceProcessError(RuntimeError):
     pass
 
 
+def lower_priority(increment: int) -> None:
+    """Raise this process's nice value by `increment` (at most 19). On Linux a nice value belongs to a thread and
+    new threads inherit their creator's, so every thread already running (a spawned child has a few by the time
+    its target runs, e.g. numpy's) is lowered, and the ones started later follow the calling thread's."""
+    if increment <= 0:
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]     # no /proc: the calling thread (the whole process where nice is per process)
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+        except OSError:   # a thread that has just ended; or a platform without it: only the ordering is lost
+            pass
+
+
 def _serve(conn: Connection, settings: Settings) -> None:
     """The child: build the analyser, say ready (or why not), then answer rounds until the pipe closes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    lower_priority(settings.bot.inference_nice)
     try:
         from models.runtime.analyse import build_analyse
         analyse = build_analyse(settings.model, threads=settings.bot.inference_threads,

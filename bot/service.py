@@ -9,7 +9,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import secrets
 import time
 from typing import Any, Callable
@@ -30,17 +29,6 @@ from core.protocol import websocket_url
 from core.settings import Settings
 
 log = logging.getLogger("classmood.bot")
-
-
-def lower_thread_priority(increment: int) -> tuple[int, int]:
-    """Add `increment` to the calling thread's nice value (at most 19); (old, new). On Linux the nice value is
-    per thread (setpriority(PRIO_PROCESS, 0) means the calling thread); new threads and processes inherit
-    it from the thread that starts them."""
-    if not hasattr(os, "setpriority"):
-        raise OSError("no setpriority on this platform")
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    os.setpriority(os.PRIO_PROCESS, 0, min(19, before + increment))
-    return before, os.getpriority(os.PRIO_PROCESS, 0)
 
 
 class BotService:
@@ -80,22 +68,6 @@ class BotService:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.analyzer.start()
-
-    def yield_to_inference(self) -> None:
-        """Lower the calling thread (the process's event loop: call it from there, after start) by
-        bot.receive_nice, so that under CPU contention the inference process, which paces the class, runs
-        first. Threads the event loop starts later (aiortc's VP8 decoders, executors) inherit it; the
-        inference process and the thread that feeds it (and restarts it) keep their priority."""
-        increment = self.settings.bot.receive_nice
-        if increment <= 0 or not self.settings.bot.inference_process:
-            return
-        try:
-            before, after = lower_thread_priority(increment)
-        except OSError as exc:   # a platform without per-thread nice values: nothing is lost but the ordering
-            log.warning("could not lower the event loop's priority (%s); the inference process does not go first", exc)
-            return
-        log.info("event loop thread at nice %d (was %d; bot.receive_nice): the inference process goes first under load",
-                 after, before)
 
     async def stop(self, handover: bool = False) -> None:
         """Leave every room. handover=True (a bot worker shutting down, not the class ending): the sessions

@@ -145,10 +145,11 @@ class BotSettings:
     # classifier pass per sample; the signals average the two over time) instead of both every sample.
     alternate_mirror: bool = True
     state_push_hz: float = 1.0             # live-state pushes to the teacher per second
-    # Nice value added to the bot's event-loop thread (network, VP8 decode, the server when it shares the
-    # process) once the inference process runs: under CPU contention the analysis, which paces the class, goes
-    # first; the receive path keeps only each student's newest frame anyway. 0 = leave priorities alone.
-    receive_nice: int = 5
+    # Nice increment of the inference processes: when the machine is short of CPU, the meeting (Janus), the
+    # bot's connections and the server go first, and analysis takes what is left, dropping stale frames
+    # rather than starving the connections (at 100 students via Janus on 2 cores, unniced inference
+    # processes starved the event loop until 22 media connections failed). 0 = the same priority as the bot.
+    inference_nice: int = 5
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,7 @@ def _problems(settings: Settings) -> Iterator[str]:
     yield from unit("bot", "min_face_score")
     yield from check("bot", "inference_processes", 0 <= settings.bot.inference_processes <= 64,
                      "must be 0 (one per CPU core, at most 4) to 64")
-    yield from check("bot", "receive_nice", 0 <= settings.bot.receive_nice <= 19, "must be 0 to 19 (a nice increment)")
+    yield from check("bot", "inference_nice", 0 <= settings.bot.inference_nice <= 19, "must be 0 to 19 (a nice increment)")
     # --- model ---
     name = model.model.strip()
     yield from check("model", "model", bool(name) and name != "scripted:",

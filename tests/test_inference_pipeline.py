@@ -205,52 +205,41 @@ def test_a_pool_of_inference_processes_splits_the_class_and_answers_in_frame_ord
         single.close()
 
 
-def thread_nice(tid: int) -> int:
-    """A thread's nice value, from /proc (field 19 of its stat line)."""
-    with open(f"/proc/self/task/{tid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[16])
+def process_nice(pid: int) -> int:
+    """Every thread's nice value of a process, from /proc (field 19 of each thread's stat line)."""
+    values = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            values.add(int(stat.read().rsplit(")", 1)[1].split()[16]))
+    assert len(values) == 1, f"threads of {pid} at different nice values: {values}"
+    return values.pop()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads per-thread nice values from Linux's /proc")
-def test_under_load_the_inference_process_goes_before_the_event_loop_and_what_it_starts(tmp_path):
-    """bot.receive_nice lowers the event loop's thread only: the inference process and the thread that feeds
-    (and restarts) it keep their priority, threads the event loop starts later (VP8 decoders) inherit its."""
-    from bot.service import BotService
-    from storage import Repository
-    settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"},
-                                  storage={"url": f"sqlite:///{tmp_path / 'classmood.sqlite'}"})
+def test_the_inference_processes_yield_the_cpu_to_the_bots_connections_and_a_restarted_one_too():
+    """bot.inference_nice: every thread of every inference process (TFLite's, the pipe reader) runs at the
+    lower priority, including a process started again after a crash; the bot's own process is untouched."""
+    from bot.inference_process import InferencePool
     base = os.getpriority(os.PRIO_PROCESS, 0)
     if base + 5 > 19:
         pytest.skip(f"this test process already runs at nice {base}")
-    repository = Repository.from_settings(settings.storage)
-    seen: dict[str, int] = {}
-
-    async def bot_thread() -> None:
-        service = BotService(settings, repository)
-        await service.start()
-        try:
-            service.yield_to_inference()
-            seen["event loop"] = thread_nice(threading.get_native_id())
-            started_later = threading.Thread(target=lambda: seen.update({"started later": thread_nice(threading.get_native_id())}))
-            started_later.start()
-            started_later.join()
-            assert service.analyzer._thread is not None
-            seen["feeder"] = thread_nice(service.analyzer._thread.native_id or 0)
-            pool = service.analyzer.analyse
-            seen["inference process"] = max(os.getpriority(os.PRIO_PROCESS, child._process.pid) for child in pool.children)
-        finally:
-            await service.stop()
-            service.analyzer.stop()
-
-    # Its own thread and loop: the test's own thread must keep its priority.
-    runner = threading.Thread(target=lambda: asyncio.run(bot_thread()))
-    runner.start()
-    runner.join(60)
-    repository.close()
-    assert seen == {"event loop": base + 5, "started later": base + 5, "feeder": base, "inference process": base}
-    assert thread_nice(threading.get_native_id()) == base
-
-    # 0 leaves priorities alone; an increment beyond what nice can express is refused at start-up.
-    Settings().replace(bot={"receive_nice": 0}).validate()
-    with pytest.raises(ValueError, match="bot.receive_nice"):
-        Settings().replace(bot={"receive_nice": 20}).validate()
+    pool = InferencePool(Settings().replace(model={"model": "scripted:happy", "detector": "short"}), 2)
+    try:
+        pool([np.full((240, 320, 3), 90, np.uint8)] * 4, [("r", f"s{i}") for i in range(4)])
+        assert [process_nice(child._process.pid) for child in pool.children] == [base + 5, base + 5]
+        os.kill(pool.children[1]._process.pid, signal.SIGKILL)
+        pool.children[1]._process.join(5)
+        with pytest.raises(InferenceProcessError):
+            pool([np.full((240, 320, 3), 90, np.uint8)] * 4, [("r", f"s{i}") for i in range(4)])
+        assert process_nice(pool.children[1]._process.pid) == base + 5
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    finally:
+        pool.close()
+    unniced = InferencePool(Settings().replace(model={"model": "scripted:happy"}, bot={"inference_nice": 0}), 1)
+    try:
+        assert process_nice(unniced.children[0]._process.pid) == base
+    finally:
+        unniced.close()
+    # An increment beyond what nice can express is refused at start-up.
+    with pytest.raises(ValueError, match="bot.inference_nice"):
+        Settings().replace(bot={"inference_nice": 20}).validate()
