@@ -2,7 +2,6 @@
 results come back in order, and a restarted child loses only the rounds it held."""
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import signal
