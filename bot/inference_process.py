@@ -11,6 +11,9 @@ sets the pace.
 
 A child that dies or hangs costs its round (the frames are reported as errors, as any failed round is) and
 is started again; a child that cannot load the model fails the bot's start-up with the model's error.
+
+The bot runs an InferencePool of such children (bot.inference_processes, one per core by default), each
+analysing its share of the students, at a lower priority than the bot's connections (bot.inference_nice).
 """
 from __future__ import annotations
 
