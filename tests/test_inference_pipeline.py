@@ -129,14 +129,19 @@ def wait_until_stopped(pid: int, timeout: float = 5.0) -> bool:
     return False
 
 
-def test_rounds_sent_ahead_to_the_inference_process_come_back_in_order_and_a_restart_loses_only_those():
-    settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"})
+def face_and_empty_frame() -> tuple[np.ndarray, np.ndarray]:
+    """A 320x240 webcam frame with a real face (the shared video's first), and one with nobody; skips without it."""
     capture = cv2.VideoCapture(str(VIDEOS / "woman2.mp4"))
     ok, face = capture.read()
+    capture.release()
     if not ok:
         pytest.skip(f"needs ../shared/media/videos/woman2.mp4 (a real face): {VIDEOS} is absent")
-    face = cv2.resize(face, (320, 240))
-    blank = np.full((240, 320, 3), 90, np.uint8)
+    return cv2.resize(face, (320, 240)), np.full((240, 320, 3), 90, np.uint8)
+
+
+def test_rounds_sent_ahead_to_the_inference_process_come_back_in_order_and_a_restart_loses_only_those():
+    settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"})
+    face, blank = face_and_empty_frame()
     analyse = ProcessAnalyse(settings)
     try:
         first = analyse.submit([face], [("r", "a")])
@@ -166,12 +171,7 @@ def test_a_pool_of_inference_processes_splits_the_class_and_answers_in_frame_ord
     share; the pool's faces point at the frames as sent, like one process's; a dead process costs one round."""
     from bot.inference_process import InferencePool, shard_of
     settings = Settings().replace(model={"model": "scripted:happy", "detector": "short"})
-    capture = cv2.VideoCapture(str(VIDEOS / "woman2.mp4"))
-    ok, face = capture.read()
-    if not ok:
-        pytest.skip(f"needs ../shared/media/videos/woman2.mp4 (a real face): {VIDEOS} is absent")
-    face = cv2.resize(face, (320, 240))
-    blank = np.full((240, 320, 3), 90, np.uint8)
+    face, blank = face_and_empty_frame()
     students = [("room", f"student-{i}") for i in range(12)]
     assert {shard_of(key, 2) for key in students} == {0, 1}
     assert all(shard_of(key, 2) == shard_of(("room", key[1]), 2) for key in students)   # stable
