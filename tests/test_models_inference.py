@@ -15,7 +15,7 @@ from core.settings import ModelSettings
 from models.baseline import BaselineClassifier, baseline_path, shared_dir
 from models.runtime.analyse import build_analyse, scripted_probs
 from models.runtime.classifier import ExpressionClassifier
-from models.runtime.detector import FaceDetector, make_detector, ssd_anchors
+from models.runtime.detector import FaceDetector, anchor_pixels, fitted_model, make_detector, model_path, ssd_anchors
 from models.runtime.preprocess import EYE_Y, align_faces, face_transform
 
 SHARED = shared_dir()
@@ -82,6 +82,49 @@ def test_anchor_layout_matches_the_models():
     assert len(FaceDetector("full").anchors) == 2304      # the constructor checks the model's output too
 
 
+def test_a_fitted_input_has_the_anchors_of_its_own_grid():
+    assert np.allclose(anchor_pixels(128, 128, (8, 16, 16, 16), 2), ssd_anchors(128, (8, 16, 16, 16), 2) * 128)
+    fitted = anchor_pixels(96, 128, (8, 16, 16, 16), 2)
+    assert len(fitted) == 12 * 16 * 2 + 6 * 8 * 6 == 672
+    assert fitted[:, 1].max() < 96 and fitted[:, 0].max() < 128
+
+
+def test_a_4_by_3_frame_gets_a_fitted_pass_that_finds_the_same_face_for_less_work():
+    frame = cv2.resize(frames_of("woman2.mp4", count=1)[0], (320, 240))
+    square, fitted = FaceDetector("short", fit=False), FaceDetector("short")
+    tensor = fitted._letterbox(frame)[0]
+    assert tensor.shape == (96, 128, 3)               # no letterbox rows: a quarter fewer pixels than 128x128
+    a, b = square.detect([frame]), fitted.detect([frame])
+    assert len(a) == len(b) == 1
+    assert iou(a.boxes[0], b.boxes[0]) > 0.9 and abs(float(a.scores[0] - b.scores[0])) < 0.05
+    assert np.abs(a.keypoints[0] - b.keypoints[0]).max() < 6
+    assert (96, 128) in fitted._passes and fitted._passes[(96, 128)] is not None
+    square_frame = cv2.resize(frame, (240, 240))      # a square frame keeps the shipped input
+    assert fitted._letterbox(square_frame)[0].shape == (128, 128, 3)
+
+
+def test_a_model_file_fitted_model_does_not_know_is_refused_and_the_square_input_used(monkeypatch, caplog):
+    with pytest.raises(ValueError, match="not the file"):
+        fitted_model("short", model_path("full").read_bytes(), 96, 128)
+    with pytest.raises(ValueError):
+        fitted_model("short", model_path("short").read_bytes(), 100, 128)     # not a multiple of 16
+    with pytest.raises(ValueError):
+        fitted_model("full", model_path("full").read_bytes(), 160, 192)       # full range is only run square
+    import models.runtime.detector as detector_module
+
+    def unknown_file(*_args):
+        raise ValueError("the short-range model is not the file fitted_model knows")
+
+    monkeypatch.setattr(detector_module, "fitted_model", unknown_file)
+    detector = FaceDetector("short")
+    frame = cv2.resize(frames_of("woman2.mp4", count=1)[0], (320, 240))
+    with caplog.at_level("WARNING"):
+        faces = detector.detect([frame, frame])
+    assert len(faces) == 2                            # found through the square input, both times
+    assert detector._passes[(96, 128)] is None
+    assert sum("no 128x96 input" in r.getMessage() for r in caplog.records) == 1   # logged once per shape
+
+
 @pytest.mark.parametrize("video", ["emotions.mp4", "woman2.mp4"])
 def test_detector_finds_the_webcam_face_in_every_frame_with_keypoints_inside(short, video):
     frames = frames_of(video)
@@ -132,10 +175,12 @@ def test_gray_bgra_float_and_huge_frames_work_and_non_images_are_refused(short):
     frame = frames_of("woman2.mp4", count=1)[0]
     base = short.detect([frame])
     assert len(base) == 1
-    for variant in (cv2.cvtColor(frame, cv2.COLOR_BGR2BGRA), frame.astype(np.float32),
-                    cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)):
+    # BGRA and float frames hold the same pixels; a gray one lost its colour, so its box moves a little
+    # (IoU 0.86 with the square input, 0.85 with the fitted one).
+    for variant, overlap in ((cv2.cvtColor(frame, cv2.COLOR_BGR2BGRA), 0.99), (frame.astype(np.float32), 0.99),
+                             (cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), 0.8)):
         other = short.detect([variant])
-        assert len(other) == 1 and iou(other.boxes[0], base.boxes[0]) > 0.85
+        assert len(other) == 1 and iou(other.boxes[0], base.boxes[0]) > overlap
     huge = cv2.resize(frame, None, fx=8000 / frame.shape[1], fy=8000 / frame.shape[1])    # 8000 x ~4500
     big = short.detect([huge])
     assert len(big) == 1 and iou(big.boxes[0] / (8000 / frame.shape[1]), base.boxes[0]) > 0.85
