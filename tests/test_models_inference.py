@@ -99,6 +99,9 @@ def test_a_4_by_3_frame_gets_a_fitted_pass_that_finds_the_same_face_for_less_wor
     assert iou(a.boxes[0], b.boxes[0]) > 0.9 and abs(float(a.scores[0] - b.scores[0])) < 0.05
     assert np.abs(a.keypoints[0] - b.keypoints[0]).max() < 6
     assert (96, 128) in fitted._passes and fitted._passes[(96, 128)] is not None
+    close_up, scale, pad_x, pad_y = fitted._letterbox(frame, margin=0.3)
+    assert close_up.shape == (112, 128, 3)            # 320x240 inside a border of 0.3 x 320 px on every side
+    assert min(pad_x, pad_y) >= 0.3 * 320 * scale - 1
     square_frame = cv2.resize(frame, (240, 240))      # a square frame keeps the shipped input
     assert fitted._letterbox(square_frame)[0].shape == (128, 128, 3)
 

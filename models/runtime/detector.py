@@ -234,8 +234,9 @@ class FaceDetector:
         resized = shrink(frame, (nw, nh)) if scale < 1 else cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
         if (self.fit if fit is None else fit) and self.kind in FIT_STEP:
             step = FIT_STEP[self.kind]
-            # The scaled frame with its margin, rounded up to whole steps.
-            side_w, side_h = round(w * scale * (1 + 2 * margin)), round(h * scale * (1 + 2 * margin))
+            # The scaled frame with its border (margin x the longer side, on every side), rounded up to whole steps.
+            border = 2 * margin * max(h, w) * scale
+            side_w, side_h = round(w * scale + border), round(h * scale + border)
             width, height = (min(self.size, -(-max(side, 1) // step) * step) for side in (side_w, side_h))
         else:
             width = height = self.size
