@@ -48,6 +48,16 @@ class FrameResult:
     error: str | None = None             # why this frame could not be analysed
 
 
+class PartialRoundError(RuntimeError):
+    """A round of which only some frames could be analysed (one of several inference processes failed):
+    `faces` are the others' faces (frame ids index the round's frames), `failed` the frames that were lost."""
+
+    def __init__(self, message: str, faces: Faces, failed: list[int]) -> None:
+        super().__init__(message)
+        self.faces = faces
+        self.failed = failed
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """PNG/JPEG bytes (a meeting-bot service's frame) -> BGR; ValueError for a non-image, a truncated file or
     one larger than MAX_SIDE (checked from the header, before decoding: the server checks too)."""
@@ -260,10 +270,19 @@ class Analyzer:
         """The round's faces (collected from the analyser it was submitted to, or computed now) into its results."""
         if not round_.images:
             return round_.results
-        if round_.ticket is not None:
-            faces = self.analyse.collect(round_.ticket)   # type: ignore[attr-defined]
-        else:
-            faces = self.analyse(round_.images, [round_.batch[i][0] for i in round_.owners])
+        try:
+            if round_.ticket is not None:
+                faces = self.analyse.collect(round_.ticket)   # type: ignore[attr-defined]
+            else:
+                faces = self.analyse(round_.images, [round_.batch[i][0] for i in round_.owners])
+        except PartialRoundError as partial:
+            # The students of the process that failed lose this sample; the rest of the class keeps theirs.
+            log.warning("inference round partly failed (%s); %d of %d frames skipped", partial, len(partial.failed),
+                        len(round_.images))
+            faces = partial.faces
+            for k in partial.failed:
+                round_.results[round_.owners[k]].error = "inference failed"
+            self.errors += len(partial.failed)
         for j in range(len(faces)):
             result = round_.results[round_.owners[int(faces.frame_ids[j])]]
             result.face_found = True

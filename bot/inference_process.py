@@ -14,6 +14,8 @@ is started again; a child that cannot load the model fails the bot's start-up wi
 
 The bot runs an InferencePool of such children (bot.inference_processes, one per core by default), each
 analysing its share of the students, at a lower priority than the bot's connections (bot.inference_nice).
+In a pool, a child that dies costs only its own share of the round: the other children's students keep that
+sample (PartialRoundError carries their faces to the Analyzer).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Any, Hashable, NoReturn, Sequence
 
 import numpy as np
 
-from bot.analyzer import I420, as_i420, to_bgr
+from bot.analyzer import I420, PartialRoundError, as_i420, to_bgr
 from core.faces import Faces
 from core.settings import Settings
 
@@ -288,21 +290,27 @@ class InferencePool:
 
     def collect(self, ticket: list[tuple[int, int, list[int]]]) -> Faces:
         """Every process's answer for the round (all are read, so that none is left in a pipe out of order),
-        as one Faces in frame order; a process that failed fails the round, after the others were read."""
+        as one Faces in frame order. A process that failed loses its share: PartialRoundError carries the
+        others' faces and the lost frames (the failure itself when the round had one share)."""
         parts: list[Faces] = []
         failure: Exception | None = None
+        failed: list[int] = []
         for shard, child_ticket, places in ticket:
             try:
                 faces = self.children[shard].collect(child_ticket)
             except Exception as exc:
                 failure = failure or exc
+                failed += places
                 continue
             parts.append(Faces(faces.boxes, faces.scores, faces.keypoints,
                                np.asarray(places, np.int32)[faces.frame_ids] if len(faces) else faces.frame_ids, faces.probs))
-        if failure is not None:
-            raise failure
         faces = Faces.concat(parts)
-        return faces[np.argsort(faces.frame_ids, kind="stable")] if len(faces) else faces
+        faces = faces[np.argsort(faces.frame_ids, kind="stable")] if len(faces) else faces
+        if failure is not None:
+            if len(ticket) == 1:
+                raise failure
+            raise PartialRoundError(f"{type(failure).__name__}: {failure}", faces, sorted(failed)) from failure
+        return faces
 
     def wait(self, ticket: list[tuple[int, int, list[int]]], timeout: float) -> bool:
         """Whether the whole round can be collected without blocking, waiting up to `timeout` seconds."""

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bot.analyzer import Analyzer, PendingFrame
+from bot.analyzer import Analyzer, PartialRoundError, PendingFrame
 from bot.inference_process import InferenceProcessError, ProcessAnalyse
 from bot.mailbox import FrameMailbox
 from core.faces import Faces
@@ -117,6 +117,32 @@ def test_an_analyser_that_takes_one_round_at_a_time_is_called_round_by_round():
     assert all(r.face_found for r in results)
 
 
+def test_a_round_that_partly_fails_keeps_the_other_students_samples():
+    """One of several inference processes died: its students' frames are reported as errors, every other
+    student's sample of that round is delivered."""
+    def analyse(frames, keys):
+        faces = one_face_per_frame(frames)
+        lost = [i for i, key in enumerate(keys) if key[1] in ("s1", "s3")]
+        kept = np.array([i not in lost for i in range(len(frames))])
+        raise PartialRoundError("InferenceProcessError: the inference process died", faces[kept], lost)
+    results: list = []
+    box: FrameMailbox[tuple[str, str], PendingFrame] = FrameMailbox()
+    analyzer = Analyzer(analyse, box, results.extend)
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    for student in range(5):
+        box.put(("room", f"s{student}"), PendingFrame(frame, time.time(), time.monotonic()))
+    analyzer.start()
+    deadline = time.monotonic() + 5
+    while len(results) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    analyzer.stop()
+    by_student = {r.key[1]: r for r in results}
+    assert sorted(by_student) == ["s0", "s1", "s2", "s3", "s4"]
+    assert [s for s, r in sorted(by_student.items()) if r.face_found and r.error is None] == ["s0", "s2", "s4"]
+    assert all(by_student[s].error == "inference failed" and not by_student[s].face_found for s in ("s1", "s3"))
+    assert analyzer.errors == 2
+
+
 def wait_until_stopped(pid: int, timeout: float = 5.0) -> bool:
     """Whether the process is stopped (state T in /proc) within `timeout` seconds: a signal is delivered
     asynchronously."""
@@ -191,12 +217,16 @@ def test_a_pool_of_inference_processes_splits_the_class_and_answers_in_frame_ord
         assert all(child.child_wall_seconds > 0 for child in pool.children)
         assert pool.seconds_per_frame > 0 and pool.child_cpu_seconds > 0
 
-        # One process dies: the round it was in fails, the other process's answer is read all the same
+        # One process dies: its share of the round is lost, the other process's answer is read and kept
         # (nothing is left in its pipe to be taken for the next round's), and the pool carries on.
         os.kill(pool.children[0]._process.pid, signal.SIGKILL)
         pool.children[0]._process.join(5)
-        with pytest.raises(InferenceProcessError):
+        with pytest.raises(PartialRoundError) as partial:
             pool(frames, students)
+        lost = [i for i, key in enumerate(students) if shard_of(key, 2) == 0]
+        assert partial.value.failed == lost
+        assert partial.value.faces.frame_ids.tolist() == [i for i in range(len(students)) if i % 3 and i not in lost]
+        assert isinstance(partial.value.__cause__, InferenceProcessError)
         assert pool.restarts == 1
         assert pool(frames, students).frame_ids.tolist() == [i for i in range(len(students)) if i % 3]
     finally:
@@ -228,7 +258,7 @@ def test_the_inference_processes_yield_the_cpu_to_the_bots_connections_and_a_res
         assert [process_nice(child._process.pid) for child in pool.children] == [base + 5, base + 5]
         os.kill(pool.children[1]._process.pid, signal.SIGKILL)
         pool.children[1]._process.join(5)
-        with pytest.raises(InferenceProcessError):
+        with pytest.raises(PartialRoundError):      # the dead process's share of the round is lost
             pool([np.full((240, 320, 3), 90, np.uint8)] * 4, [("r", f"s{i}") for i in range(4)])
         assert process_nice(pool.children[1]._process.pid) == base + 5
         assert os.getpriority(os.PRIO_PROCESS, 0) == base
