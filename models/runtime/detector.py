@@ -62,26 +62,16 @@ def model_path(kind: str) -> Path:
 
 
 def ssd_anchors(size: int, strides: tuple[int, ...], per_location: int) -> np.ndarray:
-    """(K, 2) anchor centres in [0, 1]; consecutive layers with the same stride share a grid."""
-    centres: list[np.ndarray] = []
-    i = 0
-    while i < len(strides):
-        stride, repeats = strides[i], 0
-        while i < len(strides) and strides[i] == stride:
-            repeats += per_location
-            i += 1
-        grid = int(np.ceil(size / stride))
-        ys, xs = np.meshgrid((np.arange(grid) + 0.5) / grid, (np.arange(grid) + 0.5) / grid, indexing="ij")
-        cells = np.stack([xs.ravel(), ys.ravel()], axis=1)
-        centres.append(np.repeat(cells, repeats, axis=0))
-    return np.concatenate(centres).astype(np.float32)
+    """(K, 2) anchor centres in [0, 1] of a square input; consecutive layers with the same stride share a grid."""
+    return anchor_pixels(size, size, strides, per_location) / np.float32(size)
 
 
 def fitted_model(kind: str, content: bytes, height: int, width: int) -> bytes:
     """The detector's .tflite bytes with its input set to height x width (multiples of FIT_STEP[kind]) instead
     of the square it ships with. BlazeFace is convolutional, so only the shapes written into the file follow
-    the input: the reshapes that flatten each head's grid and the concatenation of the heads. A 4:3 webcam frame then costs a 128x96 pass instead of a 128x128 one of which a
-    quarter is letterbox border. ValueError unless every shape to change occurs exactly once in the file."""
+    the input: the reshapes that flatten each head's grid and the concatenation of the heads. A 4:3 webcam
+    frame then costs a 128x96 pass instead of a 128x128 one of which a quarter is letterbox border.
+    ValueError unless every shape to change occurs exactly once in the file."""
     if kind not in FIT_STEP:
         raise ValueError(f"the {kind}-range model is only run square")
     size = ANCHOR_SPECS[kind][0]
@@ -111,7 +101,8 @@ def fitted_model(kind: str, content: bytes, height: int, width: int) -> bytes:
 
 
 def anchor_pixels(height: int, width: int, strides: tuple[int, ...], per_location: int) -> np.ndarray:
-    """(K, 2) anchor centres in input pixels for a height x width input, in the model's output order."""
+    """(K, 2) anchor centres in input pixels for a height x width input, in the model's output order
+    (MediaPipe's SSD anchors: consecutive layers with the same stride share a grid)."""
     centres: list[np.ndarray] = []
     i = 0
     while i < len(strides):
@@ -207,7 +198,8 @@ class FaceDetector:
         self.box_index, self.score_index = outputs[0]["index"], outputs[1]["index"]
         if int(self.interpreter.get_output_details()[0]["shape"][1]) != len(self.anchors):
             raise ValueError(f"{path}: output does not match {len(self.anchors)} anchors")
-        square = _Pass(self.interpreter, self.input_index, self.box_index, self.score_index, self.anchors * self.size)
+        square = _Pass(self.interpreter, self.input_index, self.box_index, self.score_index,
+                       anchor_pixels(self.size, self.size, self.strides, self.per_location))
         # One interpreter per input shape: the square one, and fitted ones made on first use (None: could not).
         self._passes: dict[tuple[int, int], _Pass | None] = {(self.size, self.size): square}
         self.fit = fit and kind in FIT_STEP
