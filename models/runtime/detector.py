@@ -191,17 +191,12 @@ class FaceDetector:
         self.threads = threads
         path = model_path(kind)
         self._content = path.read_bytes()
-        self.interpreter = load_interpreter(self._content, threads)
-        self.interpreter.allocate_tensors()
-        self.input_index = self.interpreter.get_input_details()[0]["index"]
-        outputs = sorted(self.interpreter.get_output_details(), key=lambda d: -int(d["shape"][-1]))
-        self.box_index, self.score_index = outputs[0]["index"], outputs[1]["index"]
-        if int(self.interpreter.get_output_details()[0]["shape"][1]) != len(self.anchors):
-            raise ValueError(f"{path}: output does not match {len(self.anchors)} anchors")
-        square = _Pass(self.interpreter, self.input_index, self.box_index, self.score_index,
-                       anchor_pixels(self.size, self.size, self.strides, self.per_location))
+        try:
+            self._square = self._new_pass(self._content, self.size, self.size)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         # One interpreter per input shape: the square one, and fitted ones made on first use (None: could not).
-        self._passes: dict[tuple[int, int], _Pass | None] = {(self.size, self.size): square}
+        self._passes: dict[tuple[int, int], _Pass | None] = {(self.size, self.size): self._square}
         self.fit = fit and kind in FIT_STEP
         self.min_score = min_score
         self.iou = iou
@@ -216,15 +211,16 @@ class FaceDetector:
         self._lock = threading.Lock()
 
     def _letterbox(self, frame: np.ndarray, margin: float = 0.0,
-                   fit: bool | None = None) -> tuple[np.ndarray, float, float, float]:
+                   square: bool = False) -> tuple[np.ndarray, float, float, float]:
         """Fit the frame in the model's input keeping aspect ratio, with a gray border of `margin` x its longer
         side on every side when margin > 0; returns (input, scale, pad_x, pad_y). The input is the square
-        the model ships with, or with `fit` the smallest multiple of FIT_STEP that holds the scaled frame."""
+        the model ships with (always with `square`), or with `fit` the smallest multiple of FIT_STEP that holds
+        the scaled frame."""
         h, w = frame.shape[:2]
         scale = self.size / (max(h, w) * (1 + 2 * margin))
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         resized = shrink(frame, (nw, nh)) if scale < 1 else cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
-        if (self.fit if fit is None else fit) and self.kind in FIT_STEP:
+        if self.fit and not square:
             step = FIT_STEP[self.kind]
             # The scaled frame with its border (margin x the longer side, on every side), rounded up to whole steps.
             border = 2 * margin * max(h, w) * scale
@@ -248,19 +244,24 @@ class FaceDetector:
             if len(self._passes) >= MAX_FITTED_SHAPES:
                 return None
             try:
-                interpreter = load_interpreter(fitted_model(self.kind, self._content, height, width), self.threads)
-                interpreter.allocate_tensors()
-                outputs = sorted(interpreter.get_output_details(), key=lambda d: -int(d["shape"][-1]))
-                anchors = anchor_pixels(height, width, self.strides, self.per_location)
-                if int(outputs[0]["shape"][1]) != len(anchors):
-                    raise ValueError(f"output has {int(outputs[0]['shape'][1])} rows, not {len(anchors)} anchors")
-                self._passes[key] = _Pass(interpreter, interpreter.get_input_details()[0]["index"],
-                                          outputs[0]["index"], outputs[1]["index"], anchors)
+                self._passes[key] = self._new_pass(fitted_model(self.kind, self._content, height, width), height, width)
             except (ValueError, RuntimeError) as exc:
                 log.warning("%s-range detector: no %dx%d input (%s); frames of that shape use the square one",
                             self.kind, width, height, exc)
                 self._passes[key] = None
         return self._passes[key]
+
+    def _new_pass(self, content: bytes, height: int, width: int) -> _Pass:
+        """An interpreter of `content` for a height x width input, with its anchors; ValueError if its output
+        does not have one row per anchor."""
+        interpreter = load_interpreter(content, self.threads)
+        interpreter.allocate_tensors()
+        outputs = sorted(interpreter.get_output_details(), key=lambda d: -int(d["shape"][-1]))
+        anchors = anchor_pixels(height, width, self.strides, self.per_location)
+        if int(outputs[0]["shape"][1]) != len(anchors):
+            raise ValueError(f"output does not match {len(anchors)} anchors")
+        return _Pass(interpreter, interpreter.get_input_details()[0]["index"], outputs[0]["index"],
+                     outputs[1]["index"], anchors)
 
     @staticmethod
     def _as_bgr(frame: np.ndarray, frame_id: int) -> np.ndarray | None:
@@ -331,9 +332,8 @@ class FaceDetector:
         with self._lock:
             run = self._pass_for(*tensor.shape[:2])
             if run is None:
-                tensor, scale, px, py = self._letterbox(image, margin, fit=False)
-                run = self._passes[(self.size, self.size)]
-                assert run is not None
+                tensor, scale, px, py = self._letterbox(image, margin, square=True)
+                run = self._square
             run.interpreter.set_tensor(run.input_index, tensor[None])
             run.interpreter.invoke()
             raw_boxes = run.interpreter.get_tensor(run.box_index)[0].copy()
