@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
+import struct
 import threading
 import time
 import zlib
@@ -43,6 +45,35 @@ ROUND_TIMEOUT = 60.0      # one round of up to max_batch frames; a child slower 
 
 class InferenceProcessError(RuntimeError):
     pass
+
+
+# A round crosses the pipe as a pickle with its frames' pixels out of band (pickle protocol 5): a header
+# (buffer count and sizes, then the pickle), then each frame's bytes as a message of its own, read by the child
+# straight into a buffer of its own. `Connection.send` pickled a round of 20 frames into one growing stream first:
+# ~0.28 ms a 320x240 frame under the bot's GIL and ~0.13 ms in the child, against ~0.05 ms each this way.
+_SIZE = struct.Struct("!I")
+
+
+def send_round(conn: Connection, message: Any) -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    conn.send_bytes(b"".join([_SIZE.pack(len(views)), *(_SIZE.pack(v.nbytes) for v in views), data]))
+    for view in views:
+        conn.send_bytes(view)
+
+
+def recv_round(conn: Connection) -> Any:
+    header = conn.recv_bytes()
+    (count,) = _SIZE.unpack_from(header)
+    sizes = [_SIZE.unpack_from(header, _SIZE.size * (1 + i))[0] for i in range(count)]
+    buffers = []
+    for size in sizes:
+        buffer = bytearray(size)     # writable: the analyser gets arrays it may change, as before
+        if conn.recv_bytes_into(buffer) != size:
+            raise EOFError("a frame's bytes were cut short")
+        buffers.append(buffer)
+    return pickle.loads(memoryview(header)[_SIZE.size * (1 + count):], buffers=buffers)
 
 
 def lower_priority(increment: int) -> None:
@@ -82,7 +113,7 @@ def _serve(conn: Connection, settings: Settings) -> None:
     def read() -> None:
         while True:
             try:
-                rounds.put(conn.recv())
+                rounds.put(recv_round(conn))
             except BaseException:   # the pipe closed (or broke): the parent starts a new child if it needs one
                 rounds.put(None)
                 return
@@ -156,7 +187,7 @@ class ProcessAnalyse:
             self._start()
         assert self._conn is not None
         try:
-            self._conn.send((frames, list(keys) if keys is not None else None))
+            send_round(self._conn, (frames, list(keys) if keys is not None else None))
         except OSError as exc:
             self._restart(exc)
         return self._generation

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 
+from bot import decoding
 from bot.analyzer import Analyzer, FrameKey, FrameResult, PendingFrame
 from bot.janus_room import JanusRoomFeeds
 from bot.mailbox import FrameMailbox
@@ -67,6 +68,7 @@ class BotService:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        decoding.install()
         self.analyzer.start()
 
     async def stop(self, handover: bool = False) -> None:
@@ -218,4 +220,5 @@ class BotService:
                 "inference_processes": len(getattr(self.analyzer.analyse, "children", ())),
                 "frames_dropped": self.mailbox.dropped, "frames_accepted": self.mailbox.accepted,
                 "frame_errors": self.analyzer.errors,
+                **{f"decoder_{name}": value for name, value in decoding.SHARED.stats().items()},
                 "connections_lost": self.connections_lost_before + sum(p.connections_lost for p in self.peers.values())}
