@@ -589,10 +589,11 @@ class WorkerPool:
     def combined_stats(self) -> dict[str, Any]:
         """The workers' counters added up, in the shape of `bot run`'s stats file."""
         stats = self.stats()
-        total: dict[str, Any] = {"storage": {"lost": 0}, "samples_accepted": 0, "frames_dropped": 0, "frame_errors": 0,
-                                 "connections_lost": 0}
+        counted = ("samples_accepted", "frames_dropped", "frame_errors", "connections_lost", "decoder_frames_shed",
+                   "decoder_frames_failed")
+        total: dict[str, Any] = {"storage": {"lost": 0}, **{k: 0 for k in counted}}
         for one in stats:
-            for k in ("samples_accepted", "frames_dropped", "frame_errors", "connections_lost"):
+            for k in counted:
                 total[k] += int(one.get(k) or 0)
             total["storage"]["lost"] += int((one.get("storage") or {}).get("lost") or 0)
             total["sample_hz"] = one.get("sample_hz", total.get("sample_hz"))
@@ -707,7 +708,11 @@ def summarise(db: Path, room_ids: list[str], started: float, ended: float, args:
         "students_with_samples": len(names), "faces_found": sum(1 for r in rows if r[3]),
         "p50_frame_to_row_s": pct(latencies, 0.5), "p95_frame_to_row_s": pct(latencies, 0.95),
         "alerts": len(alerts), "alert_kinds": sorted({f"{a[0]}:{a[1]}" for a in alerts}),
-        "frames_dropped": bot_stats.get("frames_dropped"), "rows_lost": max(0, accepted - len(rows)) + int(bot_stats.get("storage", {}).get("lost", 0) or 0),
+        "frames_dropped": bot_stats.get("frames_dropped"),
+        # Frames the bot could not decode in time (dropped until a keyframe, bot.decoding) or at all (corrupt).
+        "frames_shed_before_decoding": bot_stats.get("decoder_frames_shed"),
+        "frames_undecodable": bot_stats.get("decoder_frames_failed"),
+        "rows_lost": max(0, accepted - len(rows)) + int(bot_stats.get("storage", {}).get("lost", 0) or 0),
         "session_id": sid, "session_ids": sids, "seconds": args.seconds, "churn": args.churn, "live_encode": args.live_encode,
     }
 

@@ -25,6 +25,7 @@ def test_forced_confusion_reaches_the_teacher_only_and_is_reviewable(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["errors"] == 0 and summary["rows_lost"] == 0
+    assert summary["frames_shed_before_decoding"] == 0 and summary["frames_undecodable"] == 0
     kinds = set(summary["alert_kinds"])
     assert "student:confusion" in kinds and "class:confusion" in kinds
     assert summary["alerts_received_by_teacher"] == summary["alerts"]
