@@ -104,6 +104,8 @@ class SharedDecoder:
                 track.pending = 0
                 track.generation += 1
                 track.decode_error.set()
+                # Out of the queue too (rare, O(queue)), so that memory stays bounded while decoding lags.
+                self._queue = deque(item for item in self._queue if item[0] is not track or item[2] is None)
             if task is not None:
                 track.pending += 1
             self._queue.append((track, track.generation, task))

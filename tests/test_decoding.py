@@ -93,6 +93,7 @@ async def test_a_track_whose_frames_pile_up_drops_them_and_resumes_at_its_next_k
         for i in range(4):                                 # the 4th finds 3 waiting: those are dropped
             track.put((VP8, frame(payloads[i], i)))
     assert shared.frames_shed == 3 and keyframe_wanted.is_set()
+    assert len(shared._queue) == 1, "the dropped frames must leave the queue, not only be skipped later"
     assert "dropping them and waiting for a keyframe" in caplog.text
     track.put((VP8, frame(payloads[4], 4)))
     track.put((VP8, frame(payloads[5], 5)))
