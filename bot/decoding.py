@@ -62,9 +62,12 @@ class DecodedTrack:
         self.decode_error = decode_error   # set: the receiver asks the sender for a keyframe (PLI)
         self.decoder: Any = None
         self.codec_name: str | None = None
+        self.asked_keyframe = False        # a new track asked its sender for its first keyframe (PLI)
         self.pending = 0                   # frames queued for this track (guarded by the owner's lock)
         self.generation = 0                # bumped (under the owner's lock) when its queued frames are shed
-        self.decoded_generation = 0        # the decoder thread's: frames of a newer generation wait for a keyframe
+        # The decoder thread's: frames of another generation wait for a keyframe. -1: a new track starts at one
+        # (a subscription joins a stream mid-way; the frames before its first keyframe cannot be decoded).
+        self.decoded_generation = -1
 
     def put(self, task: tuple[Any, Any] | None) -> None:
         self.owner.submit(self, task)
@@ -83,6 +86,7 @@ class SharedDecoder:
         self.frames_decoded = 0
         self.frames_failed = 0
         self.frames_shed = 0
+        self.frames_before_keyframe = 0    # a new track's frames before its first keyframe (not decodable)
 
     def open(self, loop: asyncio.AbstractEventLoop, output: asyncio.Queue,
              decode_error: threading.Event) -> DecodedTrack:
@@ -153,9 +157,16 @@ class SharedDecoder:
     def _decode(self, track: DecodedTrack, generation: int, codec: Any, encoded_frame: Any) -> list[Any]:
         try:
             if generation != track.decoded_generation:
-                # Frames were shed before this one: what it refers to is gone, so wait for a keyframe.
+                # A new track, or frames were shed before this one: what it refers to is missing, so wait for
+                # a keyframe (and ask for one, once).
                 if not is_keyframe(codec.name, encoded_frame.data):
-                    self.frames_shed += 1
+                    if track.decoded_generation < 0 and generation == 0:
+                        self.frames_before_keyframe += 1
+                        if not track.asked_keyframe:
+                            track.asked_keyframe = True
+                            track.decode_error.set()
+                    else:
+                        self.frames_shed += 1
                     return []
                 track.decoded_generation = generation
             if codec.name != track.codec_name:
@@ -173,6 +184,7 @@ class SharedDecoder:
 
     def stats(self) -> dict[str, int]:
         return {"frames_decoded": self.frames_decoded, "frames_failed": self.frames_failed,
+                "frames_before_keyframe": self.frames_before_keyframe,
                 "frames_shed": self.frames_shed}
 
 

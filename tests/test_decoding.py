@@ -103,6 +103,22 @@ async def test_a_track_whose_frames_pile_up_drops_them_and_resumes_at_its_next_k
     assert [f.pts for f in await delivered(output)] == [4, 5]
 
 
+async def test_a_track_joined_mid_stream_waits_for_its_first_keyframe_and_asks_for_it(caplog):
+    """A Janus subscription starts wherever the publisher's stream is: inter frames first."""
+    shared = decoding.SharedDecoder(threaded=False)
+    output: asyncio.Queue = asyncio.Queue()
+    keyframe_wanted = threading.Event()
+    track = shared.open(asyncio.get_running_loop(), output, keyframe_wanted)
+    payloads = clip(count=8, fps=4.0).payloads
+    with caplog.at_level(logging.WARNING, logger="classmood.bot.decoding"):
+        for i in (1, 2, 3, 4, 5):
+            track.put((VP8, frame(payloads[i], i)))
+        shared.process(shared.take(wait=False))
+    assert shared.frames_before_keyframe == 3 and keyframe_wanted.is_set()
+    assert shared.frames_failed == 0 and shared.frames_shed == 0 and not caplog.text   # expected, not an error
+    assert [f.pts for f in await delivered(output)] == [4, 5]
+
+
 async def test_a_corrupt_frame_is_logged_and_the_track_goes_on(caplog):
     shared = decoding.SharedDecoder(threaded=False)
     output: asyncio.Queue = asyncio.Queue()
