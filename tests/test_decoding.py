@@ -32,6 +32,15 @@ def frame(data: bytes, timestamp: int = 0) -> JitterFrame:
     return JitterFrame(data=data, timestamp=timestamp)
 
 
+def manual_track(**options) -> tuple[decoding.SharedDecoder, decoding.DecodedTrack, asyncio.Queue, threading.Event]:
+    """A track on a decoder without its thread (the test calls take() and process()): the decoder, the track,
+    the track's output queue, and the event its receiver would turn into a PLI."""
+    shared = decoding.SharedDecoder(threaded=False, **options)
+    output: asyncio.Queue = asyncio.Queue()
+    keyframe_wanted = threading.Event()
+    return shared, shared.open(asyncio.get_running_loop(), output, keyframe_wanted), output, keyframe_wanted
+
+
 async def delivered(output: asyncio.Queue) -> list:
     await asyncio.sleep(0.05)      # the decoded frames arrive through call_soon_threadsafe
     items = []
@@ -83,10 +92,7 @@ async def test_every_student_track_is_decoded_on_one_thread_not_one_each(monkeyp
 
 
 async def test_a_track_whose_frames_pile_up_drops_them_and_resumes_at_its_next_keyframe(caplog):
-    shared = decoding.SharedDecoder(max_pending=3, threaded=False)
-    output: asyncio.Queue = asyncio.Queue()
-    keyframe_wanted = threading.Event()
-    track = shared.open(asyncio.get_running_loop(), output, keyframe_wanted)
+    shared, track, output, keyframe_wanted = manual_track(max_pending=3)
     payloads = clip(count=8, fps=4.0).payloads           # key, 3 inter, key, 3 inter
     assert [decoding.is_keyframe("VP8", p) for p in payloads] == [True, False, False, False] * 2
     with caplog.at_level(logging.WARNING, logger="classmood.bot.decoding"):
@@ -105,10 +111,7 @@ async def test_a_track_whose_frames_pile_up_drops_them_and_resumes_at_its_next_k
 
 async def test_a_track_joined_mid_stream_waits_for_its_first_keyframe_and_asks_for_it(caplog):
     """A Janus subscription starts wherever the publisher's stream is: inter frames first."""
-    shared = decoding.SharedDecoder(threaded=False)
-    output: asyncio.Queue = asyncio.Queue()
-    keyframe_wanted = threading.Event()
-    track = shared.open(asyncio.get_running_loop(), output, keyframe_wanted)
+    shared, track, output, keyframe_wanted = manual_track()
     payloads = clip(count=8, fps=4.0).payloads
     with caplog.at_level(logging.WARNING, logger="classmood.bot.decoding"):
         for i in (1, 2, 3, 4, 5):
@@ -120,10 +123,7 @@ async def test_a_track_joined_mid_stream_waits_for_its_first_keyframe_and_asks_f
 
 
 async def test_a_corrupt_frame_is_logged_and_the_track_goes_on(caplog):
-    shared = decoding.SharedDecoder(threaded=False)
-    output: asyncio.Queue = asyncio.Queue()
-    keyframe_wanted = threading.Event()
-    track = shared.open(asyncio.get_running_loop(), output, keyframe_wanted)
+    shared, track, output, keyframe_wanted = manual_track()
     payloads = clip(count=4, fps=4.0).payloads
     with caplog.at_level(logging.WARNING, logger="classmood.bot.decoding"):
         for i, data in enumerate([b"\x00" * 10, payloads[0], payloads[1]]):
