@@ -124,18 +124,15 @@ class SharedDecoder:
                 log.exception("decoding a batch of frames failed; going on with the next")
 
     def take(self, wait: bool = True) -> list[tuple[DecodedTrack, int, tuple[Any, Any] | None]]:
-        """The next frames to decode (up to MAX_BATCH, oldest first), without those shed while they waited."""
+        """The next frames to decode (up to MAX_BATCH, oldest first). Frames shed while they waited have left the
+        queue already (submit); a batch taken before a shed keeps its generation and is decoded as it was."""
         with self._cond:
             while wait and not self._queue:
                 self._cond.wait()
-            batch: list[tuple[DecodedTrack, int, tuple[Any, Any] | None]] = []
-            for _ in range(min(MAX_BATCH, len(self._queue))):
-                track, generation, task = self._queue.popleft()
-                if task is None:
-                    batch.append((track, generation, task))
-                elif generation == track.generation:    # else shed while it waited (counted then)
+            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            for track, _, task in batch:
+                if task is not None:
                     track.pending -= 1
-                    batch.append((track, generation, task))
             return batch
 
     def process(self, batch: list[tuple[DecodedTrack, int, tuple[Any, Any] | None]]) -> None:
