@@ -243,8 +243,9 @@ class MachineMonitor:
         return 100.0 * (getattr(self.end, field, 0.0) - getattr(self.start, field, 0.0)) / wall
 
     def busy_percent(self) -> float:
-        idle = sum(self.percent(f) for f in ("idle", "iowait", "steal"))
-        return max(0.0, 100.0 * self.cores - idle)
+        # Summed from the working fields rather than taken as "cores minus idle": where /proc/stat counts more
+        # CPUs than cpu_count() reports (a container limited to fewer cores), the latter came out as 0.
+        return sum(self.percent(f) for f in ("user", "nice", "system", "irq", "softirq"))
 
     def harness_percent(self) -> float:
         return 100.0 * (self.harness_end - self.harness_start) / max(1e-6, self.t_end - self.t_start)

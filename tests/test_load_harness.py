@@ -194,3 +194,18 @@ def test_the_time_breakdown_names_a_saturated_inference_process_or_machine_as_th
     saturated = {"frames_analysed": 9945, "inference_child_cpu_s": 99.5}         # 10 ms a frame: 200 % needed
     assert time_breakdown(summary, {**saturated, "inference_processes": 2}, _Machine(170.0, 1.0), 60.0)["bottleneck"] \
         .startswith("the inference processes: 10.01 ms")
+
+
+def test_the_machine_is_measured_busy_even_where_proc_stat_counts_more_cpus_than_the_process_may_use():
+    # CI's container: 2 usable cores but /proc/stat sums 8 CPUs' idle time. "cores x 100 minus idle" came out
+    # as 0 % busy there; the busy fields are what the machine worked whatever the count.
+    from collections import namedtuple
+    from bot.simulate import MachineMonitor
+    Times = namedtuple("Times", "user nice system idle iowait irq softirq steal")
+    machine = MachineMonitor()
+    machine.cores = 2
+    machine.t_start, machine.t_end = 100.0, 110.0
+    machine.start = Times(1000.0, 0.0, 100.0, 5000.0, 0.0, 0.0, 10.0, 0.0)
+    machine.end = Times(1012.0, 0.0, 103.0, 5070.0, 0.0, 0.0, 11.0, 0.5)   # 16 s worked, 70 s idle in 10 s
+    assert machine.busy_percent() == pytest.approx(160.0)
+    assert machine.percent("steal") == pytest.approx(5.0)
