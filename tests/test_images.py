@@ -5,7 +5,8 @@ with the compose file's environment, until it answers: the server on /healthz an
 by registering with that server. Storage is a real PostgreSQL (tests/postgres.py), as in the compose file.
 
 SLOW, marked `install` like tests/test_runtime_install.py (`-m "not install"` leaves them out): the bot image
-pip-installs the whole runtime (1-3 minutes through this machine's pip configuration).
+pip-installs the whole runtime (1-3 minutes through this machine's pip configuration; the images and
+tests/test_runtime_install.py's venv are built side by side, tests/installs.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 from bot.simulate import free_port
+from tests import installs
 from tests.postgres import postgres_server  # noqa: F401  (a fixture)
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -168,14 +170,24 @@ def stop(process: subprocess.Popen | None) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="module")
-def server_image(tmp_path_factory) -> Image:
-    return build(PROJECT / service("server")["build"]["dockerfile"], tmp_path_factory.mktemp("server-image"))
+@installs.builder("server_image")
+def build_server_image(target: Path) -> Image:
+    return build(PROJECT / service("server")["build"]["dockerfile"], target)
+
+
+@installs.builder("bot_image")
+def build_bot_image(target: Path) -> Image:
+    return build(PROJECT / service("bot")["build"]["dockerfile"], target)
 
 
 @pytest.fixture(scope="module")
-def bot_image(tmp_path_factory) -> Image:
-    return build(PROJECT / service("bot")["build"]["dockerfile"], tmp_path_factory.mktemp("bot-image"))
+def server_image(fresh_installs) -> Image:
+    return fresh_installs.get("server_image")
+
+
+@pytest.fixture(scope="module")
+def bot_image(fresh_installs) -> Image:
+    return fresh_installs.get("bot_image")
 
 
 @pytest.mark.install

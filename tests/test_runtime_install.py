@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import installs
+
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TRAINING_ONLY = ("tensorflow", "keras", "onnxruntime", "torch")
@@ -89,9 +91,9 @@ def copy_of_the_sources(target: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def runtime_python(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("runtime-install")
+@installs.builder("runtime_python")
+def install_runtime(root: Path) -> str:
+    """A fresh venv with `pip install` of a copy of the sources; returns its python."""
     sources = copy_of_the_sources(root / "classmood")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -102,6 +104,11 @@ def runtime_python(tmp_path_factory) -> str:
                             capture_output=True, text=True, timeout=840)
     assert result.returncode == 0, f"pip install of the project failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return python
+
+
+@pytest.fixture(scope="module")
+def runtime_python(fresh_installs) -> str:
+    return fresh_installs.get("runtime_python")
 
 
 @pytest.mark.parametrize("package", ["tensorflow-cpu", "onnxruntime", "psutil", "torch"])
