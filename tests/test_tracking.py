@@ -111,8 +111,13 @@ def test_an_empty_chair_gets_the_quick_pass_and_the_full_chain_every_few_samples
     empty = np.full((240, 320, 3), 90, np.uint8)
     for _ in range(9):
         tracker.detect([empty], ["away"])
-    # misses 0 and 1 -> full chain; then 2, 3 quick; 4 full; 5, 6, 7 quick; 8 full
-    assert (full.calls, quick.calls) == (4, 5)
+    # miss 0 -> full chain; then 1, 2, 3 quick; 4 full; 5, 6, 7 quick; 8 full
+    assert (full.calls, quick.calls) == (3, 6)
+    patient = FaceTracker(CountingDetector(), CountingDetector(), redetect_every=4, miss_backoff=4, quick_after=2)
+    for _ in range(9):
+        patient.detect([empty], ["away"])
+    # quick_after=2 (the policy before 2026-12-01): misses 0 and 1 -> full chain; 2, 3 quick; 4 full; ...
+    assert (patient.detector.calls, patient.quick.calls) == (4, 5)
 
 
 def test_doubtful_faces_and_calls_without_keys_are_always_detected():
@@ -159,7 +164,7 @@ def test_the_bots_analyser_follows_a_real_webcam_face_with_fewer_detections():
     assert followed.tracker.stats.detected <= 6 and followed.tracker.stats.tracked >= 6
 
 
-def test_a_face_seen_close_up_is_looked_for_without_the_far_face_pass_once_then_with_everything():
+def test_a_face_seen_close_up_is_looked_for_without_the_far_face_pass_then_quickly_and_fully_every_few_samples():
     full, quick, near = CountingDetector(side=120), CountingDetector(), CountingDetector()
     tracker = FaceTracker(full, quick, redetect_every=4, near=near)
     big = cv2.resize(textured_face(), (120, 120))                  # half the frame's height: close to the camera
@@ -169,8 +174,11 @@ def test_a_face_seen_close_up_is_looked_for_without_the_far_face_pass_once_then_
     gone = np.full((240, 320, 3), 90, np.uint8)
     tracker.detect([gone], ["s"])                                 # the match fails: close up, no far-face pass
     assert (full.calls, near.calls) == (1, 1)
-    tracker.detect([gone], ["s"])                                 # nobody there: now the whole chain
-    assert (full.calls, near.calls, quick.calls) == (2, 1, 0)
+    for _ in range(3):
+        tracker.detect([gone], ["s"])                             # nobody there: the quick pass (misses 1-3)
+    assert (full.calls, near.calls, quick.calls) == (1, 1, 3)
+    tracker.detect([gone], ["s"])                                 # the 4th miss: the whole chain
+    assert (full.calls, near.calls, quick.calls) == (2, 1, 3)
 
 
 def test_the_auto_detectors_near_mode_skips_the_full_range_pass(monkeypatch):

@@ -8,12 +8,18 @@ back to full range and a close-up pass). Positions are always measured against t
 (the anchor), so errors cannot accumulate, and the detector re-anchors every few samples, which also
 follows a student who leans in or out (the match is translation only).
 
-A student whose last two detections found nobody gets the quick pass (short range only) and the
-detector's full fallback chain only every `miss_backoff`-th sample: an empty chair costs ~2 ms, not ~13 ms,
-per sample. A student whose last face was close to the camera is detected without the far-face (full-range)
-pass, ~8 ms of the ~13: a student at their webcam does not move to the back of the room in half a second, and
-if the face is really gone, the next sample runs the whole chain. A face the detector is unsure of (score <
-min_anchor_score) is not followed: detected again.
+A student whose last face was close to the camera is detected without the far-face (full-range) pass, ~8 ms
+of the ~13: a student at their webcam does not move to the back of the room in half a second.
+
+A student whose last detection found nobody gets the quick pass (short range only), and the whole chain
+every `miss_backoff`-th sample: an empty chair costs ~2 ms, not ~13 ms, per sample. Until 2026-12-01 the
+quick pass took over after two misses, the second one running the whole chain; it is nearly always wasted
+at a webcam (a student who looked down or away is not found by the far-face pass either), and on the load
+harness's clip (cuts from close-ups to shots without a face) it was 0.6 ms of ~4.2 a sample. Its cost: a
+face only the far-face pass finds, right after a miss, is found up to miss_backoff samples later
+(`models.bench --tracking`, docs/performance.md).
+
+A face the detector is unsure of (score < min_anchor_score) is not followed: detected again.
 
 The thresholds come from `python -m models.bench --tracking` (every shared video, five students each, against
 detecting every sample): a match of 0.6 and an anchor score of 0.5 follow 61 % of samples with the same top
@@ -73,18 +79,22 @@ class FaceTracker:
 
     def __init__(self, detector: Detector, quick: Detector | None = None, redetect_every: int = 4,
                  min_match: float = 0.6, miss_backoff: int = 4, min_anchor_score: float = 0.5,
-                 ttl_seconds: float = 120.0, max_tracks: int = 10_000, near: Detector | None = None) -> None:
+                 ttl_seconds: float = 120.0, max_tracks: int = 10_000, near: Detector | None = None,
+                 quick_after: int = 1) -> None:
         """redetect_every: samples per detector run while a face is followed (1 = detect every frame).
+        quick_after: consecutive detections that found nobody before the quick pass takes over (except every
+        miss_backoff-th sample, which gets the whole chain again).
         quick: the detector for a student whose last detections found nobody (default: `detector`).
         near: the detector for a student whose last face was close to the camera (default: `detector`)."""
-        if redetect_every < 1 or miss_backoff < 1:
-            raise ValueError("redetect_every and miss_backoff must be >= 1")
+        if redetect_every < 1 or miss_backoff < 1 or quick_after < 1:
+            raise ValueError("redetect_every, miss_backoff and quick_after must be >= 1")
         self.detector = detector
         self.quick = quick or detector
         self.near = near or detector
         self.redetect_every = redetect_every
         self.min_match = min_match
         self.miss_backoff = miss_backoff
+        self.quick_after = quick_after
         self.min_anchor_score = min_anchor_score
         self.ttl_seconds = ttl_seconds
         self.max_tracks = max_tracks
@@ -116,13 +126,13 @@ class FaceTracker:
                 found.append(face)
                 self.stats.tracked += 1
                 continue
-            # A face just seen close up: no far-face pass. After a miss the whole fallback chain, then mostly
-            # the quick pass (an empty chair), with the whole chain every miss_backoff-th sample.
+            # A face just seen close up: no far-face pass. After a miss (which ran the whole fallback chain)
+            # mostly the quick pass (an empty chair, a cut), with the whole chain every miss_backoff-th sample.
             misses = self.misses.get(key, 0)
             if misses == 0 and self.was_near.get(key, False):
                 near.append(i)
             else:
-                (quick if misses >= 2 and misses % self.miss_backoff else full).append(i)
+                (quick if misses >= self.quick_after and misses % self.miss_backoff else full).append(i)
         for indices, detector in ((full, self.detector), (quick, self.quick), (near, self.near)):
             if not indices:
                 continue
