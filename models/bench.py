@@ -184,7 +184,8 @@ def tracking_rows(model: str, every: tuple[int, ...] = (1, 2, 4, 8)) -> list[dic
     student (five students per video, 0.1 s apart), detecting every sample (redetect 1, the reference) and following the face in between
     (redetect N): detector share, detection+alignment+classification ms per sample, and how far the
     results move from the reference (face found, top expression, probabilities, box IoU). The last row,
-    every sample detected in frames moved by one pixel, is how far the results move by themselves."""
+    every sample detected in frames moved by one pixel, is how far the results move by themselves; the row
+    before it, the tracker's policy before 2026-12-01 (a second whole detector chain after a miss)."""
     from core.settings import ModelSettings
     from models.runtime.analyse import build_analyse
     shared = shared_dir()
@@ -196,8 +197,11 @@ def tracking_rows(model: str, every: tuple[int, ...] = (1, 2, 4, 8)) -> list[dic
     rows = []
     reference: dict[str, list] = {}
     # The last row is the noise floor: detection on every sample of the frames moved by one pixel.
-    for n in (*every, 0):
-        analyse = build_analyse(ModelSettings(model=model), redetect_every=max(1, n))
+    # label, redetect_every (0: every sample, frames moved), quick_after (the tracker's policy for a face gone)
+    configs: list[tuple[int | str, int, int]] = [(n, n, 1) for n in every]
+    configs += [("4, quick pass after 2 misses (until 2026-12-01)", 4, 2), ("1, frames moved 1 px", 0, 1)]
+    for label, n, quick_after in configs:
+        analyse = build_analyse(ModelSettings(model=model), redetect_every=max(1, n), quick_after=quick_after)
         results: dict[str, list] = {}
         started = time.perf_counter()
         for name, frames in videos.items():
@@ -213,7 +217,7 @@ def tracking_rows(model: str, every: tuple[int, ...] = (1, 2, 4, 8)) -> list[dic
         both = [(a, b) for a, b in pairs if a is not None and b is not None]
         stats = analyse.tracker.stats
         rows.append({
-            "redetect_every": n or "1, frames moved 1 px", "samples": total,
+            "redetect_every": label, "samples": total,
             "detector_share": round(stats.detected / total, 3) if stats and n > 1 else 1.0,
             "tracked_share": round(stats.tracked / total, 3) if stats and n > 1 else 0.0,
             "ms_per_sample": round(1000 * elapsed / total, 2),

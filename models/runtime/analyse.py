@@ -49,19 +49,21 @@ def scripted_probs(name: str) -> np.ndarray:
 
 
 def build_analyse(settings: ModelSettings | None = None, threads: int = 1, min_score: float = 0.5,
-                  redetect_every: int = 1, alternate_mirror: bool = False) -> TrackedAnalyse:
+                  redetect_every: int = 1, alternate_mirror: bool = False, quick_after: int = 1) -> TrackedAnalyse:
     """frames -> Faces: detect all frames (or follow keyed students' faces, see module doc), keep each
     frame's largest face (a webcam shows its student), classify only those faces in one batch. Raises
     FileNotFoundError / ValueError for a model that cannot be loaded or an unknown detector or scripted
     pattern, before any frame is seen. alternate_mirror (with settings.flip_average, for keyed frames):
-    each student's face and its mirror image on alternate samples, one classifier pass per sample."""
+    each student's face and its mirror image on alternate samples, one classifier pass per sample. quick_after:
+    see FaceTracker (benchmarks compare policies; the bot uses the default)."""
     settings = settings or ModelSettings()
     detector = make_detector(settings.detector, threads=threads, min_score=min_score)
     # A student whose last sample showed nobody gets the quick short-range pass most of the time.
     quick = detector.short if isinstance(detector, AutoDetector) else detector
     near = _Near(detector) if isinstance(detector, AutoDetector) else detector
     tracker = FaceTracker(detector, quick, redetect_every=redetect_every,
-                          miss_backoff=1 if redetect_every == 1 else 4, near=near if redetect_every > 1 else None)
+                          miss_backoff=1 if redetect_every == 1 else 4, near=near if redetect_every > 1 else None,
+                          quick_after=quick_after)
     model = settings.model
     if model.startswith("scripted:"):
         return TrackedAnalyse(tracker, None, scripted_probs(model.split(":", 1)[1]))
