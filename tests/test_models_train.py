@@ -211,7 +211,8 @@ def test_train_on_the_downloaded_folder_layout_selects_on_held_out_training_face
     if not sample.exists():
         pytest.skip(f"{sample} not found: the shared datasets folder is absent")
     result = run_module("models.train", "--data", str(sample), "--labels", "fer2013", "--out", str(tmp_path / "run"),
-                        "--epochs", "1", "--steps-per-epoch", "1", "--batch", "16", "--threads", "1", "--quiet")
+                        "--epochs", "1", "--steps-per-epoch", "1", "--batch", "16", "--threads", "1", "--quiet",
+                        "--no-jit")    # XLA compiling the step would be most of this test's time
     assert result.returncode == 0, result.stderr[-2000:]
     assert "selecting on 7 held-out Training faces" in result.stdout
     assert (tmp_path / "run" / "best.weights.h5").exists()
