@@ -126,8 +126,8 @@ class FaceTracker:
                 found.append(face)
                 self.stats.tracked += 1
                 continue
-            # A face just seen close up: no far-face pass. After a miss (which ran the whole fallback chain)
-            # mostly the quick pass (an empty chair, a cut), with the whole chain every miss_backoff-th sample.
+            # A face just seen close up: no far-face pass. After a miss (which ran the whole chain, or that
+            # close-up chain) mostly the quick pass (an empty chair, a cut), the whole chain every miss_backoff-th.
             misses = self.misses.get(key, 0)
             if misses == 0 and self.was_near.get(key, False):
                 near.append(i)
