@@ -148,8 +148,7 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
                 print(f"  teacher page (keep it secret): {links['teacher_url']}", flush=True)
                 print(f"  student link (share it):       {links['student_url']}", flush=True)
             if args.ready_file:
-                with open(args.ready_file, "w") as f:
-                    json.dump(links, f)
+                write_json_file(args.ready_file, links)
             await _until_signalled()
             worker.cancel()
         elif args.command == "worker":
@@ -167,8 +166,7 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
             if args.ready_file:
                 async def announce() -> None:
                     await connected.wait()
-                    with open(args.ready_file, "w") as f:
-                        json.dump({"worker_id": service.worker_id, "pid": os.getpid()}, f)
+                    write_json_file(args.ready_file, {"worker_id": service.worker_id, "pid": os.getpid()})
                 announcing = asyncio.ensure_future(announce())
             await _until_signalled()
             worker.cancel()
@@ -200,10 +198,19 @@ async def main_async(args: argparse.Namespace, settings: settings_mod.Settings) 
         stats = repository.stats()
         logging.getLogger("classmood.bot").info("stopped; storage %s; bot %s", stats, service.stats())
         if getattr(args, "stats_file", None):
-            with open(args.stats_file, "w") as f:
-                json.dump({**service.stats(), "storage": stats, "samples_accepted": stats.get("accepted_samples"),
-                           "sample_hz": settings.bot.sample_hz}, f)
+            write_json_file(args.stats_file, {**service.stats(), "storage": stats,
+                                              "samples_accepted": stats.get("accepted_samples"),
+                                              "sample_hz": settings.bot.sample_hz})
     return 0
+
+
+def write_json_file(path: str, data: Mapping) -> None:
+    """Write JSON for scripts that poll for the file (--ready-file, --stats-file): into a temporary file beside
+    it, then renamed over it, so that a reader never finds the file existing but still empty or half written."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(data, f)
+    os.replace(temporary, path)
 
 
 async def serve_only(settings: settings_mod.Settings, repository: Repository, sfu: Sfu | None = None) -> int:

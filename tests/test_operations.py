@@ -161,3 +161,21 @@ async def test_sigterm_to_bot_run_writes_every_pending_row_and_logs_no_student_n
     entries = [json.loads(line) for line in log_lines if line.startswith("{")]
     assert [line for line in log_lines if not line.startswith("{") and "TensorFlow Lite" not in line] == []
     assert any(entry["logger"] == "classmood.bot.room" and "joined" in entry["message"] for entry in entries)
+
+
+def test_the_ready_and_stats_files_appear_whole_or_not_at_all(tmp_path, monkeypatch):
+    # Scripts poll for --ready-file and read it once it exists: a file created empty and written afterwards
+    # was read empty once (CI, 2026-12-01). While the JSON is written, the file must not exist yet.
+    import bot.__main__ as bot_main
+    target = tmp_path / "ready.json"
+    seen_while_writing: list[object] = []
+    real_dump = json.dump
+
+    def watching_dump(data, f):
+        seen_while_writing.append(target.read_text() if target.exists() else None)
+        real_dump(data, f)
+    monkeypatch.setattr(bot_main.json, "dump", watching_dump)
+    bot_main.write_json_file(str(target), {"home": "http://127.0.0.1:8765/"})
+    assert seen_while_writing == [None]
+    assert json.loads(target.read_text()) == {"home": "http://127.0.0.1:8765/"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ready.json"], "no temporary file left behind"
